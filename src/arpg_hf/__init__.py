@@ -1,0 +1,45 @@
+"""arpg-hf: ARPG (autoregressive image generation with randomized parallel decoding) on the Hugging Face stack.
+
+Public names are imported on first use, as transformers and diffusers do, so that `import arpg_hf` (and light modules
+such as `arpg_hf.labels`) do not pay for importing torch, transformers and diffusers up front.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "configuration_arpg": ["ARPG_PRESETS", "ARPGConfig"],
+    "modeling_arpg": ["ARPGForImageGeneration", "ARPGImageGenerationOutput", "ARPGModel", "ARPGPreTrainedModel"],
+    "cache_arpg": ["ARPGStaticCache"],
+    "scheduling_arpg": ["ARPGScheduler", "ARPGSchedulerOutput"],
+    "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput"],
+    "pipeline_arpg": ["ARPGPipeline"],
+    "reference_arpg": ["arpg_config_from_reference", "load_reference_arpg"],
+    "labels": ["imagenet_id2label"],
+}
+_NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_NAME_TO_MODULE)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache_arpg import ARPGStaticCache
+    from .configuration_arpg import ARPG_PRESETS, ARPGConfig
+    from .labels import imagenet_id2label
+    from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
+    from .pipeline_arpg import ARPGPipeline
+    from .reference_arpg import arpg_config_from_reference, load_reference_arpg
+    from .scheduling_arpg import ARPGScheduler, ARPGSchedulerOutput
+    from .vq_model import ARPGVQEncoderOutput, ARPGVQModel
+
+
+def __getattr__(name):
+    if name not in _NAME_TO_MODULE:
+        raise AttributeError(f"module 'arpg_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,483 @@
+"""ARPG: the two-pass decoder of "Autoregressive Image Generation with Randomized Parallel Decoding" (arXiv 2503.10568).
+
+Pass 1 runs causal self-attention over [class, known image tokens] and projects the result, once, to the keys and
+values shared by every Pass-2 layer. Pass 2 starts each query from the [MASK] embedding, rotated by the 2-D RoPE of
+the position it predicts, and cross-attends to those keys and values. Because a query only names its target position,
+any set of positions can be predicted at once, in any order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+try:  # transformers >= 5: initialisers that skip weights loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+from .cache_arpg import ARPGStaticCache
+from .configuration_arpg import ARPGConfig
+from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ARPGModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, num_queries, hidden_size)`): normed query states.
+        cache (`ARPGStaticCache`, *optional*): the cache that was updated, when one was passed.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: ARPGStaticCache | None = None
+
+
+@dataclass
+class ARPGImageGenerationOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): mean cross-entropy over all predicted tokens.
+        logits (`torch.FloatTensor` of shape `(batch, seq, vocab_size)`): in decoding order, `logits[b, i]` predicts
+            `input_ids[b, orders[b, i]]`.
+        orders (`torch.LongTensor` of shape `(batch, seq)`): the raster positions in decoding order (a permutation per row).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    orders: torch.LongTensor | None = None
+
+
+class ARPGRMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, normalised in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.to(hidden_states.dtype) * self.weight
+
+
+class ARPGMLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.dropout = nn.Dropout(config.ffn_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)))
+
+
+def multi_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout: float,
+    implementation: str | None,
+) -> torch.Tensor:
+    """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors; returns (batch, seq, heads * head_dim).
+
+    `attention_mask` is boolean, True where a query may attend, broadcastable to (batch, heads, q_len, k_len).
+    `implementation` "eager" is the plain reference path; anything else uses `F.scaled_dot_product_attention`.
+    """
+    if implementation == "eager":
+        scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, H, Nq, Nk)
+        if is_causal:
+            attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        probs = F.dropout(scores.softmax(-1), p=dropout)
+        output = probs @ value  # (B, H, Nq, Dh)
+    else:
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
+        )  # (B, H, Nq, Dh)
+    return output.transpose(1, 2).flatten(2)  # (B, Nq, H * Dh)
+
+
+class ARPGSelfAttention(nn.Module):
+    """Pass-1 multi-head self-attention with 2-D RoPE on queries and keys."""
+
+    def __init__(self, config: ARPGConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(config.residual_dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, N, Dh)
+
+    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None):
+        cos, sin = rotary
+        query = apply_rotary_2d(self._heads(self.q_proj(hidden_states)), cos, sin)
+        key = apply_rotary_2d(self._heads(self.k_proj(hidden_states)), cos, sin)
+        value = self._heads(self.v_proj(hidden_states))
+        if cache is not None:
+            key, value = cache.update_self(self.layer_idx, key, value)  # (B, H, cached + N, Dh)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        output = multi_head_attention(
+            query, key, value, attention_mask, is_causal, dropout, self.config._attn_implementation
+        )
+        return self.resid_dropout(self.o_proj(output))
+
+
+class ARPGCrossAttention(nn.Module):
+    """Pass-2 attention: queries (rotated to their target positions) over the shared, already rotated keys."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(self, hidden_states, rotary, key, value, attention_mask=None, is_causal=False):
+        cos, sin = rotary
+        query = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, M, Dh)
+        query = apply_rotary_2d(query, cos, sin)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        output = multi_head_attention(
+            query, key, value, attention_mask, is_causal, dropout, self.config._attn_implementation
+        )
+        return self.resid_dropout(self.o_proj(output))
+
+
+class ARPGSelfAttentionLayer(GradientCheckpointingLayer):
+    def __init__(self, config: ARPGConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = ARPGSelfAttention(config, layer_idx)
+        self.ffn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = ARPGMLP(config)
+
+    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None):
+        hidden_states = hidden_states + self.self_attn(
+            self.attn_norm(hidden_states), rotary, attention_mask=attention_mask, is_causal=is_causal, cache=cache
+        )
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+class ARPGCrossAttentionLayer(GradientCheckpointingLayer):
+    # Pass-2 layers only read the cache, so checkpointing may keep it.
+    _can_checkpoint_with_cache = True
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.attn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn = ARPGCrossAttention(config)
+        self.ffn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = ARPGMLP(config)
+
+    def forward(self, hidden_states, rotary, key, value, attention_mask=None, is_causal=False):
+        hidden_states = hidden_states + self.cross_attn(
+            self.attn_norm(hidden_states), rotary, key, value, attention_mask=attention_mask, is_causal=is_causal
+        )
+        return hidden_states + self.mlp(self.ffn_norm(hidden_states))
+
+
+class ARPGPreTrainedModel(PreTrainedModel):
+    config_class = ARPGConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ARPGSelfAttentionLayer", "ARPGCrossAttentionLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        if module is getattr(self, "lm_head", None):
+            # The head starts at zero, as in the published training recipe (LlamaGen): uniform first predictions.
+            init.zeros_(module.weight)
+            return
+        super()._init_weights(module)
+
+
+class ARPGModel(ARPGPreTrainedModel):
+    """The two-pass trunk: token embedding, Pass-1 self-attention layers, the shared key/value projection, Pass-2
+    cross-attention layers and the final norm. Returns the query states; [`ARPGForImageGeneration`] adds the head."""
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.num_embeddings, config.hidden_size)
+        self.token_dropout = nn.Dropout(config.token_dropout)
+        self.self_layers = nn.ModuleList(
+            [ARPGSelfAttentionLayer(config, i) for i in range(config.num_self_attention_layers)]
+        )
+        self.kv_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.cross_layers = nn.ModuleList(
+            [ARPGCrossAttentionLayer(config) for _ in range(config.num_cross_attention_layers)]
+        )
+        self.norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = ARPGRotaryEmbedding2D(
+            config.head_dim, (config.grid_height, config.grid_width), config.rope_theta
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        input_position_ids: torch.LongTensor,
+        query_position_ids: torch.LongTensor,
+        self_attention_mask: torch.BoolTensor | None = None,
+        cross_attention_mask: torch.BoolTensor | None = None,
+        is_causal: bool = False,
+        cache: ARPGStaticCache | None = None,
+        grid_size: tuple[int, int] | None = None,
+        position_mode: str = "extrapolate",
+    ) -> ARPGModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, num_inputs)`):
+                Embedding ids of the inputs: class tokens (`config.class_token_offset + c`, or the null class) and
+                image tokens.
+            input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`):
+                Raster position of each input on the grid, -1 for a class token.
+            query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`):
+                Raster positions whose tokens the queries predict.
+            self_attention_mask (`torch.BoolTensor`, *optional*):
+                True where input i may attend to input j, broadcastable to `(batch, heads, num_inputs, num_inputs)`.
+            cross_attention_mask (`torch.BoolTensor`, *optional*):
+                True where query i may attend to input j, broadcastable to `(batch, heads, num_queries, num_inputs)`.
+            is_causal (`bool`, *optional*, defaults to `False`):
+                Causal masks in both passes (training): input j sees inputs 0..j, query i sees inputs 0..i.
+            cache (`ARPGStaticCache`, *optional*):
+                Decoding cache. The inputs are written after the filled slots; they attend to every cached input and
+                to each other, and the queries attend to everything cached. Masks must then be None.
+            grid_size (`tuple[int, int]`, *optional*): the (height, width) the positions refer to.
+            position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
+        """
+        if cache is not None and (
+            is_causal or self_attention_mask is not None or cross_attention_mask is not None
+        ):
+            raise ValueError("With a cache the attention pattern is fixed: pass no masks and is_causal=False.")
+        if cache is not None:
+            cache.check_capacity(input_ids.shape[0], input_ids.shape[1])
+        input_rotary = self.rotary_emb(input_position_ids, grid_size, position_mode)
+        query_rotary = self.rotary_emb(query_position_ids, grid_size, position_mode)
+
+        hidden_states = self.token_dropout(self.embed_tokens(input_ids))  # (B, N, D)
+        for layer in self.self_layers:
+            hidden_states = layer(
+                hidden_states, input_rotary, attention_mask=self_attention_mask, is_causal=is_causal, cache=cache
+            )
+        hidden_states = self.kv_norm(hidden_states)
+        heads = (self.config.num_attention_heads, self.config.head_dim)
+        key = self.k_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
+        key = apply_rotary_2d(key, *input_rotary)
+        value = self.v_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
+        if cache is not None:
+            key, value = cache.update_cross(key, value)  # (B, H, cached + N, Dh)
+
+        mask_embedding = self.embed_tokens.weight[self.config.mask_token_id]  # (D,)
+        queries = mask_embedding.expand(*query_position_ids.shape, -1)  # (B, M, D)
+        for layer in self.cross_layers:
+            queries = layer(queries, query_rotary, key, value, attention_mask=cross_attention_mask, is_causal=is_causal)
+        return ARPGModelOutput(last_hidden_state=self.norm(queries), cache=cache)
+
+
+class ARPGForImageGeneration(ARPGPreTrainedModel):
+    """ARPG class-conditional image-token generator: [`ARPGModel`] plus a linear head over the codebook.
+
+    Calling the model runs the teacher-forced training objective (always causal, in train and eval mode alike).
+    Decoding goes through [`~ARPGForImageGeneration.allocate_cache`] and [`~ARPGForImageGeneration.decode_step`].
+    """
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__(config)
+        self.model = ARPGModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def class_token_ids(self, class_labels: torch.LongTensor) -> torch.LongTensor:
+        """Embedding ids of class labels in [0, num_classes); -1 selects the null (unconditional) class."""
+        check_class_labels(class_labels, self.config.num_classes, allow_null=True)
+        return torch.where(
+            class_labels < 0, self.config.null_class_token_id, class_labels + self.config.class_token_offset
+        )
+
+    def random_orders(self, batch_size: int, seq_len: int, generator=None, device=None) -> torch.LongTensor:
+        """One uniformly random permutation of `0..seq_len-1` per row, `(batch_size, seq_len)`."""
+        return torch.rand(batch_size, seq_len, generator=generator, device=device).argsort(dim=1)
+
+    # ------------------------------------------------------------------------------------------- training
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        class_labels: torch.LongTensor,
+        orders: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+    ) -> ARPGImageGenerationOutput | tuple:
+        r"""Teacher-forced forward: predicts every token of `input_ids` in a random order, causally in both passes.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, grid_height * grid_width)`):
+                Image tokens in raster order, each in `[0, vocab_size)`.
+            class_labels (`torch.LongTensor` of shape `(batch,)`):
+                Class of each image, in `[0, num_classes)`. In training mode each is replaced by the null class with
+                probability `config.class_dropout_prob`.
+            orders (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+                Decoding order per row (a permutation of raster positions). Drawn from `generator` when omitted.
+            labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+                Raster-order targets; entries of -100 are ignored. Defaults to `input_ids`.
+            generator (`torch.Generator`, *optional*):
+                Source of the class dropout and of the random orders.
+
+        Returns:
+            [`ARPGImageGenerationOutput`] with `loss`, `logits` in decoding order and `orders`.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch_size, seq_len = self._check_training_inputs(input_ids, class_labels)
+        device = input_ids.device
+        if self.training and self.config.class_dropout_prob > 0:
+            drop = torch.rand(batch_size, generator=generator, device=device) < self.config.class_dropout_prob
+            class_labels = class_labels.masked_fill(drop, -1)  # -1 = null class
+        if orders is None:
+            orders = self.random_orders(batch_size, seq_len, generator=generator, device=device)
+        else:
+            check_orders(orders, batch_size, seq_len)
+            orders = orders.expand(batch_size, seq_len)  # one order shared by the batch is allowed
+        shuffled = input_ids.gather(1, orders)  # (B, L)
+        class_ids = self.class_token_ids(class_labels)[:, None]  # (B, 1)
+        inputs = torch.cat([class_ids, shuffled[:, :-1]], dim=1)  # (B, L)
+        class_position = torch.full_like(class_ids, CLASS_POSITION)
+        input_positions = torch.cat([class_position, orders[:, :-1]], dim=1)  # (B, L)
+        hidden = self.model(inputs, input_positions, orders, is_causal=True).last_hidden_state  # (B, L, D)
+        logits = self.lm_head(hidden)  # (B, L, V)
+
+        targets = shuffled if labels is None else labels.gather(1, orders)  # (B, L)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if not return_dict:
+            return loss, logits, orders
+        return ARPGImageGenerationOutput(loss=loss, logits=logits, orders=orders)
+
+    def _check_training_inputs(self, input_ids, class_labels) -> tuple[int, int]:
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape (batch, {self.config.num_image_tokens}), got "
+                f"{input_ids.dtype} of shape {tuple(input_ids.shape)}."
+            )
+        batch_size, seq_len = input_ids.shape
+        if seq_len != self.config.num_image_tokens:
+            raise ValueError(
+                f"input_ids has {seq_len} tokens per image; this model's grid is {self.config.grid_height}x"
+                f"{self.config.grid_width} = {self.config.num_image_tokens} tokens."
+            )
+        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]. Tokenize images with the matching VQ model."
+            )
+        if class_labels.shape != (batch_size,):
+            raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}.")
+        check_class_labels(class_labels, self.config.num_classes)
+        return batch_size, seq_len
+
+    # ------------------------------------------------------------------------------------------- decoding
+    def allocate_cache(
+        self, batch_size: int, max_length: int | None = None, dtype=None, device=None
+    ) -> ARPGStaticCache:
+        """Preallocates the decoding cache; `max_length` defaults to the class slot plus every grid token."""
+        return ARPGStaticCache(
+            batch_size=batch_size,
+            max_length=max_length if max_length is not None else 1 + self.config.num_image_tokens,
+            num_self_attention_layers=self.config.num_self_attention_layers,
+            num_heads=self.config.num_attention_heads,
+            head_dim=self.config.head_dim,
+            dtype=dtype if dtype is not None else self.dtype,
+            device=device if device is not None else self.device,
+        )
+
+    def decode_step(
+        self,
+        input_ids: torch.LongTensor,
+        input_position_ids: torch.LongTensor,
+        query_position_ids: torch.LongTensor,
+        cache: ARPGStaticCache,
+        grid_size: tuple[int, int] | None = None,
+        position_mode: str = "extrapolate",
+    ) -> torch.FloatTensor:
+        r"""One decoding step: feeds inputs into the cache and returns the logits of the queried positions.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): embedding ids to feed: class tokens at the
+                first step (see [`~ARPGForImageGeneration.class_token_ids`]), then the image tokens sampled at the
+                previous step.
+            input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): their raster positions (-1 for
+                class tokens).
+            query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`): raster positions to predict.
+            cache (`ARPGStaticCache`): from [`~ARPGForImageGeneration.allocate_cache`]; updated in place.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, num_queries, vocab_size)`: float32 logits.
+        """
+        hidden = self.model(
+            input_ids,
+            input_position_ids,
+            query_position_ids,
+            cache=cache,
+            grid_size=grid_size,
+            position_mode=position_mode,
+        ).last_hidden_state  # (B, M, D)
+        return self.lm_head(hidden).float()
+
+
+def check_class_labels(class_labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:
+    """Raises ValueError unless every label lies in [0, num_classes) (or is -1, the null class, when allowed)."""
+    if class_labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"class_labels must be an integer tensor, got {class_labels.dtype}.")
+    if class_labels.numel() == 0:
+        return
+    low = -1 if allow_null else 0
+    if class_labels.min() < low or class_labels.max() >= num_classes:
+        raise ValueError(
+            f"Class labels must lie in [0, {num_classes}), got values in [{int(class_labels.min())}, "
+            f"{int(class_labels.max())}]."
+        )
+
+
+def check_orders(orders: torch.Tensor, batch_size: int | None, seq_len: int) -> None:
+    """Raises ValueError unless each row of `orders` is a permutation of 0..seq_len-1."""
+    if orders.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"orders must be an integer tensor, got {orders.dtype}.")
+    expected = (seq_len,) if orders.ndim == 1 else (batch_size, seq_len)
+    if orders.ndim not in (1, 2) or tuple(orders.shape) != tuple(expected):
+        raise ValueError(
+            f"orders must have shape ({seq_len},) or ({batch_size}, {seq_len}), got {tuple(orders.shape)}."
+        )
+    reference = torch.arange(seq_len, device=orders.device)
+    if not torch.equal(orders.sort(dim=-1).values, reference.expand_as(orders)):
+        raise ValueError(
+            f"Each row of orders must be a permutation of 0..{seq_len - 1} (every raster position exactly once)."
+        )

@@ -1,0 +1,90 @@
+"""2-D rotary position embedding of ARPG, computed from (row, col) positions.
+
+Each attention head's ``head_dim / 2`` rotation pairs are interleaved, ``(x[2k], x[2k+1])``. Pair ``k < head_dim / 4``
+turns by ``row * w_k`` and pair ``k >= head_dim / 4`` by ``col * w_(k - head_dim / 4)``, with
+``w_m = rope_theta ** (-2m / (head_dim / 2))``. The class slot (position id -1) gets cos = sin = 0, so its query and key
+vanish, exactly as the published models were trained.
+
+Rotations are computed on the fly from positions, in float32, so any canvas size works without a table rebuild.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CLASS_POSITION = -1
+POSITION_MODES = ("extrapolate", "interpolate")
+
+
+class ARPGRotaryEmbedding2D(nn.Module):
+    """Produces the cos / sin of the 2-D rotation for raster position ids on a token grid.
+
+    Args:
+        head_dim (`int`): per-head width, divisible by 4.
+        grid_size (`tuple[int, int]`): the trained (height, width) in tokens.
+        theta (`float`, *optional*, defaults to 10000.0): rotary base.
+    """
+
+    def __init__(self, head_dim: int, grid_size: tuple[int, int], theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4 != 0:
+            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}.")
+        self.head_dim = head_dim
+        self.grid_size = tuple(grid_size)
+        self.theta = theta
+
+    def inverse_frequencies(self, device=None) -> torch.Tensor:
+        """`w_m = 1 / theta ** (2m / (head_dim / 2))` for m < head_dim / 4, float32 of shape (head_dim / 4,).
+
+        Computed on use rather than kept as a buffer, so that loading on the meta device leaves nothing to restore.
+        """
+        half = self.head_dim // 2
+        exponents = torch.arange(0, half, 2, dtype=torch.float32, device=device)[: self.head_dim // 4] / half
+        return 1.0 / (self.theta**exponents)
+
+    def forward(
+        self,
+        position_ids: torch.LongTensor,
+        grid_size: tuple[int, int] | None = None,
+        position_mode: str = "extrapolate",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            position_ids (`torch.LongTensor` of shape `(batch, seq)`): raster positions `row * width + col` on the
+                grid `grid_size`, or -1 for the class slot.
+            grid_size (`tuple[int, int]`, *optional*): the (height, width) the positions refer to; defaults to the
+                trained grid.
+            position_mode (`str`, *optional*, defaults to `"extrapolate"`): for grids other than the trained one,
+                "extrapolate" uses integer rows/cols as they are (beyond the trained range), "interpolate" scales them
+                into the trained range.
+
+        Returns:
+            `(cos, sin)`, each float32 of shape `(batch, seq, head_dim / 2)`.
+        """
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
+        height, width = self.grid_size if grid_size is None else grid_size
+        positions = position_ids.clamp(min=0)
+        rows = torch.div(positions, width, rounding_mode="floor").float()  # (B, N)
+        cols = (positions % width).float()  # (B, N)
+        if position_mode == "interpolate":
+            rows = rows * (self.grid_size[0] / height)
+            cols = cols * (self.grid_size[1] / width)
+        inv_freq = self.inverse_frequencies(position_ids.device)
+        angles = torch.cat([rows[..., None] * inv_freq, cols[..., None] * inv_freq], dim=-1)  # (B, N, Dh/2)
+        is_token = (position_ids != CLASS_POSITION).unsqueeze(-1).float()  # (B, N, 1)
+        return torch.cos(angles) * is_token, torch.sin(angles) * is_token
+
+
+def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs of `x` (batch, heads, seq, head_dim) by `cos` / `sin` (batch, seq, head_dim / 2).
+
+    Computed in float32 and cast back to `x.dtype`.
+    """
+    batch, heads, seq, head_dim = x.shape
+    pairs = x.float().reshape(batch, heads, seq, head_dim // 2, 2)  # (B, H, N, Dh/2, 2)
+    x0, x1 = pairs.unbind(-1)  # each (B, H, N, Dh/2)
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, N, Dh/2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, H, N, Dh/2, 2)
+    return rotated.flatten(-2).to(x.dtype)  # (B, H, N, Dh)

@@ -1,0 +1,504 @@
+"""ARPGVQModel: the LlamaGen VQ-16 image tokenizer built from diffusers' autoencoder blocks.
+
+The encoder and decoder are diffusers' ``Encoder`` / ``Decoder`` in the configuration that computes the same function
+as LlamaGen's ``VQModel``; only the quantizer (l2-normalised nearest-code search) is written here. The module also
+holds the declarative key map and the loader for upstream LlamaGen / ARPG VQ checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention
+from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput, logging
+from torch import nn
+from torch.func import functional_call
+
+from .checkpoint_utils import KeyRule, check_shapes, convert_state_dict, load_reference_state_dict
+
+logger = logging.get_logger(__name__)
+
+# Group-norm epsilon of the reference; diffusers' Encoder/Decoder hard-code the same value (checked in __init__).
+REFERENCE_GROUP_NORM_EPS = 1e-6
+# F.normalize's default epsilon, used by the reference quantizer.
+L2_NORM_EPS = 1e-12
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ARPGVQEncoderOutput(BaseOutput):
+    """Output of [`ARPGVQModel.encode`].
+
+    Args:
+        latents (`torch.FloatTensor` of shape `(batch_size, codebook_embed_dim, height // f, width // f)`):
+            The quantized latents: the (l2-normalised) codebook row chosen at every position. Float32 when the model
+            is fp16/bf16 (the quantizer runs in float32), the model dtype otherwise.
+        indices (`torch.LongTensor` of shape `(batch_size, height // f, width // f)`):
+            The chosen code at every position, in raster order when flattened.
+        pre_quant_latents (`torch.FloatTensor` of shape `(batch_size, codebook_embed_dim, height // f, width // f)`):
+            ``quant_conv(encoder(images))`` before normalisation and quantization, in the model dtype.
+    """
+
+    latents: torch.Tensor
+    indices: torch.Tensor
+    pre_quant_latents: torch.Tensor
+
+
+def _contiguous_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    # diffusers' attention returns a channels-last view for 4-D inputs; every later conv would then take the
+    # channels-last kernel, which on CPU drifts from the reference by ~1e-5. Restore the standard layout.
+    return output.contiguous()
+
+
+def _call_in_dtype(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torch.Tensor:
+    """Runs ``module(*args)`` with its floating-point weights cast to ``dtype`` (without modifying the module)."""
+    tensors = dict(chain(module.named_parameters(), module.named_buffers()))
+    if all(t.dtype == dtype for t in tensors.values() if t.is_floating_point()):
+        return module(*args)
+    tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    return functional_call(module, tensors, args)
+
+
+class ARPGVQModel(ModelMixin, ConfigMixin):
+    r"""
+    The LlamaGen VQ tokenizer used by ARPG: images in [-1, 1] <-> grids of codebook indices.
+
+    Encoder: conv_in, one level per channel multiplier (`layers_per_block` resnets each, a 2x downsample on every level
+    but the last, self-attention after each resnet of the last level), a resnet-attention-resnet middle block,
+    group norm, SiLU, conv_out to `z_channels`; then a 1x1 `quant_conv` to `codebook_embed_dim`. The decoder mirrors
+    it (1x1 `post_quant_conv`, `layers_per_block + 1` resnets per level, attention at the lowest resolution).
+
+    Args:
+        in_channels (`int`, *optional*, defaults to 3):
+            Channels of the input images.
+        out_channels (`int`, *optional*, defaults to 3):
+            Channels of the decoded images.
+        base_channels (`int`, *optional*, defaults to 128):
+            Width of the first level (upstream `ch`); level `i` has `base_channels * channel_multipliers[i]` channels.
+        channel_multipliers (`tuple[int, ...]`, *optional*, defaults to `(1, 1, 2, 2, 4)`):
+            Width multiplier of every level, highest resolution first (upstream `encoder_ch_mult`). The spatial
+            downsample factor is `2 ** (len(channel_multipliers) - 1)`.
+        layers_per_block (`int`, *optional*, defaults to 2):
+            Resnet blocks per encoder level (the decoder uses one more), upstream `num_res_blocks` as actually used.
+        z_channels (`int`, *optional*, defaults to 256):
+            Channels between the encoder/decoder and the 1x1 quant convolutions.
+        codebook_size (`int`, *optional*, defaults to 16384):
+            Number of codes.
+        codebook_embed_dim (`int`, *optional*, defaults to 8):
+            Dimension of a code (the latent channels).
+        codebook_l2_norm (`bool`, *optional*, defaults to `True`):
+            Whether latents and codebook rows are l2-normalised before the nearest-code search (and the rows when
+            looked up). Rows are stored as trained and normalised at use, as the reference does.
+        norm_num_groups (`int`, *optional*, defaults to 32):
+            Groups of every group norm (eps 1e-6).
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["codebook"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        base_channels: int = 128,
+        channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
+        layers_per_block: int = 2,
+        z_channels: int = 256,
+        codebook_size: int = 16384,
+        codebook_embed_dim: int = 8,
+        codebook_l2_norm: bool = True,
+        norm_num_groups: int = 32,
+    ):
+        super().__init__()
+        _validate_config(
+            dict(
+                in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                layers_per_block=layers_per_block, z_channels=z_channels, codebook_size=codebook_size,
+                codebook_embed_dim=codebook_embed_dim, norm_num_groups=norm_num_groups,
+            ),
+            channel_multipliers,
+        )
+        num_levels = len(channel_multipliers)
+        block_out_channels = tuple(base_channels * multiplier for multiplier in channel_multipliers)
+        self.encoder = Encoder(
+            in_channels=in_channels,
+            out_channels=z_channels,
+            down_block_types=("DownEncoderBlock2D",) * (num_levels - 1) + ("AttnDownEncoderBlock2D",),
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn="silu",
+            double_z=False,
+            mid_block_add_attention=True,
+        )
+        self.decoder = Decoder(
+            in_channels=z_channels,
+            out_channels=out_channels,
+            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (num_levels - 1),
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn="silu",
+            norm_type="group",
+            mid_block_add_attention=True,
+        )
+        self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
+        self.codebook = nn.Embedding(codebook_size, codebook_embed_dim)
+
+        for module in chain(self.encoder.modules(), self.decoder.modules()):
+            if isinstance(module, nn.GroupNorm) and module.eps != REFERENCE_GROUP_NORM_EPS:
+                # diffusers' Encoder/Decoder hard-code 1e-6 today; should that change, keep the reference value.
+                module.eps = REFERENCE_GROUP_NORM_EPS
+            if isinstance(module, Attention):
+                module.register_forward_hook(_contiguous_output)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Ratio of image size to latent grid size (16 for VQ-16)."""
+        return 2 ** (len(self.config.channel_multipliers) - 1)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype decoding (and the quantizer) compute in: float32 when the weights are fp16/bf16."""
+        return torch.float32 if self.dtype in HALF_DTYPES else self.dtype
+
+    # ----------------------------------------------------------------------------------------------- quantizer
+
+    def normalized_codebook(self) -> torch.Tensor:
+        """The codebook rows as used, `(codebook_size, codebook_embed_dim)` in `compute_dtype`."""
+        rows = self.codebook.weight.to(self.compute_dtype)
+        return F.normalize(rows, p=2, dim=-1, eps=L2_NORM_EPS) if self.config.codebook_l2_norm else rows
+
+    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-code search.
+
+        Args:
+            latents (`torch.FloatTensor` of shape `(batch_size, codebook_embed_dim, h, w)`): pre-quant latents.
+
+        Returns:
+            `tuple(torch.FloatTensor, torch.LongTensor)`: the chosen (normalised) codes `(batch_size,
+            codebook_embed_dim, h, w)` in `compute_dtype` and their indices `(batch_size, h, w)`.
+        """
+        if latents.ndim != 4 or latents.shape[1] != self.config.codebook_embed_dim:
+            expected = f"(batch_size, {self.config.codebook_embed_dim}, h, w)"
+            raise ValueError(f"Expected latents of shape {expected}, got {tuple(latents.shape)}.")
+        batch_size, embed_dim, height, width = latents.shape
+        flat = latents.to(self.compute_dtype).permute(0, 2, 3, 1).reshape(-1, embed_dim)  # (B*h*w, D)
+        if self.config.codebook_l2_norm:
+            flat = F.normalize(flat, p=2, dim=-1, eps=L2_NORM_EPS)
+        codebook = self.normalized_codebook()  # (V, D)
+        distances = (
+            flat.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * flat @ codebook.t()
+        )  # (B*h*w, V)
+        indices = distances.argmin(dim=1)  # (B*h*w,), the first index wins a tie
+        codes = codebook[indices].reshape(batch_size, height, width, embed_dim)  # (B, h, w, D)
+        return codes.permute(0, 3, 1, 2).contiguous(), indices.reshape(batch_size, height, width)
+
+    def indices_to_latents(self, indices: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """Looks indices up in the (normalised) codebook.
+
+        Args:
+            indices (`torch.LongTensor` of shape `(batch_size, h, w)` or `(batch_size, h * w)`):
+                Code indices in raster order, each in `[0, codebook_size)`.
+            shape (`tuple[int, int]`, *optional*):
+                The grid `(h, w)` of 2-D `indices`; when omitted, a square grid is assumed.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, codebook_embed_dim, h, w)` in `compute_dtype`.
+        """
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise ValueError(f"Expected integer code indices, got dtype {indices.dtype}.")
+        if indices.ndim == 2:
+            height, width = _grid_shape(indices.shape[1], shape)
+            indices = indices.reshape(indices.shape[0], height, width)  # (B, h, w)
+        elif indices.ndim != 3:
+            raise ValueError(
+                f"Expected code indices of shape (batch_size, h, w) or (batch_size, h*w), got {tuple(indices.shape)}."
+            )
+        if indices.numel() > 0:
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.config.codebook_size:
+                raise ValueError(
+                    f"Code indices must lie in [0, {self.config.codebook_size}) (the codebook size), got values in "
+                    f"[{low}, {high}]. Pass image-token ids only (no mask, class or padding ids)."
+                )
+        codes = self.normalized_codebook()[indices.to(self.codebook.weight.device)]  # (B, h, w, D)
+        return codes.permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+
+    # ------------------------------------------------------------------------------------------ encode / decode
+
+    def encode(self, images: torch.Tensor, return_dict: bool = True) -> ARPGVQEncoderOutput | tuple:
+        """Encodes images into quantized latents and code indices.
+
+        Args:
+            images (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`):
+                Images in [-1, 1]; `height` and `width` must be multiples of `downsample_factor`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return an [`ARPGVQEncoderOutput`] instead of a tuple `(latents, indices, pre_quant)`.
+        """
+        self._check_images(images)
+        hidden = self.encoder(images.to(self.dtype))  # (B, z, h, w)
+        pre_quant = self.quant_conv(hidden)  # (B, D, h, w)
+        latents, indices = self.quantize(pre_quant)
+        if not return_dict:
+            return latents, indices, pre_quant
+        return ARPGVQEncoderOutput(latents=latents, indices=indices, pre_quant_latents=pre_quant)
+
+    def decode(
+        self, x: torch.Tensor, return_dict: bool = True, shape: tuple[int, int] | None = None
+    ) -> DecoderOutput | tuple:
+        """Decodes code indices or quantized latents into images (not clamped).
+
+        Decoding always runs in `compute_dtype`: a fp16/bf16 model casts float32 copies of its decoder weights for
+        the call (the module itself is left as it is) and returns float32 images; other models return their dtype.
+
+        Args:
+            x (`torch.Tensor`):
+                Either integer code indices of shape `(batch_size, h, w)` (or `(batch_size, h * w)`, see `shape`), or
+                float latents of shape `(batch_size, codebook_embed_dim, h, w)` such as `encode(...).latents`.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a `DecoderOutput` instead of a tuple `(sample,)`.
+            shape (`tuple[int, int]`, *optional*):
+                The grid `(h, w)` of 2-D indices; a square grid is assumed when omitted.
+
+        Returns:
+            `DecoderOutput` whose `sample` is `(batch_size, out_channels, h * f, w * f)`, f = `downsample_factor`.
+        """
+        if x.is_floating_point():
+            if x.ndim != 4 or x.shape[1] != self.config.codebook_embed_dim:
+                raise ValueError(
+                    f"Expected float latents of shape (batch_size, {self.config.codebook_embed_dim}, h, w), got "
+                    f"{tuple(x.shape)}. Pass integer code indices of shape (batch_size, h, w) to decode codes."
+                )
+            latents = x.to(self.compute_dtype)
+        else:
+            latents = self.indices_to_latents(x, shape)
+        hidden = _call_in_dtype(self.post_quant_conv, self.compute_dtype, latents)  # (B, z, h, w)
+        sample = _call_in_dtype(self.decoder, self.compute_dtype, hidden)  # (B, C, H, W)
+        if not return_dict:
+            return (sample,)
+        return DecoderOutput(sample=sample)
+
+    def forward(self, images: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        """Reconstructs images: `decode(encode(images).latents)`.
+
+        Args:
+            images (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`): images in [-1, 1].
+            return_dict (`bool`, *optional*, defaults to `True`): whether to return a `DecoderOutput`.
+        """
+        latents = self.encode(images).latents
+        return self.decode(latents, return_dict=return_dict)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        expected_channels = self.config.in_channels
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            found = f"dtype {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"Expected a float image tensor in [-1, 1], got {found}.")
+        if images.ndim != 4 or images.shape[1] != expected_channels:
+            raise ValueError(
+                f"Expected images of shape (batch_size, {expected_channels}, height, width), got "
+                f"{tuple(images.shape)}. Add a batch dimension or convert the images to {expected_channels} channels."
+            )
+        factor = self.downsample_factor
+        height, width = images.shape[-2:]
+        if height % factor or width % factor:
+            raise ValueError(
+                f"Image height and width must be multiples of the downsample factor {factor}, got {height}x{width}. "
+                f"Resize or crop the images, e.g. to {max(factor, height // factor * factor)}x"
+                f"{max(factor, width // factor * factor)}."
+            )
+
+    # ------------------------------------------------------------------------------------ reference checkpoints
+
+    @classmethod
+    def from_reference_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+        reference_config: Mapping[str, Any] | None = None,
+    ) -> "ARPGVQModel":
+        """Builds the model from an upstream LlamaGen / ARPG VQ checkpoint.
+
+        Args:
+            checkpoint (`str`, `os.PathLike` or `dict[str, torch.Tensor]`):
+                A `.pt` file or an in-memory state dict, raw or wrapped under `"model"` / `"module"` /
+                `"state_dict"`, with or without `module.` prefixes.
+            reference_config (`dict`, *optional*):
+                The upstream VQ `ModelArgs` fields (see [`vq_config_from_reference`]); `None` means the published
+                VQ-16.
+
+        Returns:
+            [`ARPGVQModel`] in eval mode, with the checkpoint's dtype cast to the model's (float32).
+        """
+        state_dict = load_reference_state_dict(checkpoint)
+        model = cls(**vq_config_from_reference(reference_config))
+        expected = model.state_dict()
+        converted = convert_state_dict(
+            state_dict,
+            VQ_REFERENCE_KEY_MAP,
+            expected.keys(),
+            ignored_source_keys=VQ_REFERENCE_IGNORED_KEYS,
+            name="VQ reference checkpoint",
+        )
+        check_shapes(converted, expected, name="VQ reference checkpoint")
+        model.load_state_dict(converted, strict=True)
+        return model.eval()
+
+
+def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int, int]:
+    if shape is None:
+        side = math.isqrt(num_positions)
+        if side * side != num_positions:
+            raise ValueError(
+                f"Cannot infer a square grid from {num_positions} code indices per image; pass shape=(h, w) or "
+                f"indices of shape (batch_size, h, w)."
+            )
+        return side, side
+    if len(shape) != 2 or shape[0] * shape[1] != num_positions:
+        raise ValueError(f"shape={tuple(shape)} must be (h, w) with h*w = {num_positions}, the indices per image.")
+    return int(shape[0]), int(shape[1])
+
+
+def _validate_config(positive: dict[str, int], channel_multipliers: Sequence[int]) -> None:
+    """Raises a ValueError for a non-positive size or level widths that the group norms cannot split."""
+    for name, value in positive.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    multipliers = list(channel_multipliers) if isinstance(channel_multipliers, (list, tuple)) else None
+    if not multipliers or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in multipliers):
+        raise ValueError(
+            f"channel_multipliers must be a non-empty list of positive integers (e.g. [1, 1, 2, 2, 4]), got "
+            f"{channel_multipliers!r}."
+        )
+    base_channels, norm_num_groups = positive["base_channels"], positive["norm_num_groups"]
+    widths = [base_channels * m for m in multipliers]
+    bad = [width for width in widths if width % norm_num_groups]
+    if bad:
+        raise ValueError(
+            f"Every level width base_channels * multiplier must be divisible by norm_num_groups={norm_num_groups}; "
+            f"base_channels={base_channels} with channel_multipliers={multipliers} gives widths {widths} "
+            f"({bad} are not). Choose base_channels as a multiple of {norm_num_groups} or change norm_num_groups."
+        )
+
+
+# ------------------------------------------------------------------------------------------ upstream key map
+
+def _conv1x1_to_linear(weight: torch.Tensor) -> torch.Tensor:
+    return weight.reshape(weight.shape[0], weight.shape[1])  # [C, C, 1, 1] -> [C, C]
+
+
+def _param_rules(source: str, target: str, transform_weight=None) -> list[KeyRule]:
+    """A weight and a bias rule for one module."""
+    return [
+        KeyRule(f"{source}.weight", f"{target}.weight", transform_weight),
+        KeyRule(f"{source}.bias", f"{target}.bias"),
+    ]
+
+
+def _resnet_rules(source: str, target: str) -> list[KeyRule]:
+    names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2")]
+    names.append(("nin_shortcut", "conv_shortcut"))  # 1x1 conv where the input and output widths differ
+    return [rule for src, dst in names for rule in _param_rules(f"{source}.{src}", f"{target}.{dst}")]
+
+
+def _attention_rules(source: str, target: str) -> list[KeyRule]:
+    rules = _param_rules(f"{source}.norm", f"{target}.group_norm")
+    for src, dst in [("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]:
+        rules += _param_rules(f"{source}.{src}", f"{target}.{dst}", _conv1x1_to_linear)
+    return rules
+
+
+def _autoencoder_half_rules(part: str, blocks: str, resampler: str, resamplers: str) -> list[KeyRule]:
+    """Rules of the encoder (``blocks`` = "down_blocks") or the decoder ("up_blocks"); block indices coincide."""
+    return [
+        *_param_rules(f"{part}.conv_in", f"{part}.conv_in"),
+        *_resnet_rules(f"{part}.conv_blocks.{{}}.res.{{}}", f"{part}.{blocks}.{{}}.resnets.{{}}"),
+        *_attention_rules(f"{part}.conv_blocks.{{}}.attn.{{}}", f"{part}.{blocks}.{{}}.attentions.{{}}"),
+        *_param_rules(f"{part}.conv_blocks.{{}}.{resampler}.conv", f"{part}.{blocks}.{{}}.{resamplers}.0.conv"),
+        *_resnet_rules(f"{part}.mid.0", f"{part}.mid_block.resnets.0"),
+        *_attention_rules(f"{part}.mid.1", f"{part}.mid_block.attentions.0"),
+        *_resnet_rules(f"{part}.mid.2", f"{part}.mid_block.resnets.1"),
+        *_param_rules(f"{part}.norm_out", f"{part}.conv_norm_out"),
+        *_param_rules(f"{part}.conv_out", f"{part}.conv_out"),
+    ]
+
+
+# Upstream (LlamaGen `VQModel`) key -> ARPGVQModel key. `{}` is a block / layer index.
+VQ_REFERENCE_KEY_MAP: list[KeyRule] = [
+    *_autoencoder_half_rules("encoder", "down_blocks", "downsample", "downsamplers"),
+    *_autoencoder_half_rules("decoder", "up_blocks", "upsample", "upsamplers"),
+    *_param_rules("quant_conv", "quant_conv"),
+    *_param_rules("post_quant_conv", "post_quant_conv"),
+    KeyRule("quantize.embedding.weight", "codebook.weight"),
+]
+# Training-only buffer (recently used codes) present in every upstream checkpoint.
+VQ_REFERENCE_IGNORED_KEYS = ("quantize.codebook_used",)
+
+# Upstream VQ fields that do not change the inference architecture (training losses, bookkeeping, derived sizes).
+_IGNORED_REFERENCE_FIELDS = {
+    "codebook_show_usage", "commit_loss_beta", "entropy_loss_ratio", "dropout_p", "num_res_blocks", "image_size",
+    "latent_size", "_notes",
+}
+_PUBLISHED_VQ16 = dict(
+    codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, encoder_ch_mult=[1, 1, 2, 2, 4],
+    decoder_ch_mult=[1, 1, 2, 2, 4], z_channels=256, ch=128, in_channels=3, out_channels=3, group_norm_groups=32,
+)
+
+
+def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Maps upstream VQ `ModelArgs` fields to [`ARPGVQModel`] init kwargs.
+
+    Args:
+        reference_config (`dict`, *optional*):
+            Upstream fields (`codebook_size`, `codebook_embed_dim`, `codebook_l2_norm`, `encoder_ch_mult`,
+            `decoder_ch_mult`, `z_channels`, `ch`, `in_channels`, `out_channels`, `group_norm_groups`, ...). Missing
+            fields take the published VQ-16 values. Training-only fields are ignored, and so is `num_res_blocks`: the
+            upstream `VQModel` never passes it on, so the effective value is 2 (or `effective_num_res_blocks`).
+            `None` gives the published VQ-16.
+
+    Returns:
+        `dict`: keyword arguments for `ARPGVQModel(**kwargs)`.
+    """
+    fields = {**_PUBLISHED_VQ16, **dict(reference_config or {})}
+    if list(fields["encoder_ch_mult"]) != list(fields["decoder_ch_mult"]):
+        raise ValueError(
+            f"encoder_ch_mult {list(fields['encoder_ch_mult'])} differs from decoder_ch_mult "
+            f"{list(fields['decoder_ch_mult'])}; ARPGVQModel supports mirrored encoder/decoder widths only."
+        )
+    required = {"norm_type": "group", "resamp_with_conv": True, "group_norm_eps": REFERENCE_GROUP_NORM_EPS}
+    for name, value in required.items():
+        if name in fields and fields[name] != value:
+            raise ValueError(f"Reference field {name}={fields[name]!r} is not supported; only {value!r} is.")
+    factor = 2 ** (len(fields["encoder_ch_mult"]) - 1)
+    if "downsample" in fields and fields["downsample"] != factor:
+        raise ValueError(
+            f"Reference field downsample={fields['downsample']} contradicts encoder_ch_mult "
+            f"{list(fields['encoder_ch_mult'])}, which downsamples by {factor}."
+        )
+    known = set(_PUBLISHED_VQ16) | set(required) | _IGNORED_REFERENCE_FIELDS
+    known |= {"downsample", "effective_num_res_blocks"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        logger.warning(f"Ignoring unknown VQ reference config fields: {unknown}.")
+    return dict(
+        in_channels=fields["in_channels"],
+        out_channels=fields["out_channels"],
+        base_channels=fields["ch"],
+        channel_multipliers=tuple(fields["encoder_ch_mult"]),
+        layers_per_block=fields.get("effective_num_res_blocks", 2),
+        z_channels=fields["z_channels"],
+        codebook_size=fields["codebook_size"],
+        codebook_embed_dim=fields["codebook_embed_dim"],
+        codebook_l2_norm=bool(fields["codebook_l2_norm"]),
+        norm_num_groups=fields["group_norm_groups"],
+    )

@@ -1,0 +1,63 @@
+"""Shared fixtures: the parity fixtures live in ../shared/parity beside the checkout (never copied into the repo)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+
+
+def read_json(name: str) -> dict:
+    return json.loads((PARITY_DIR / name).read_text())
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    if not PARITY_DIR.is_dir():
+        pytest.fail(f"Parity fixtures not found at {PARITY_DIR}; CI keeps ../shared/parity beside the checkout.")
+    return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(parity_dir):
+    """The parity decoder + VQ tokenizer loaded from the upstream checkpoint formats (read-only: do not mutate)."""
+    from arpg_hf import ARPGPipeline
+
+    pipe = ARPGPipeline.from_reference_checkpoints(
+        parity_dir / "arpg_ref.pt",
+        parity_dir / "vq_ref.pt",
+        reference_config=read_json("config.json"),
+        vq_config=read_json("vq_config.json"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_config(**overrides):
+    from arpg_hf import ARPGConfig
+
+    fields = dict(
+        vocab_size=32, num_classes=5, grid_height=4, grid_width=4, hidden_size=32, num_attention_heads=2,
+        num_self_attention_layers=2, num_cross_attention_layers=2, multiple_of=16, token_dropout=0.0,
+        residual_dropout=0.0, ffn_dropout=0.0, class_dropout_prob=0.0,
+    )  # fmt: skip
+    fields.update(overrides)
+    return ARPGConfig(**fields)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Redraws every parameter (the zero-initialised head included) so that outputs are informative."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if parameter.ndim == 1:  # norm weights
+                parameter.copy_(1 + 0.1 * noise)
+            else:
+                parameter.copy_(noise / parameter.shape[-1] ** 0.5)
+    return module

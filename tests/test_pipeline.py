@@ -1,0 +1,232 @@
+"""ARPGPipeline: exact reproduction of the reference generations, outputs, inputs, saving and loading."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
+
+from .conftest import randomize_, read_json, tiny_config
+
+CASES = read_json("cases.json")["generate"]["cases"]
+
+
+def with_schedule(pipe, case):
+    pipe.scheduler = ARPGScheduler.from_config(
+        pipe.scheduler.config, token_schedule=case["sample_schedule"], guidance_schedule=case["cfg_schedule"]
+    )
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def generate_fixture(parity_dir):
+    return load_file(parity_dir / "generate.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_pipeline):
+    """A private copy of the session pipeline whose scheduler the tests of this module may swap."""
+    return ARPGPipeline(**reference_pipeline.components)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["key"] for case in CASES])
+def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixture, case):
+    key = case["key"]
+    tokens = with_schedule(reference, case)(
+        generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"], output_type="latent",
+    ).images  # fmt: skip
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens, generate_fixture[f"{key}.tokens"])
+    assert reference.scheduler.tokens_per_step == generate_fixture[f"{key}.num_pred_per_step"].tolist()
+
+
+def test_first_step_logits_match_reference(reference, generate_fixture):
+    captured = []
+    model = reference.transformer
+    original = model.decode_step
+
+    def recording_decode_step(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    for case in CASES:
+        key, captured[:] = case["key"], []
+        model.decode_step = recording_decode_step
+        try:
+            with_schedule(reference, case)(
+                generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
+                guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
+                output_type="latent",
+            )  # fmt: skip
+        finally:
+            del model.decode_step
+        conditional, unconditional = captured[0].chunk(2)
+        guided = unconditional + (conditional - unconditional) * case["cfg_scale_per_step"][0]
+        torch.testing.assert_close(guided, generate_fixture[f"{key}.first_step_logits"], atol=1e-4, rtol=0)
+
+
+def test_end_to_end_images_match_reference(reference, generate_fixture, parity_dir):
+    e2e = load_file(parity_dir / "e2e.safetensors")
+    case = CASES[0]
+    images = with_schedule(reference, case)(
+        generate_fixture["case0.class_labels"], num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture["case0.orders"], output_type="pt",
+    ).images  # fmt: skip
+    torch.testing.assert_close(images, (e2e["images"] / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+    pil = with_schedule(reference, case)(
+        generate_fixture["case0.class_labels"], num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture["case0.orders"],
+    ).images  # fmt: skip
+    assert all(isinstance(image, Image.Image) and image.size == (128, 128) for image in pil)
+    difference = np.stack([np.asarray(image, dtype=np.int16) for image in pil]) - e2e["images_uint8"].numpy()
+    assert np.abs(difference).max() <= 1  # PIL rounds, the reference truncates: values differ by at most 1
+
+
+# ------------------------------------------------------------------------------------------- tiny pipeline
+@pytest.fixture(scope="module")
+def tiny_pipeline():
+    torch.manual_seed(0)
+    transformer = randomize_(ARPGForImageGeneration(tiny_config()), seed=1).eval()
+    vqvae = ARPGVQModel(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32).eval()
+    pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_output_types(tiny_pipeline):
+    kwargs = dict(class_labels=[0, 4], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    latent = tiny_pipeline(**kwargs, output_type="latent").images
+    assert latent.shape == (2, 16) and latent.dtype == torch.int64 and 0 <= latent.min() and latent.max() < 32
+    tensor = tiny_pipeline(**{**kwargs, "generator": torch.Generator().manual_seed(0)}, output_type="pt").images
+    assert tensor.shape == (2, 3, 8, 8) and 0 <= tensor.min() and tensor.max() <= 1
+    array = tiny_pipeline(**{**kwargs, "generator": torch.Generator().manual_seed(0)}, output_type="np").images
+    assert array.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(array, tensor.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    images, = tiny_pipeline(**{**kwargs, "generator": torch.Generator().manual_seed(0)}, return_dict=False)
+    assert [image.size for image in images] == [(8, 8), (8, 8)]
+
+
+def test_same_seed_same_tokens_and_per_image_generators(tiny_pipeline):
+    def run(generator, labels=(1, 2, 3)):
+        return tiny_pipeline(list(labels), num_inference_steps=5, generator=generator, output_type="latent").images
+
+    first = run(torch.Generator().manual_seed(7))
+    assert torch.equal(first, run(torch.Generator().manual_seed(7)))
+    assert not torch.equal(first, run(torch.Generator().manual_seed(8)))
+    # One generator per image: an image does not depend on the rest of the batch.
+    batch = run([torch.Generator().manual_seed(s) for s in (10, 11, 12)])
+    alone = run([torch.Generator().manual_seed(11)], labels=(2,))
+    assert torch.equal(batch[1:2], alone)
+
+
+def test_sampling_changes_with_temperature_and_greedy_ignores_the_seed(tiny_pipeline):
+    greedy = [
+        tiny_pipeline([1, 2], num_inference_steps=4, top_k=1, orders=torch.arange(16), output_type="latent",
+                      generator=torch.Generator().manual_seed(seed)).images
+        for seed in (0, 1)
+    ]  # fmt: skip
+    assert torch.equal(*greedy)
+    zero_temperature = tiny_pipeline([1, 2], num_inference_steps=4, temperature=0.0, orders=torch.arange(16),
+                                     output_type="latent").images  # fmt: skip
+    assert torch.equal(zero_temperature, greedy[0])
+
+
+def test_callback_sees_progress_and_can_edit_tokens(tiny_pipeline):
+    seen = []
+
+    def callback(pipe, step_index, timestep, callback_kwargs):
+        tokens = callback_kwargs["tokens"]
+        seen.append(int((tokens >= 0).sum()))
+        return {"tokens": tokens.clamp(max=3).where(tokens >= 0, tokens)}
+
+    tokens = tiny_pipeline([0], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                           callback_on_step_end=callback, output_type="latent").images  # fmt: skip
+    assert seen == np.cumsum(tiny_pipeline.scheduler.tokens_per_step).tolist()
+    assert tokens.max() <= 3
+
+
+def test_label_names(tiny_pipeline, reference):
+    assert reference.id2label == {i: str(i) for i in range(10)}
+    assert reference.get_label_ids(["3", "7"]) == [3, 7]
+    imagenet = ARPGPipeline(
+        transformer=ARPGForImageGeneration(tiny_config(num_classes=1000)), vqvae=tiny_pipeline.vqvae,
+        scheduler=ARPGScheduler(),
+    )  # fmt: skip
+    assert imagenet.get_label_ids(["tabby cat", "golden retriever"]) == [281, 207]
+    with pytest.raises(ValueError, match="tabby cat"):
+        imagenet.get_label_ids("taby cat")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(class_labels=[5]), r"\[0, 5\)"),
+        (dict(class_labels=[-1]), r"\[0, 5\)"),
+        (dict(num_inference_steps=0), r"\[1, 16\]"),
+        (dict(num_inference_steps=17), r"\[1, 16\]"),
+        (dict(guidance_scale=-1.0), ">= 0"),
+        (dict(top_p=0.0), r"\(0, 1\]"),
+        (dict(top_p=1.5), r"\(0, 1\]"),
+        (dict(top_k=-1), "top_k"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(orders=torch.zeros(16, dtype=torch.long)), "permutation"),
+        (dict(orders=torch.arange(15)), "shape"),
+        (dict(output_type="jpeg"), "'pil', 'np', 'pt', 'latent'"),
+        (dict(generator=[torch.Generator()] * 2), "one per image"),
+        (dict(callback_on_step_end_tensor_inputs=["logits"]), "tokens"),
+    ],
+)
+def test_bad_inputs_raise_value_errors(tiny_pipeline, kwargs, message):
+    arguments = dict(class_labels=[1], num_inference_steps=4)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(**arguments)
+
+
+def test_unknown_schedule_names_raise():
+    with pytest.raises(ValueError, match="arccos"):
+        ARPGScheduler(token_schedule="linear")
+    with pytest.raises(ValueError, match="constant"):
+        ARPGScheduler.from_config(ARPGScheduler().config, guidance_schedule="cosine")
+
+
+def test_save_and_load_round_trip(reference, generate_fixture, tmp_path):
+    reference.save_pretrained(tmp_path)
+    assert (tmp_path / "transformer" / "model.safetensors").is_file()
+    assert (tmp_path / "vqvae" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = ARPGPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    case = CASES[1]
+    with_schedule(loaded, case)
+    tokens = loaded(
+        generate_fixture["case1.class_labels"], num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture["case1.orders"], output_type="latent",
+    ).images  # fmt: skip
+    assert torch.equal(tokens, generate_fixture["case1.tokens"])
+    half = ARPGPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16 and half.vqvae.dtype == torch.bfloat16
+    half.set_progress_bar_config(disable=True)
+    images = half([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 128, 128)
+
+
+def test_reference_loader_rejects_mismatched_checkpoints(parity_dir):
+    state = torch.load(parity_dir / "arpg_ref.pt", weights_only=True)["model"]
+    vq = parity_dir / "vq_ref.pt"
+    config = read_json("config.json")
+    wrapped = {"module": {f"module._orig_mod.{k}": v for k, v in state.items()}}
+    pipe = ARPGPipeline.from_reference_checkpoints(wrapped, vq, config, read_json("vq_config.json"))
+    assert torch.equal(pipe.transformer.lm_head.weight, state["head.weight"])
+    extra = {**state, "layers.extra.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="layers.extra.weight"):
+        ARPGPipeline.from_reference_checkpoints(extra, vq, config, read_json("vq_config.json"))
+    missing = {k: v for k, v in state.items() if k != "layers.to_v.weight"}
+    with pytest.raises(ValueError, match="model.v_proj.weight"):
+        ARPGPipeline.from_reference_checkpoints(missing, vq, config, read_json("vq_config.json"))
+    with pytest.raises(ValueError, match="embed_tokens.weight"):
+        ARPGPipeline.from_reference_checkpoints(state, vq, {**config, "num_classes": 11}, read_json("vq_config.json"))
+    with pytest.raises(ValueError, match="codebook"):
+        ARPGPipeline.from_reference_checkpoints(state, vq, config, {**read_json("vq_config.json"), "codebook_size": 1024})
