@@ -158,6 +158,13 @@ def test_label_names(tiny_pipeline, reference):
     assert imagenet.get_label_ids(["tabby cat", "golden retriever"]) == [281, 207]
     with pytest.raises(ValueError, match="tabby cat"):
         imagenet.get_label_ids("taby cat")
+    names = {0: "zero", 1: "one, uno", 2: "two", 3: "three", 4: "four"}
+    named = ARPGPipeline(
+        transformer=ARPGForImageGeneration(tiny_config(id2label=names)), vqvae=tiny_pipeline.vqvae,
+        scheduler=ARPGScheduler(),
+    )  # fmt: skip
+    assert named.id2label == names
+    assert named.get_label_ids(["uno", "four"]) == [1, 4]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
+from safetensors.torch import load_file
 
 # Containers in which upstream training scripts wrap their state dicts.
 WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -51,15 +52,14 @@ class KeyRule:
 
 
 def load_reference_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reads an upstream checkpoint: a path (loaded with ``weights_only=True``) or an in-memory state dict.
+    """Reads an upstream checkpoint: a path (a torch pickle loaded with ``weights_only=True``, or a ``.safetensors``
+    file) or an in-memory state dict.
 
     Accepts a raw state dict or one wrapped under ``"model"``, ``"module"`` or ``"state_dict"``, and strips the
     ``module.`` / ``_orig_mod.`` prefixes that DDP and torch.compile add.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"Checkpoint file {os.fspath(checkpoint)!r} does not exist.")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = _read_checkpoint_file(os.fspath(checkpoint))
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"Expected a state dict (a mapping of names to tensors), got {type(checkpoint).__name__}.")
     for wrapper in WRAPPER_KEYS:
@@ -78,6 +78,22 @@ def load_reference_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch
                 key = key[len(prefix) :]
         state_dict[key] = value
     return state_dict
+
+
+def _read_checkpoint_file(path: str) -> Mapping:
+    """Reads a `.safetensors` file or a torch pickle restricted to tensors and containers (`weights_only=True`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file {path!r} does not exist.")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch and safetensors raise several types for unreadable or unsafe files
+        raise ValueError(
+            f"Could not read checkpoint {path!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
+            "Expected a state dict saved with torch.save (only tensors and plain containers are loaded, never "
+            "arbitrary objects) or a .safetensors file; re-download the file if it is truncated."
+        ) from error
 
 
 def convert_state_dict(

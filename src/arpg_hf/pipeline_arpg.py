@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -37,6 +38,14 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+def _read_json_if_path(config):
+    """Configs may be given as dicts or as paths of JSON files holding them."""
+    if isinstance(config, (str, os.PathLike)):
+        with open(config, encoding="utf-8") as file:
+            return json.load(file)
+    return config
+
+
 class ARPGPipeline(DiffusionPipeline):
     r"""
     Class-conditional image generation with ARPG: image tokens are predicted in a random order, several per step, by a
@@ -62,8 +71,10 @@ class ARPGPipeline(DiffusionPipeline):
         """Class names: the transformer config's `id2label` when it names every class, ImageNet-1k names for a
         1000-class model, the class indices as strings otherwise."""
         config = self.transformer.config
-        if config.id2label and len(config.id2label) == config.num_classes and config.num_classes != 2:
-            return {int(k): v for k, v in config.id2label.items()}
+        names = {int(k): v for k, v in (config.id2label or {}).items()}
+        is_default = all(name == f"LABEL_{k}" for k, name in names.items())  # transformers' placeholder names
+        if len(names) == config.num_classes and not is_default:
+            return names
         if config.num_classes == 1000:
             return imagenet_id2label()
         return {i: str(i) for i in range(config.num_classes)}
@@ -78,8 +89,8 @@ class ARPGPipeline(DiffusionPipeline):
         cls,
         arpg_checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
         vq_checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
-        reference_config: Mapping[str, Any] | ARPGConfig | None = None,
-        vq_config: Mapping[str, Any] | None = None,
+        reference_config: Mapping[str, Any] | ARPGConfig | str | os.PathLike | None = None,
+        vq_config: Mapping[str, Any] | str | os.PathLike | None = None,
         scheduler: ARPGScheduler | None = None,
     ) -> "ARPGPipeline":
         """Builds a pipeline from the upstream checkpoint formats (e.g. arpg_300m.pt and vq_ds16_c2i.pt).
@@ -88,14 +99,15 @@ class ARPGPipeline(DiffusionPipeline):
             arpg_checkpoint: path or state dict of the decoder (raw, or wrapped under "model" / "module" /
                 "state_dict"; `module.` and `_orig_mod.` prefixes are stripped).
             vq_checkpoint: path or state dict of the LlamaGen VQ tokenizer.
-            reference_config (`dict`, *optional*): upstream `ModelArgs` fields of the decoder (dim, n_layer, n_head,
-                vocab_size, num_classes, block_size, ...); defaults to the published ARPG-L.
-            vq_config (`dict`, *optional*): upstream VQ fields (codebook_size, codebook_embed_dim, z_channels, ch,
-                encoder_ch_mult, ...); defaults to the published VQ-16.
+            reference_config (`dict` or path, *optional*): upstream `ModelArgs` fields of the decoder (dim, n_layer,
+                n_head, vocab_size, num_classes, block_size, ...), or a JSON file of them, or an [`ARPGConfig`];
+                defaults to the published ARPG-L.
+            vq_config (`dict` or path, *optional*): upstream VQ fields (codebook_size, codebook_embed_dim, z_channels,
+                ch, encoder_ch_mult, ...), or a JSON file of them; defaults to the published VQ-16.
             scheduler ([`ARPGScheduler`], *optional*): defaults to arccos tokens per step with linear guidance.
         """
-        transformer = load_reference_arpg(arpg_checkpoint, reference_config)
-        vqvae = ARPGVQModel.from_reference_checkpoint(vq_checkpoint, vq_config)
+        transformer = load_reference_arpg(arpg_checkpoint, _read_json_if_path(reference_config))
+        vqvae = ARPGVQModel.from_reference_checkpoint(vq_checkpoint, _read_json_if_path(vq_config))
         if vqvae.config.codebook_size != transformer.config.vocab_size:
             raise ValueError(
                 f"The VQ codebook has {vqvae.config.codebook_size} codes but the decoder predicts "
@@ -177,7 +189,8 @@ class ARPGPipeline(DiffusionPipeline):
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
             for step_index, (start, end) in enumerate(scheduler.step_boundaries):
                 positions = orders[:, start:end]  # (B, n)
-                logits = transformer.decode_step(inputs, input_positions, positions.repeat(2, 1), cache)  # (2B, n, V)
+                query_positions = positions.repeat(2, 1)  # (2B, n): the same targets in both halves
+                logits = transformer.decode_step(inputs, input_positions, query_positions, cache)  # (2B, n, V)
                 conditional, unconditional = logits.chunk(2)
                 scale = scheduler.guidance_scale_for_step(step_index, guidance_scale)
                 guided = unconditional + (conditional - unconditional) * scale
@@ -189,7 +202,7 @@ class ARPGPipeline(DiffusionPipeline):
                     outputs = callback_on_step_end(self, step_index, scheduler.timesteps[step_index], callback_kwargs)
                     tokens = outputs.pop("tokens", tokens)
                     sampled = tokens.gather(1, positions)
-                inputs, input_positions = sampled.repeat(2, 1), positions.repeat(2, 1)
+                inputs, input_positions = sampled.repeat(2, 1), query_positions
                 progress_bar.update()
         return tokens
 
