@@ -327,7 +327,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
 
     def random_orders(self, batch_size: int, seq_len: int, generator=None, device=None) -> torch.LongTensor:
         """One uniformly random permutation of `0..seq_len-1` per row, `(batch_size, seq_len)`."""
-        return torch.rand(batch_size, seq_len, generator=generator, device=device).argsort(dim=1)
+        return _uniform((batch_size, seq_len), generator, device).argsort(dim=1)
 
     # ------------------------------------------------------------------------------------------- training
     def forward(
@@ -361,7 +361,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         batch_size, seq_len = self._check_training_inputs(input_ids, class_labels)
         device = input_ids.device
         if self.training and self.config.class_dropout_prob > 0:
-            drop = torch.rand(batch_size, generator=generator, device=device) < self.config.class_dropout_prob
+            drop = _uniform((batch_size,), generator, device) < self.config.class_dropout_prob
             class_labels = class_labels.masked_fill(drop, -1)  # -1 = null class
         if orders is None:
             orders = self.random_orders(batch_size, seq_len, generator=generator, device=device)
@@ -451,6 +451,12 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             position_mode=position_mode,
         ).last_hidden_state  # (B, M, D)
         return self.lm_head(hidden).float()
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    """U(0, 1) draws made on the generator's device (a CPU generator may drive a GPU model), then moved to `device`."""
+    draw_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=draw_device).to(device)
 
 
 def check_class_labels(class_labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:
