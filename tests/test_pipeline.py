@@ -235,5 +235,16 @@ def test_reference_loader_rejects_mismatched_checkpoints(parity_dir):
         ARPGPipeline.from_reference_checkpoints(missing, vq, config, read_json("vq_config.json"))
     with pytest.raises(ValueError, match="embed_tokens.weight"):
         ARPGPipeline.from_reference_checkpoints(state, vq, {**config, "num_classes": 11}, read_json("vq_config.json"))
+    odd = ARPGPipeline.from_reference_checkpoints(state, vq, {**config, "n_layer": 5}, read_json("vq_config.json"))
+    assert odd.transformer.config.num_self_attention_layers == odd.transformer.config.num_cross_attention_layers == 2
     with pytest.raises(ValueError, match="codebook"):
         ARPGPipeline.from_reference_checkpoints(state, vq, config, {**read_json("vq_config.json"), "codebook_size": 1024})
+
+
+def test_shared_order_is_drawn_as_the_published_sampler_draws_it(tiny_pipeline):
+    """One generator: B uniforms (the published sampler's class-dropout draw), then rand(L).argsort()."""
+    generator = torch.Generator().manual_seed(3)
+    torch.rand(2, generator=generator)
+    expected = torch.rand(16, generator=generator).argsort()
+    orders = tiny_pipeline.prepare_orders(None, 2, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(orders, expected.expand(2, 16))

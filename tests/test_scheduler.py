@@ -203,3 +203,25 @@ def test_config_override_and_round_trip(tmp_path):
     assert loaded.config.token_schedule == "cosine" and loaded.config.guidance_schedule == "linear"
     loaded.set_timesteps(16, 64)
     assert loaded.tokens_per_step == [1, 1, 1, 2, 3, 3, 4, 4, 5, 5, 5, 6, 6, 6, 6, 6]
+
+
+def test_multinomial_method_makes_torch_multinomial_draws():
+    """sampling_method="multinomial" draws exactly what torch.multinomial draws from the same generator state
+    (the published sampler's draws), from the same filtered distribution."""
+    scheduler = ARPGScheduler(sampling_method="multinomial")
+    logits = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(0))
+    drawn = scheduler.sample(logits, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(1))
+    filtered = logits / 0.8
+    filtered = filtered.masked_fill(filtered < filtered.topk(10, dim=-1).values[..., -1:], float("-inf"))
+    expected = torch.multinomial(filtered.softmax(-1).flatten(0, 1), 1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(drawn, expected.view(3, 5))
+    with pytest.raises(ValueError, match="inverse_cdf"):
+        ARPGScheduler(sampling_method="gumbel")
+
+
+def test_top_p_keeps_tokens_until_the_mass_before_them_exceeds_top_p():
+    scheduler = ARPGScheduler()
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    for top_p, allowed in [(0.45, {0}), (0.55, {0, 1}), (0.75, {0, 1}), (0.85, {0, 1, 2})]:
+        draws = scheduler.sample(probs.log().expand(4000, 4), top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert set(draws.tolist()) == allowed, top_p

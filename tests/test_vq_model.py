@@ -197,6 +197,8 @@ def test_bad_config_raises(reference_config):
         vq_config_from_reference({**reference_config, "decoder_ch_mult": [1, 2, 2, 4]})
     with pytest.raises(ValueError, match="norm_type"):
         vq_config_from_reference({**reference_config, "norm_type": "batch"})
+    with pytest.raises(ValueError, match="start with 1"):
+        vq_config_from_reference({**reference_config, "encoder_ch_mult": [2, 2, 4], "decoder_ch_mult": [2, 2, 4]})
 
 
 def test_config_from_reference():

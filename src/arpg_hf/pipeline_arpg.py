@@ -149,8 +149,10 @@ class ARPGPipeline(DiffusionPipeline):
     def prepare_orders(self, orders, batch_size: int, generator, device) -> torch.LongTensor:
         """Returns the decoding order of every image, (batch_size, num_tokens).
 
-        Given `orders` ((num_tokens,) shared, or one row per image) are checked and used. Otherwise one random order is
-        drawn and shared by the batch (as the published sampler does), or one per image with a list of generators.
+        Given `orders` ((num_tokens,) shared, or one row per image) are checked and used. With a list of generators
+        each image draws its own order. Otherwise one order is shared by the batch and drawn as the published sampler
+        draws it: `batch_size` uniforms first (its class-dropout mask, unused when sampling), then the order; so the
+        same random state gives the published sampler's order.
         """
         num_tokens = self.transformer.config.num_image_tokens
         if orders is not None:
@@ -159,6 +161,7 @@ class ARPGPipeline(DiffusionPipeline):
         elif isinstance(generator, list):
             orders = torch.stack([self.scheduler.random_order(num_tokens, generator=g) for g in generator])
         else:
+            torch.rand(batch_size, generator=generator, device=generator.device if generator is not None else device)
             orders = self.scheduler.random_order(num_tokens, generator=generator)
         return orders.to(device).long().expand(batch_size, num_tokens)
 

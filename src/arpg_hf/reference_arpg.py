@@ -96,7 +96,7 @@ def arpg_config_from_reference(reference_config: Mapping[str, Any] | None = None
     if n_kv_head is not None and n_kv_head != fields["n_head"]:
         raise ValueError(f"Grouped-query attention is not part of ARPG: n_kv_head={n_kv_head} != n_head={fields['n_head']}.")
     if fields["n_layer"] % 2 != 0:
-        raise ValueError(f"Upstream ARPG splits n_layer evenly between the two passes; got an odd n_layer={fields['n_layer']}.")
+        logger.warning(f"Odd n_layer={fields['n_layer']}: like upstream, each pass gets n_layer // 2 layers.")
     grid = math.isqrt(fields["block_size"])
     if grid * grid != fields["block_size"]:
         raise ValueError(f"block_size must be a square number of tokens (grid x grid), got {fields['block_size']}.")

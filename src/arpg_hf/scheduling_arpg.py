@@ -12,6 +12,7 @@ from diffusers.utils import BaseOutput
 
 TOKEN_SCHEDULES = ("arccos", "cosine")
 GUIDANCE_SCHEDULES = ("constant", "linear")
+SAMPLING_METHODS = ("inverse_cdf", "multinomial")
 
 
 @dataclass
@@ -48,17 +49,25 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
         guidance_schedule (`str`, *optional*, defaults to `"linear"`):
             `"constant"` uses `guidance_scale` at every step; `"linear"` uses
             `1 + (guidance_scale - 1) * tokens_done_after_step / num_tokens`.
+        sampling_method (`str`, *optional*, defaults to `"inverse_cdf"`):
+            How a token is drawn from its distribution. `"inverse_cdf"` (one uniform per token, cumsum + searchsorted)
+            is the faster; `"multinomial"` calls `torch.multinomial` as the published sampler does, so that the same
+            random state gives the published sampler's very draws. Both sample the same distribution.
     """
 
     order = 1
     _compatibles = []
 
     @register_to_config
-    def __init__(self, token_schedule: str = "arccos", guidance_schedule: str = "linear"):
+    def __init__(
+        self, token_schedule: str = "arccos", guidance_schedule: str = "linear", sampling_method: str = "inverse_cdf"
+    ):
         if token_schedule not in TOKEN_SCHEDULES:
             raise ValueError(f"`token_schedule` must be one of {TOKEN_SCHEDULES}, got {token_schedule!r}.")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
+        if sampling_method not in SAMPLING_METHODS:
+            raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}.")
         self.num_inference_steps = None
         self.num_tokens = None
         self.timesteps = None
@@ -214,7 +223,8 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
 
         `temperature == 0` or `top_k == 1` is greedy (`argmax`, first maximum wins). Otherwise the logits are divided
         by `max(temperature, 1e-5)`, filtered by top-k then top-p, turned into float32 probabilities and sampled by
-        inverse CDF with one uniform per token from `generator` (the distribution of `torch.multinomial`).
+        inverse CDF with one uniform per token from `generator` (the distribution of `torch.multinomial`), or with
+        `torch.multinomial` itself when the scheduler's `sampling_method` is `"multinomial"`.
 
         Args:
             logits (`torch.FloatTensor` of shape `(..., vocab_size)`):
@@ -244,11 +254,17 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
             logits = logits.masked_fill(logits < kth_largest, float("-inf"))
         if top_p is not None and top_p < 1.0:
             sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # (..., V)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (..., V), 0 for the top token
-            drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, sorted_ids, mass_before >= top_p)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (..., V)
+            # A token goes when the tokens before it already exceed top_p (so the top token always stays).
+            drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+            drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_ids, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)  # (..., V) float32
+        if self.config.sampling_method == "multinomial":
+            draw_device = generator.device if generator is not None else probs.device
+            flat = probs.reshape(-1, vocab_size).to(draw_device)  # (N, V)
+            return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1]).to(probs.device)
         cdf = probs.cumsum(dim=-1)  # (..., V)
         draw_device = generator.device if generator is not None else logits.device
         uniforms = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=draw_device)  # (..., 1)

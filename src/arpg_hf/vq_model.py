@@ -469,7 +469,14 @@ def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) 
     Returns:
         `dict`: keyword arguments for `ARPGVQModel(**kwargs)`.
     """
-    fields = {**_PUBLISHED_VQ16, **dict(reference_config or {})}
+    given = {k: v for k, v in dict(reference_config or {}).items() if not k.startswith("_")}  # "_notes" etc.
+    fields = {**_PUBLISHED_VQ16, **given}
+    if list(fields["encoder_ch_mult"])[:1] != [1]:
+        raise ValueError(
+            f"encoder_ch_mult must start with 1, got {list(fields['encoder_ch_mult'])}: upstream's first level then "
+            "widens inside its first resnet, a layout diffusers' encoder blocks cannot express (no published "
+            "tokenizer uses it)."
+        )
     if list(fields["encoder_ch_mult"]) != list(fields["decoder_ch_mult"]):
         raise ValueError(
             f"encoder_ch_mult {list(fields['encoder_ch_mult'])} differs from decoder_ch_mult "
