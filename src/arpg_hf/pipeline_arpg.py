@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from typing import Any, Callable, Mapping
 
@@ -120,7 +121,7 @@ class ARPGPipeline(DiffusionPipeline):
                      callback_on_step_end_tensor_inputs):  # fmt: skip
         check_class_labels(class_labels, self.transformer.config.num_classes)
         num_tokens = self.transformer.config.num_image_tokens
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
             raise ValueError(f"num_inference_steps must be an int in [1, {num_tokens}], got {num_inference_steps!r}.")
         if not 1 <= num_inference_steps <= num_tokens:
             raise ValueError(
@@ -161,6 +162,7 @@ class ARPGPipeline(DiffusionPipeline):
         elif isinstance(generator, list):
             orders = torch.stack([self.scheduler.random_order(num_tokens, generator=g) for g in generator])
         else:
+            # The published sampler's class-dropout draw (drop probability 0): consumed only to stay in step with it.
             torch.rand(batch_size, generator=generator, device=generator.device if generator is not None else device)
             orders = self.scheduler.random_order(num_tokens, generator=generator)
         return orders.to(device).long().expand(batch_size, num_tokens)
