@@ -113,6 +113,11 @@ def test_labels_default_to_inputs_and_ignore_index(tiny_model):
         ignored[:, 8:] = -100
         partial = tiny_model(input_ids, labels, orders=orders, labels=ignored)
     assert torch.equal(default.loss, explicit.loss)
+    with torch.no_grad():
+        narrow = tiny_model(input_ids.int(), labels.int(), orders=orders[0].int(), labels=input_ids.int())
+    assert torch.equal(narrow.loss, default.loss)  # int32 inputs and a shared 1-D order work the same
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        tiny_model(input_ids, labels, labels=input_ids[:, :8])
     expected = torch.nn.functional.cross_entropy(default.logits[:, :8].flatten(0, 1), input_ids[:, :8].flatten())
     torch.testing.assert_close(partial.loss, expected)
 

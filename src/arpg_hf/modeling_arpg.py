@@ -347,8 +347,9 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             class_labels (`torch.LongTensor` of shape `(batch,)`):
                 Class of each image, in `[0, num_classes)`. In training mode each is replaced by the null class with
                 probability `config.class_dropout_prob`.
-            orders (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
-                Decoding order per row (a permutation of raster positions). Drawn from `generator` when omitted.
+            orders (`torch.LongTensor` of shape `(batch, seq)` or `(seq,)`, *optional*):
+                Decoding order per row (a permutation of raster positions), or one order for the whole batch. Drawn
+                from `generator` when omitted.
             labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
                 Raster-order targets; entries of -100 are ignored. Defaults to `input_ids`.
             generator (`torch.Generator`, *optional*):
@@ -359,6 +360,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch_size, seq_len = self._check_training_inputs(input_ids, class_labels)
+        input_ids, class_labels = input_ids.long(), class_labels.long()
         device = input_ids.device
         if self.training and self.config.class_dropout_prob > 0:
             drop = _uniform((batch_size,), generator, device) < self.config.class_dropout_prob
@@ -367,7 +369,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             orders = self.random_orders(batch_size, seq_len, generator=generator, device=device)
         else:
             check_orders(orders, batch_size, seq_len)
-            orders = orders.expand(batch_size, seq_len)  # one order shared by the batch is allowed
+            orders = orders.to(device=device, dtype=torch.long).expand(batch_size, seq_len)  # (L,) = shared by all
         shuffled = input_ids.gather(1, orders)  # (B, L)
         class_ids = self.class_token_ids(class_labels)[:, None]  # (B, 1)
         inputs = torch.cat([class_ids, shuffled[:, :-1]], dim=1)  # (B, L)
@@ -376,7 +378,9 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         hidden = self.model(inputs, input_positions, orders, is_causal=True).last_hidden_state  # (B, L, D)
         logits = self.lm_head(hidden)  # (B, L, V)
 
-        targets = shuffled if labels is None else labels.gather(1, orders)  # (B, L)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+        targets = shuffled if labels is None else labels.to(device=device, dtype=torch.long).gather(1, orders)  # (B, L)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         if not return_dict:
             return loss, logits, orders
