@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 
 from .cache_arpg import ARPGStaticCache
 from .configuration_arpg import ARPGConfig
+from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
 
 logger = logging.get_logger(__name__)
@@ -327,7 +328,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
 
     def random_orders(self, batch_size: int, seq_len: int, generator=None, device=None) -> torch.LongTensor:
         """One uniformly random permutation of `0..seq_len-1` per row, `(batch_size, seq_len)`."""
-        return _uniform((batch_size, seq_len), generator, device).argsort(dim=1)
+        return draw_uniform((batch_size, seq_len), generator, device).argsort(dim=1)
 
     # ------------------------------------------------------------------------------------------- training
     def forward(
@@ -359,11 +360,11 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             [`ARPGImageGenerationOutput`] with `loss`, `logits` in decoding order and `orders`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        batch_size, seq_len = self._check_training_inputs(input_ids, class_labels)
+        batch_size, seq_len = self._check_training_inputs(input_ids, class_labels, labels)
         input_ids, class_labels = input_ids.long(), class_labels.long()
         device = input_ids.device
         if self.training and self.config.class_dropout_prob > 0:
-            drop = _uniform((batch_size,), generator, device) < self.config.class_dropout_prob
+            drop = draw_uniform((batch_size,), generator, device) < self.config.class_dropout_prob
             class_labels = class_labels.masked_fill(drop, -1)  # -1 = null class
         if orders is None:
             orders = self.random_orders(batch_size, seq_len, generator=generator, device=device)
@@ -378,15 +379,13 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         hidden = self.model(inputs, input_positions, orders, is_causal=True).last_hidden_state  # (B, L, D)
         logits = self.lm_head(hidden)  # (B, L, V)
 
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
         targets = shuffled if labels is None else labels.to(device=device, dtype=torch.long).gather(1, orders)  # (B, L)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         if not return_dict:
             return loss, logits, orders
         return ARPGImageGenerationOutput(loss=loss, logits=logits, orders=orders)
 
-    def _check_training_inputs(self, input_ids, class_labels) -> tuple[int, int]:
+    def _check_training_inputs(self, input_ids, class_labels, labels=None) -> tuple[int, int]:
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"input_ids must be an integer tensor of shape (batch, {self.config.num_image_tokens}), got "
@@ -406,6 +405,8 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         if class_labels.shape != (batch_size,):
             raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}.")
         check_class_labels(class_labels, self.config.num_classes)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
         return batch_size, seq_len
 
     # ------------------------------------------------------------------------------------------- decoding
@@ -455,12 +456,6 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             position_mode=position_mode,
         ).last_hidden_state  # (B, M, D)
         return self.lm_head(hidden).float()
-
-
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
-    """U(0, 1) draws made on the generator's device (a CPU generator may drive a GPU model), then moved to `device`."""
-    draw_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=draw_device).to(device)
 
 
 def check_class_labels(class_labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:

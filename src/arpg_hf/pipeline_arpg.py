@@ -15,6 +15,7 @@ from diffusers.utils import logging
 from .configuration_arpg import ARPGConfig
 from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders
+from .random_utils import draw_uniform
 from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION
 from .scheduling_arpg import ARPGScheduler
@@ -163,8 +164,8 @@ class ARPGPipeline(DiffusionPipeline):
             orders = torch.stack([self.scheduler.random_order(num_tokens, generator=g) for g in generator])
         else:
             # The published sampler's class-dropout draw (drop probability 0): consumed only to stay in step with it.
-            torch.rand(batch_size, generator=generator, device=generator.device if generator is not None else device)
-            orders = self.scheduler.random_order(num_tokens, generator=generator)
+            draw_uniform((batch_size,), generator, device)
+            orders = self.scheduler.random_order(num_tokens, generator=generator, device=device)
         return orders.to(device).long().expand(batch_size, num_tokens)
 
     def _sample(self, logits, step_index, generator, temperature, top_k, top_p) -> torch.LongTensor:

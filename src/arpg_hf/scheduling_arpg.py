@@ -10,6 +10,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .random_utils import draw_uniform
+
 TOKEN_SCHEDULES = ("arccos", "cosine")
 GUIDANCE_SCHEDULES = ("constant", "linear")
 SAMPLING_METHODS = ("inverse_cdf", "multinomial")
@@ -189,9 +191,7 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
             if batch_size < 1:
                 raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
             shape = (batch_size, num_tokens)
-        draw_device = generator.device if generator is not None else device
-        order = torch.rand(shape, generator=generator, device=draw_device).argsort(dim=-1)  # (L,) or (B, L)
-        return order.to(device) if device is not None else order
+        return draw_uniform(shape, generator, device).argsort(dim=-1)  # (L,) or (B, L)
 
     @staticmethod
     def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
@@ -266,9 +266,7 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
             flat = probs.reshape(-1, vocab_size).to(draw_device)  # (N, V)
             return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1]).to(probs.device)
         cdf = probs.cumsum(dim=-1)  # (..., V)
-        draw_device = generator.device if generator is not None else logits.device
-        uniforms = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=draw_device)  # (..., 1)
-        uniforms = uniforms.to(logits.device) * cdf[..., -1:]
+        uniforms = draw_uniform(probs.shape[:-1] + (1,), generator, logits.device) * cdf[..., -1:]  # (..., 1)
         token_ids = torch.searchsorted(cdf, uniforms, right=True)  # (..., 1)
         # Rounding can push the index past the last token with non-zero probability; clamp it back.
         positions = torch.arange(vocab_size, device=logits.device)
