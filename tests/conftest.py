@@ -4,10 +4,14 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
+# Tiny models run fastest on one thread (and the CI machine has two cores); subprocesses inherit these settings.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
 

@@ -30,7 +30,7 @@ def test_state_dict_forms(tmp_path):
 def test_unsafe_truncated_and_missing_files_give_one_clear_error(tmp_path):
     marker = tmp_path / "executed"
     (tmp_path / "exploit.pt").write_bytes(pickle.dumps({"model": _Exploit(str(marker))}))
-    with pytest.raises(ValueError, match="Could not read checkpoint"):
+    with pytest.raises(ValueError, match="Cannot read checkpoint"):
         load_reference_state_dict(tmp_path / "exploit.pt")
     assert not marker.exists()
     torch.save({"model": {"w": torch.ones(1000)}}, tmp_path / "full.pt")

@@ -248,3 +248,72 @@ def test_shared_order_is_drawn_as_the_published_sampler_draws_it(tiny_pipeline):
     expected = torch.rand(16, generator=generator).argsort()
     orders = tiny_pipeline.prepare_orders(None, 2, torch.Generator().manual_seed(3), "cpu")
     assert torch.equal(orders, expected.expand(2, 16))
+
+
+# ------------------------------------------------------------------------------------------- larger canvases
+def test_larger_canvas_generation(tiny_pipeline):
+    """height / width in pixels: a 4x8-token canvas (twice the trained width) on the 4x4-token model."""
+    calls = []
+    original = tiny_pipeline.transformer.decode_step
+
+    def recording_decode_step(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    tiny_pipeline.transformer.decode_step = recording_decode_step
+    try:
+        kwargs = dict(class_labels=[0, 3], num_inference_steps=6, height=8, width=16)
+        tokens = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
+        images = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    finally:
+        del tiny_pipeline.transformer.decode_step
+    assert tokens.shape == (2, 32) and images.shape == (2, 3, 8, 16)
+    assert tiny_pipeline.scheduler.num_tokens == 32 and sum(tiny_pipeline.scheduler.tokens_per_step) == 32
+    assert all(call["grid_size"] == (4, 8) and call["position_mode"] == "extrapolate" for call in calls)
+    expected = (tiny_pipeline.vqvae.decode(tokens.view(2, 4, 8)).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected, atol=1e-6, rtol=0)
+    pil = tiny_pipeline([1], num_inference_steps=4, height=12, width=6, generator=torch.Generator().manual_seed(0))
+    assert pil.images[0].size == (6, 12)
+
+
+def test_position_modes_matter_only_off_the_trained_grid(tiny_pipeline):
+    logits = []
+    original = tiny_pipeline.transformer.decode_step
+
+    def recording_decode_step(*args, **kwargs):
+        logits.append(original(*args, **kwargs))
+        return logits[-1]
+
+    def run(mode, **size):
+        logits.clear()
+        tiny_pipeline.transformer.decode_step = recording_decode_step
+        try:
+            tokens = tiny_pipeline([2], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                                   position_mode=mode, output_type="latent", **size).images  # fmt: skip
+        finally:
+            del tiny_pipeline.transformer.decode_step
+        return tokens, torch.cat(logits, dim=1)
+
+    trained = run("extrapolate")
+    for other in (run("interpolate"), run("extrapolate", height=8, width=8)):
+        assert torch.equal(trained[0], other[0]) and torch.equal(trained[1], other[1])
+    extrapolated, interpolated = run("extrapolate", height=16, width=16), run("interpolate", height=16, width=16)
+    assert (extrapolated[1] - interpolated[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=7), r"multiples of the VQ downsample factor 2, got 7x8.*e\.g\. 6x8"),
+        (dict(width=0), "positive int"),
+        (dict(height=8.0), "positive int"),
+        (dict(height=8, width=16, num_inference_steps=33), r"\[1, 32\]"),
+        (dict(position_mode="stretch"), "extrapolate"),
+        (dict(orders=torch.arange(16), height=8, width=16), r"shape \(32,\)"),
+    ],
+)
+def test_bad_canvas_arguments_raise(tiny_pipeline, kwargs, message):
+    arguments = dict(class_labels=[1], num_inference_steps=4)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        tiny_pipeline(**arguments)

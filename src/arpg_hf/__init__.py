@@ -16,20 +16,46 @@ _EXPORTS = {
     "scheduling_arpg": ["ARPGScheduler", "ARPGSchedulerOutput"],
     "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput"],
     "pipeline_arpg": ["ARPGPipeline"],
+    "pipeline_arpg_inpaint": ["ARPGInpaintPipeline"],
+    "editing_utils": [
+        "OutpaintCanvas", "expand_resolution", "make_lattice_mask", "make_outpaint_canvas", "preprocess_mask",
+        "token_mask_from_pixel_mask",
+    ],
     "reference_arpg": ["arpg_config_from_reference", "load_reference_arpg"],
     "labels": ["imagenet_id2label"],
+    "token_dataset": ["ShuffledBatchSampler", "TokenDatasetInfo", "check_token_dataset", "load_token_dataset", "load_vq_model"],
+    "training_utils": ["arpg_loss", "save_checkpoint", "weight_decay_param_groups"],
+    "bundled": ["bundled_pipeline_path", "load_bundled_pipeline"],
 }
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_NAME_TO_MODULE)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .bundled import bundled_pipeline_path, load_bundled_pipeline
     from .cache_arpg import ARPGStaticCache
     from .configuration_arpg import ARPG_PRESETS, ARPGConfig
     from .labels import imagenet_id2label
     from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
+    from .editing_utils import (
+        OutpaintCanvas,
+        expand_resolution,
+        make_lattice_mask,
+        make_outpaint_canvas,
+        preprocess_mask,
+        token_mask_from_pixel_mask,
+    )
     from .pipeline_arpg import ARPGPipeline
+    from .pipeline_arpg_inpaint import ARPGInpaintPipeline
     from .reference_arpg import arpg_config_from_reference, load_reference_arpg
     from .scheduling_arpg import ARPGScheduler, ARPGSchedulerOutput
+    from .token_dataset import (
+        ShuffledBatchSampler,
+        TokenDatasetInfo,
+        check_token_dataset,
+        load_token_dataset,
+        load_vq_model,
+    )
+    from .training_utils import arpg_loss, save_checkpoint, weight_decay_param_groups
     from .vq_model import ARPGVQEncoderOutput, ARPGVQModel
 
 

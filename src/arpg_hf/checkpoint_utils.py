@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -59,7 +60,7 @@ def load_reference_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch
     ``module.`` / ``_orig_mod.`` prefixes that DDP and torch.compile add.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
-        checkpoint = _read_checkpoint_file(os.fspath(checkpoint))
+        checkpoint = read_checkpoint_file(os.fspath(checkpoint))
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"Expected a state dict (a mapping of names to tensors), got {type(checkpoint).__name__}.")
     for wrapper in WRAPPER_KEYS:
@@ -80,20 +81,40 @@ def load_reference_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch
     return state_dict
 
 
-def _read_checkpoint_file(path: str) -> Mapping:
+def read_checkpoint_file(path: str) -> Mapping:
     """Reads a `.safetensors` file or a torch pickle restricted to tensors and containers (`weights_only=True`)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file {path!r} does not exist.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"Checkpoint file {path!r} is empty; download it again.")
     try:
         if path.endswith(".safetensors"):
             return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise for the user
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch and safetensors raise several types for unreadable or unsafe files
-        raise ValueError(
-            f"Could not read checkpoint {path!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. "
-            "Expected a state dict saved with torch.save (only tensors and plain containers are loaded, never "
-            "arbitrary objects) or a .safetensors file; re-download the file if it is truncated."
-        ) from error
+        raise ValueError(f"Cannot read checkpoint {path!r}: {_explain_read_error(path, error)}") from error
+
+
+def _explain_read_error(path: str, error: Exception) -> str:
+    """One sentence on why a checkpoint could not be read and what to do, from torch's / safetensors' error."""
+    text = str(error)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked is not None:
+        return (
+            f"it contains a pickled Python object ({blocked.group(1)}) instead of tensors, and unpickling it could run "
+            "code, so it was refused. A checkpoint must hold only tensors and plain containers "
+            "(torch.save(model.state_dict())) or be a .safetensors file."
+        )
+    if path.endswith(".safetensors"):
+        return f"not a valid .safetensors file ({type(error).__name__}: {text.splitlines()[0] if text else ''}); it is truncated or corrupt, download it again."
+    if isinstance(error, EOFError) or "zip archive" in text or "central directory" in text:
+        return "the file is truncated or corrupt (not a complete torch.save archive); download it again."
+    return (
+        "not a torch checkpoint of tensors (it cannot be unpickled with weights_only=True, which never runs code); "
+        "the file is corrupt or of another format. Expected a state dict saved with torch.save or a .safetensors file."
+    )
 
 
 def convert_state_dict(
@@ -134,19 +155,27 @@ def convert_state_dict(
     unexpected = sorted(set(converted) - expected)
     problems = []
     if unconsumed:
-        problems.append(f"{len(unconsumed)} key(s) matched no rule: {sorted(unconsumed)}")
+        problems.append(f"{len(unconsumed)} key(s) matched no rule: {abbreviate(sorted(unconsumed))}")
     if duplicates:
-        problems.append(f"{len(duplicates)} target key(s) produced twice: {sorted(duplicates)}")
+        problems.append(f"{len(duplicates)} target key(s) produced twice: {abbreviate(sorted(duplicates))}")
     if missing:
-        problems.append(f"{len(missing)} expected key(s) missing: {missing}")
+        problems.append(f"{len(missing)} expected key(s) missing: {abbreviate(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} converted key(s) the model does not have: {unexpected}")
+        problems.append(f"{len(unexpected)} converted key(s) the model does not have: {abbreviate(unexpected)}")
     if problems:
         raise ValueError(
             f"Cannot convert {name}: " + "; ".join(problems) + ". Check that the checkpoint and the configuration "
             "describe the same architecture (layer counts, model family)."
         )
     return converted
+
+
+def abbreviate(items: list, limit: int = 6) -> str:
+    """`items` as a list literal, cut after `limit` entries with a count of the rest (keeps errors to a few lines)."""
+    if len(items) <= limit:
+        return str(list(items))
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return f"[{shown}, ... and {len(items) - limit} more]"
 
 
 def check_shapes(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], name: str) -> None:
@@ -158,6 +187,7 @@ def check_shapes(converted: Mapping[str, torch.Tensor], reference: Mapping[str, 
     ]
     if mismatched:
         raise ValueError(
-            f"Cannot load {name}: {len(mismatched)} tensor shape(s) differ from the configuration: {mismatched}. "
+            f"Cannot load {name}: {len(mismatched)} tensor shape(s) differ from the configuration: "
+            f"{abbreviate(mismatched)}. "
             "Pass the configuration the checkpoint was trained with."
         )

@@ -254,6 +254,7 @@ class ARPGModel(ARPGPreTrainedModel):
         cache: ARPGStaticCache | None = None,
         grid_size: tuple[int, int] | None = None,
         position_mode: str = "extrapolate",
+        causal_inputs: bool = False,
     ) -> ARPGModelOutput:
         r"""
         Args:
@@ -275,6 +276,9 @@ class ARPGModel(ARPGPreTrainedModel):
                 to each other, and the queries attend to everything cached. Masks must then be None.
             grid_size (`tuple[int, int]`, *optional*): the (height, width) the positions refer to.
             position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
+            causal_inputs (`bool`, *optional*, defaults to `False`):
+                With a cache: the new inputs attend to every cached input but causally among themselves (input j sees
+                new inputs 0..j), as a prefix of the training order does. Used to prefill known tokens (editing).
         """
         if cache is not None and (
             is_causal or self_attention_mask is not None or cross_attention_mask is not None
@@ -282,6 +286,11 @@ class ARPGModel(ARPGPreTrainedModel):
             raise ValueError("With a cache the attention pattern is fixed: pass no masks and is_causal=False.")
         if cache is not None:
             cache.check_capacity(input_ids.shape[0], input_ids.shape[1])
+            if causal_inputs and input_ids.shape[1] > 1:
+                num_new, num_cached = input_ids.shape[1], cache.seq_length
+                self_attention_mask = torch.ones(
+                    num_new, num_cached + num_new, dtype=torch.bool, device=input_ids.device
+                ).tril(diagonal=num_cached)  # (N, cached + N): every cached input, new inputs 0..j
         input_rotary = self.rotary_emb(input_position_ids, grid_size, position_mode)
         query_rotary = self.rotary_emb(query_position_ids, grid_size, position_mode)
 
@@ -432,6 +441,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         cache: ARPGStaticCache,
         grid_size: tuple[int, int] | None = None,
         position_mode: str = "extrapolate",
+        causal_inputs: bool = False,
     ) -> torch.FloatTensor:
         r"""One decoding step: feeds inputs into the cache and returns the logits of the queried positions.
 
@@ -443,6 +453,12 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
                 class tokens).
             query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`): raster positions to predict.
             cache (`ARPGStaticCache`): from [`~ARPGForImageGeneration.allocate_cache`]; updated in place.
+            grid_size (`tuple[int, int]`, *optional*): the (height, width) of the token grid the positions refer to;
+                defaults to the trained grid. Any size works (see [`ARPGRotaryEmbedding2D`]).
+            position_mode (`str`, *optional*, defaults to `"extrapolate"`): "extrapolate" or "interpolate", for grids
+                other than the trained one.
+            causal_inputs (`bool`, *optional*, defaults to `False`): feed the inputs causally among themselves
+                (input j sees the cache and inputs 0..j) instead of bidirectionally; for prefilling known tokens.
 
         Returns:
             `torch.FloatTensor` of shape `(batch, num_queries, vocab_size)`: float32 logits.
@@ -454,6 +470,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             cache=cache,
             grid_size=grid_size,
             position_mode=position_mode,
+            causal_inputs=causal_inputs,
         ).last_hidden_state  # (B, M, D)
         return self.lm_head(hidden).float()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import tempfile
 from typing import Any, Callable, Mapping
 
 import torch
@@ -17,12 +18,14 @@ from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders
 from .random_utils import draw_uniform
 from .reference_arpg import load_reference_arpg
-from .rotary_2d import CLASS_POSITION
+from .rotary_2d import CLASS_POSITION, POSITION_MODES
 from .scheduling_arpg import ARPGScheduler
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)
 
+DEFAULT_NUM_INFERENCE_STEPS = 64
+DEFAULT_GUIDANCE_SCALE = 4.0
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 EXAMPLE_DOC_STRING = """
@@ -46,6 +49,53 @@ def _read_json_if_path(config):
         with open(config, encoding="utf-8") as file:
             return json.load(file)
     return config
+
+
+def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
+    """The (rows, cols) token grid of a `height` x `width` pixel canvas; ValueError unless both are positive
+    multiples of `downsample_factor`."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
+    if height % downsample_factor or width % downsample_factor:
+        suggestion = f"{max(1, height // downsample_factor) * downsample_factor}x" \
+                     f"{max(1, width // downsample_factor) * downsample_factor}"  # fmt: skip
+        raise ValueError(
+            f"The canvas must have sides that are multiples of the VQ downsample factor {downsample_factor}, got "
+            f"{height}x{width} (height x width). Crop or resize to a multiple of {downsample_factor}, e.g. "
+            f"{suggestion}."
+        )
+    return int(height) // downsample_factor, int(width) // downsample_factor
+
+
+def check_num_inference_steps(num_inference_steps, num_tokens: int) -> None:
+    """ValueError unless `num_inference_steps` is an int in [1, num_tokens] (at least one token per step)."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+        raise ValueError(f"num_inference_steps must be an int in [1, {num_tokens}], got {num_inference_steps!r}.")
+    if not 1 <= num_inference_steps <= num_tokens:
+        raise ValueError(
+            f"num_inference_steps must lie in [1, {num_tokens}] (at least one token per step), "
+            f"got {num_inference_steps}."
+        )
+
+
+def known_token_prefix(tokens: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """The known tokens of each row (ids >= 0) and their raster positions, both (B, K) in raster order.
+
+    Args:
+        tokens (`torch.LongTensor` of shape `(B, L)`): raster-order ids, -1 where unknown; every row must have the
+            same number K of known tokens (decoding a batch shares one step schedule).
+    """
+    known = tokens >= 0  # (B, L)
+    counts = known.sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"Every image of a batch must have the same number of known tokens, got {counts.tolist()}; decode images "
+            "with different masks one by one."
+        )
+    num_known = int(counts[0])
+    positions = torch.argsort((~known).to(torch.int8), dim=1, stable=True)[:, :num_known]  # (B, K), raster order
+    return tokens.gather(1, positions), positions
 
 
 class ARPGPipeline(DiffusionPipeline):
@@ -117,28 +167,78 @@ class ARPGPipeline(DiffusionPipeline):
             )
         return cls(transformer=transformer, vqvae=vqvae, scheduler=scheduler or ARPGScheduler())
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> str:
+        """Uploads the pipeline folder (one Hub repository per model) with an ARPG model card as README.md.
+
+        The card is the README.md of the folder the pipeline was loaded from when it has one (keeping its
+        conversion provenance or training summary), a new one built from the configs otherwise. The upload goes
+        through diffusers' `PushToHubMixin`; arguments are those of `DiffusionPipeline.push_to_hub`.
+        """
+        from huggingface_hub import create_repo
+
+        from .model_card import card_for_pipeline
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        card = card_for_pipeline(self, repo_id=repo_id)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            card.save(os.path.join(folder, "README.md"))
+            return self._upload_folder(
+                folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
+
     # -------------------------------------------------------------------------------------------- inputs
     def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                     callback_on_step_end_tensor_inputs):  # fmt: skip
+                     callback_on_step_end_tensor_inputs, height=None, width=None,
+                     position_mode="extrapolate"):  # fmt: skip
         check_class_labels(class_labels, self.transformer.config.num_classes)
-        num_tokens = self.transformer.config.num_image_tokens
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
-            raise ValueError(f"num_inference_steps must be an int in [1, {num_tokens}], got {num_inference_steps!r}.")
-        if not 1 <= num_inference_steps <= num_tokens:
-            raise ValueError(
-                f"num_inference_steps must lie in [1, {num_tokens}] (at least one token per step), "
-                f"got {num_inference_steps}."
-            )
+        grid_height, grid_width = self.token_grid_size(height, width)
+        check_num_inference_steps(num_inference_steps, grid_height * grid_width)
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
         self.scheduler.check_sampling_args(temperature, top_k, top_p)
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
             )
+
+    def default_sampling_settings(self, num_inference_steps, guidance_scale, num_tokens: int | None = None) -> tuple:
+        """Fills in `None` arguments from the scheduler config's recommended settings (a converted or trained
+        folder stores the ones its model was tuned for), else 64 steps (at most `num_tokens`) and guidance 4.0."""
+        config = self.scheduler.config
+        if num_inference_steps is None:
+            recommended = config.get("recommended_num_inference_steps")
+            num_inference_steps = DEFAULT_NUM_INFERENCE_STEPS if recommended is None else recommended
+            if num_tokens is not None:
+                num_inference_steps = min(num_inference_steps, num_tokens)
+        if guidance_scale is None:
+            recommended = config.get("recommended_guidance_scale")
+            guidance_scale = DEFAULT_GUIDANCE_SCALE if recommended is None else recommended
+        return num_inference_steps, guidance_scale
+
+    def token_grid_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The (rows, cols) token grid of a `height` x `width` pixel canvas; the trained grid when both are None.
+
+        Raises ValueError unless both sides are positive multiples of the VQ downsample factor.
+        """
+        config, factor = self.transformer.config, self.vqvae.downsample_factor
+        height = config.grid_height * factor if height is None else height
+        width = config.grid_width * factor if width is None else width
+        return canvas_grid_size(height, width, factor)
 
     def _as_class_tensor(self, class_labels) -> torch.LongTensor:
         if isinstance(class_labels, int):
@@ -148,15 +248,18 @@ class ARPGPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must be an int or a non-empty 1-D list of ints, got {class_labels!r}.")
         return labels.long()
 
-    def prepare_orders(self, orders, batch_size: int, generator, device) -> torch.LongTensor:
-        """Returns the decoding order of every image, (batch_size, num_tokens).
+    def prepare_orders(
+        self, orders, batch_size: int, generator, device, num_tokens: int | None = None
+    ) -> torch.LongTensor:
+        """Returns the decoding order of every image, (batch_size, num_tokens); `num_tokens` defaults to the trained
+        grid's token count.
 
         Given `orders` ((num_tokens,) shared, or one row per image) are checked and used. With a list of generators
         each image draws its own order. Otherwise one order is shared by the batch and drawn as the published sampler
         draws it: `batch_size` uniforms first (its class-dropout mask, unused when sampling), then the order; so the
         same random state gives the published sampler's order.
         """
-        num_tokens = self.transformer.config.num_image_tokens
+        num_tokens = self.transformer.config.num_image_tokens if num_tokens is None else num_tokens
         if orders is not None:
             orders = torch.as_tensor(orders)
             check_orders(orders, batch_size, num_tokens)
@@ -182,21 +285,35 @@ class ARPGPipeline(DiffusionPipeline):
     def generate_tokens(
         self, class_labels, orders, guidance_scale, generator, temperature, top_k, top_p,
         callback_on_step_end=None, callback_on_step_end_tensor_inputs=("tokens",),
+        known_tokens=None, grid_size=None, position_mode="extrapolate",
     ) -> torch.LongTensor:  # fmt: skip
-        """The decoding loop: returns token ids (B, num_tokens) in raster order. `set_timesteps` must have run."""
+        """The decoding loop: returns token ids (B, num_tokens) in raster order. `set_timesteps` must have run over
+        the number of tokens to generate, `orders.shape[1]`.
+
+        Args:
+            class_labels (`torch.LongTensor` of shape `(B,)`): classes in `[0, num_classes)`.
+            orders (`torch.LongTensor` of shape `(B, U)`): the raster positions to generate, in decoding order.
+            known_tokens (`torch.LongTensor` of shape `(B, L)`, *optional*): raster-order token ids of the canvas,
+                -1 where a token is to be generated (exactly the positions in `orders`; the same count in every row).
+                The first step feeds the class token and then the known tokens at their positions, in raster order,
+                causally (a known token sees the class and the known tokens before it, as a prefix of the training
+                order does). None: nothing is known, `L = U`.
+            grid_size (`tuple[int, int]`, *optional*): the (rows, cols) of the canvas; defaults to the trained grid.
+            position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
+        """
         transformer, scheduler = self.transformer, self.scheduler
-        batch_size = class_labels.shape[0]
-        device = orders.device
-        cache = transformer.allocate_cache(2 * batch_size, device=device)
-        class_ids = torch.cat([class_labels, torch.full_like(class_labels, -1)])  # conditional rows, then null class
-        inputs = transformer.class_token_ids(class_ids.to(device))[:, None]  # (2B, 1)
-        input_positions = torch.full_like(inputs, CLASS_POSITION)
-        tokens = torch.full_like(orders, -1)  # (B, L), -1 = not generated yet
+        tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
+        cache = transformer.allocate_cache(2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device)
+        inputs, input_positions = self.prefill_inputs(class_labels, orders, known_tokens)  # (2B, 1 + K) each
+        step_kwargs = dict(grid_size=grid_size, position_mode=position_mode)
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
             for step_index, (start, end) in enumerate(scheduler.step_boundaries):
                 positions = orders[:, start:end]  # (B, n)
                 query_positions = positions.repeat(2, 1)  # (2B, n): the same targets in both halves
-                logits = transformer.decode_step(inputs, input_positions, query_positions, cache)  # (2B, n, V)
+                causal_inputs = step_index == 0 and inputs.shape[1] > 1  # the prefill of known tokens
+                logits = transformer.decode_step(
+                    inputs, input_positions, query_positions, cache, causal_inputs=causal_inputs, **step_kwargs
+                )  # (2B, n, V)
                 conditional, unconditional = logits.chunk(2)
                 scale = scheduler.guidance_scale_for_step(step_index, guidance_scale)
                 guided = unconditional + (conditional - unconditional) * scale
@@ -212,12 +329,38 @@ class ARPGPipeline(DiffusionPipeline):
                 progress_bar.update()
         return tokens
 
+    def prefill_inputs(self, class_labels, orders, known_tokens=None) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """The first step's inputs, ids and positions of shape (2B, 1 + K): the class token (conditional rows, then
+        the null class) and, when `known_tokens` (B, L) is given, its K known tokens (ids >= 0) in raster order."""
+        batch_size, device = class_labels.shape[0], orders.device
+        class_ids = torch.cat([class_labels, torch.full_like(class_labels, -1)])  # conditional rows, then null class
+        inputs = self.transformer.class_token_ids(class_ids.to(device))[:, None]  # (2B, 1)
+        input_positions = torch.full_like(inputs, CLASS_POSITION)
+        if known_tokens is None:
+            return inputs, input_positions
+        if known_tokens.shape[0] != batch_size or bool((known_tokens.gather(1, orders) >= 0).any()) or (
+            known_tokens.shape[1] - orders.shape[1] != int((known_tokens[0] >= 0).sum())
+        ):
+            raise ValueError(
+                "known_tokens (B, L) must hold -1 exactly at the positions listed in orders (B, U), one row per image."
+            )
+        known_ids, known_positions = known_token_prefix(known_tokens)  # (B, K) each, raster order
+        inputs = torch.cat([inputs, known_ids.repeat(2, 1)], dim=1)  # (2B, 1 + K)
+        input_positions = torch.cat([input_positions, known_positions.repeat(2, 1)], dim=1)  # (2B, 1 + K)
+        return inputs, input_positions
+
+    def decode_tokens(self, tokens: torch.LongTensor, grid_size: tuple[int, int] | None = None) -> torch.FloatTensor:
+        """Decodes raster-order token ids (B, rows * cols) on the grid `grid_size` (default: the trained grid) to
+        images (B, 3, rows * f, cols * f), nominal range [-1, 1], float32 for half-precision models."""
+        rows, cols = grid_size or (self.transformer.config.grid_height, self.transformer.config.grid_width)
+        return self.vqvae.decode(tokens.view(-1, rows, cols)).sample  # (B, 3, H, W)
+
     @torch.no_grad()
     def __call__(
         self,
         class_labels: int | list[int] | torch.LongTensor,
-        num_inference_steps: int = 64,
-        guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         orders: torch.LongTensor | None = None,
         temperature: float = 1.0,
@@ -227,6 +370,9 @@ class ARPGPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
+        height: int | None = None,
+        width: int | None = None,
+        position_mode: str = "extrapolate",
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates one image per class label.
@@ -234,12 +380,14 @@ class ARPGPipeline(DiffusionPipeline):
         Args:
             class_labels (`int`, `list[int]` or `torch.LongTensor`):
                 Class of each image, in `[0, num_classes)`; see [`~ARPGPipeline.get_label_ids`] for names.
-            num_inference_steps (`int`, *optional*, defaults to 64):
+            num_inference_steps (`int`, *optional*):
                 Decoding steps, in `[1, number of image tokens]`. How many tokens each step predicts follows the
-                scheduler's `token_schedule`.
-            guidance_scale (`float`, *optional*, defaults to 4.0):
+                scheduler's `token_schedule`. Defaults to the scheduler config's `recommended_num_inference_steps`
+                (64 when it has none), at most the number of tokens.
+            guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale (>= 0), applied per step according to the scheduler's
-                `guidance_schedule`.
+                `guidance_schedule`. Defaults to the scheduler config's `recommended_guidance_scale` (4.0 when it
+                has none).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Source of the random order and of the sampled tokens. One generator: one order shared by the batch.
                 One per image: each image gets its own order and draws, so it does not depend on the rest of the batch.
@@ -263,28 +411,40 @@ class ARPGPipeline(DiffusionPipeline):
                 returned `"tokens"` replaces them; changed tokens at this step's positions are what gets fed next.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["tokens"]`):
                 Tensors passed to the callback.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Canvas size in pixels, multiples of the VQ downsample factor; default to the trained grid (256 for
+                the published models). Larger canvases work without retraining: the rotary positions are computed
+                from (row, col) on the canvas grid, see `position_mode`. `num_tokens` is then `(height / f) *
+                (width / f)` and `"latent"` returns that many tokens per image, in raster order.
+            position_mode (`str`, *optional*, defaults to `"extrapolate"`):
+                For canvases other than the trained grid: `"extrapolate"` keeps integer rows/cols beyond the trained
+                range; `"interpolate"` scales them into the trained range.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the images (or token ids for `"latent"`).
         """
         labels = self._as_class_tensor(class_labels)
+        grid_height, grid_width = self.token_grid_size(height, width)
+        num_inference_steps, guidance_scale = self.default_sampling_settings(
+            num_inference_steps, guidance_scale, grid_height * grid_width
+        )
         self.check_inputs(labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                          callback_on_step_end_tensor_inputs)  # fmt: skip
+                          callback_on_step_end_tensor_inputs, height, width, position_mode)  # fmt: skip
         if isinstance(generator, list) and len(generator) != labels.shape[0]:
             raise ValueError(f"Got {len(generator)} generators for {labels.shape[0]} images; pass one per image.")
         device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps, self.transformer.config.num_image_tokens, device=device)
-        orders = self.prepare_orders(orders, labels.shape[0], generator, device)
+        grid_size = self.token_grid_size(height, width)
+        num_tokens = grid_size[0] * grid_size[1]
+        self.scheduler.set_timesteps(num_inference_steps, num_tokens, device=device)
+        orders = self.prepare_orders(orders, labels.shape[0], generator, device, num_tokens=num_tokens)
         tokens = self.generate_tokens(
             labels.to(device), orders, guidance_scale, generator, temperature, top_k, top_p,
-            callback_on_step_end, callback_on_step_end_tensor_inputs,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, grid_size=grid_size, position_mode=position_mode,
         )  # fmt: skip
         if output_type == "latent":
             images = tokens
         else:
-            config = self.transformer.config
-            token_grid = tokens.view(-1, config.grid_height, config.grid_width)  # (B, h, w)
-            decoded = self.vqvae.decode(token_grid).sample  # (B, 3, H, W), nominal range [-1, 1]
+            decoded = self.decode_tokens(tokens, grid_size)  # (B, 3, H, W), nominal range [-1, 1]
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -55,6 +55,12 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
             How a token is drawn from its distribution. `"inverse_cdf"` (one uniform per token, cumsum + searchsorted)
             is the faster; `"multinomial"` calls `torch.multinomial` as the published sampler does, so that the same
             random state gives the published sampler's very draws. Both sample the same distribution.
+        recommended_guidance_scale (`float`, *optional*):
+            The guidance scale this model was tuned for; the pipeline uses it when called with `guidance_scale=None`.
+            Converted and trained pipeline folders store the published / chosen value here.
+        recommended_num_inference_steps (`int`, *optional*):
+            The step count this model was tuned for; the pipeline uses it when called with
+            `num_inference_steps=None`.
     """
 
     order = 1
@@ -62,7 +68,12 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(
-        self, token_schedule: str = "arccos", guidance_schedule: str = "linear", sampling_method: str = "inverse_cdf"
+        self,
+        token_schedule: str = "arccos",
+        guidance_schedule: str = "linear",
+        sampling_method: str = "inverse_cdf",
+        recommended_guidance_scale: float | None = None,
+        recommended_num_inference_steps: int | None = None,
     ):
         if token_schedule not in TOKEN_SCHEDULES:
             raise ValueError(f"`token_schedule` must be one of {TOKEN_SCHEDULES}, got {token_schedule!r}.")
@@ -70,6 +81,18 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}.")
         if sampling_method not in SAMPLING_METHODS:
             raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}.")
+        if recommended_guidance_scale is not None and (
+            isinstance(recommended_guidance_scale, bool)
+            or not isinstance(recommended_guidance_scale, numbers.Real)
+            or recommended_guidance_scale < 0
+        ):
+            raise ValueError(f"`recommended_guidance_scale` must be a number >= 0, got {recommended_guidance_scale!r}.")
+        if recommended_num_inference_steps is not None and _as_int(
+            recommended_num_inference_steps, "recommended_num_inference_steps"
+        ) < 1:
+            raise ValueError(
+                f"`recommended_num_inference_steps` must be >= 1, got {recommended_num_inference_steps}."
+            )
         self.num_inference_steps = None
         self.num_tokens = None
         self.timesteps = None

@@ -449,7 +449,7 @@ _IGNORED_REFERENCE_FIELDS = {
     "codebook_show_usage", "commit_loss_beta", "entropy_loss_ratio", "dropout_p", "num_res_blocks", "image_size",
     "latent_size", "_notes",
 }
-_PUBLISHED_VQ16 = dict(
+PUBLISHED_VQ16 = dict(
     codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, encoder_ch_mult=[1, 1, 2, 2, 4],
     decoder_ch_mult=[1, 1, 2, 2, 4], z_channels=256, ch=128, in_channels=3, out_channels=3, group_norm_groups=32,
 )
@@ -470,7 +470,7 @@ def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) 
         `dict`: keyword arguments for `ARPGVQModel(**kwargs)`.
     """
     given = {k: v for k, v in dict(reference_config or {}).items() if not k.startswith("_")}  # "_notes" etc.
-    fields = {**_PUBLISHED_VQ16, **given}
+    fields = {**PUBLISHED_VQ16, **given}
     if list(fields["encoder_ch_mult"])[:1] != [1]:
         raise ValueError(
             f"encoder_ch_mult must start with 1, got {list(fields['encoder_ch_mult'])}: upstream's first level then "
@@ -492,7 +492,7 @@ def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) 
             f"Reference field downsample={fields['downsample']} contradicts encoder_ch_mult "
             f"{list(fields['encoder_ch_mult'])}, which downsamples by {factor}."
         )
-    known = set(_PUBLISHED_VQ16) | set(required) | _IGNORED_REFERENCE_FIELDS
+    known = set(PUBLISHED_VQ16) | set(required) | _IGNORED_REFERENCE_FIELDS
     known |= {"downsample", "effective_num_res_blocks"}
     unknown = sorted(set(fields) - known)
     if unknown:

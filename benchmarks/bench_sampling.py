@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Sampling speed and memory of ARPGPipeline: token generation and, separately, VQ decoding.
+
+Builds a preset with random weights (no download), then for every (batch size, step count, dtype) measures the
+seconds per batch (median of --repeats runs after --warmup runs), images per second and peak memory (process RSS
+high-water mark on CPU, max allocated on GPU). `--raster` adds the same model decoding in raster order, one token
+per step, through the very same code path (orders = 0..L-1, L steps). Prints a markdown table and writes JSON.
+
+    python benchmarks/bench_sampling.py --preset ARPG-L --batch-size 4 --num-inference-steps 64 \
+        --guidance-scale 4 --dtype float32 --device cpu --json OUT.json [--raster] [--compile]
+
+Lists are allowed: `--batch-size 1 4 16 --num-inference-steps 32 64 --dtype float32 bfloat16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
+
+from arpg_hf import ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="ARPG-L", choices=["ARPG-L", "ARPG-XL", "ARPG-XXL"])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[4])
+    parser.add_argument("--num-inference-steps", type=int, nargs="+", default=[64])
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--token-schedule", default="arccos", choices=["arccos", "cosine"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--raster", action="store_true", help="also decode in raster order, one token per step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    parser.add_argument("--no-vq", action="store_true", help="skip the VQ decoding measurement")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_path", default=None, help="write the records here")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the RSS high-water mark (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ building
+def build_pipeline(preset: str, dtype: torch.dtype, device: torch.device, seed: int) -> ARPGPipeline:
+    """The preset's decoder and the VQ-16 tokenizer with random weights (the head redrawn: it is zero at init)."""
+    torch.manual_seed(seed)
+    config = ARPGConfig.from_preset(preset)
+    with torch.device(device):
+        transformer = ARPGForImageGeneration(config).to(dtype).eval()
+        torch.nn.init.normal_(transformer.lm_head.weight, std=config.initializer_range)
+        vqvae = ARPGVQModel(in_channels=3, out_channels=3).eval()
+    pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def time_call(function, device, warmup, repeats):
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    reset_peak_memory(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak_memory_mb(device)
+
+
+def measure(pipe, args, batch_size, steps, dtype_name, order, device):
+    config = pipe.transformer.config
+    num_tokens = config.num_image_tokens
+    labels = torch.arange(batch_size) % config.num_classes
+    orders = torch.arange(num_tokens) if order == "raster" else None
+    steps = num_tokens if order == "raster" else steps
+    pipe.scheduler = ARPGScheduler.from_config(pipe.scheduler.config, token_schedule=args.token_schedule)
+
+    def generate():
+        generator = torch.Generator().manual_seed(args.seed)
+        return pipe(labels, num_inference_steps=steps, guidance_scale=args.guidance_scale, generator=generator,
+                    orders=orders, output_type="latent").images  # fmt: skip
+
+    with torch.inference_mode():
+        seconds, memory = time_call(generate, device, args.warmup, args.repeats)
+    return dict(
+        preset=args.preset, batch_size=batch_size, num_inference_steps=steps, order=order, dtype=dtype_name,
+        device=str(device), compiled=bool(args.compile), images_per_second=batch_size / seconds,
+        seconds_per_batch=seconds, peak_memory_mb=memory, guidance_scale=args.guidance_scale,
+        token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
+    )  # fmt: skip
+
+
+def measure_vq(pipe, args, batch_size, device):
+    """VQ decoding of a batch of token grids: (seconds per batch, images per second, peak memory MB)."""
+    config = pipe.transformer.config
+    tokens = torch.randint(0, config.vocab_size, (batch_size, config.grid_height, config.grid_width), device=device)
+    with torch.inference_mode():
+        seconds, memory = time_call(lambda: pipe.vqvae.decode(tokens).sample, device, args.warmup, args.repeats)
+    return dict(vq_decode_seconds_per_batch=seconds, vq_decode_images_per_second=batch_size / seconds,
+                vq_decode_peak_memory_mb=memory)  # fmt: skip
+
+
+def markdown_table(records):
+    header = ("| preset | order | batch | steps | dtype | device | compiled | tokens: s / batch | tokens: img / s "
+              "| peak MB | VQ decode: s / batch | VQ decode: img / s |")  # fmt: skip
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for r in records:
+        vq_seconds, vq_rate = r.get("vq_decode_seconds_per_batch"), r.get("vq_decode_images_per_second")
+        vq = f"{vq_seconds:.3f} | {vq_rate:.3f}" if vq_seconds else "- | -"
+        lines.append(
+            f"| {r['preset']} | {r['order']} | {r['batch_size']} | {r['num_inference_steps']} | {r['dtype']} "
+            f"| {r['device']} | {r['compiled']} | {r['seconds_per_batch']:.3f} | {r['images_per_second']:.3f} "
+            f"| {r['peak_memory_mb']:.0f} | {vq} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = []
+    for dtype_name in args.dtype:
+        pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed)
+        if args.compile:
+            pipe.transformer.decode_step = torch.compile(pipe.transformer.decode_step, dynamic=True)
+        for batch_size in args.batch_size:
+            vq = {} if args.no_vq else measure_vq(pipe, args, batch_size, device)
+            orders = ["random"] * len(args.num_inference_steps) + (["raster"] if args.raster else [])
+            for order, steps in zip(orders, [*args.num_inference_steps, None]):
+                records.append({**measure(pipe, args, batch_size, steps, dtype_name, order, device), **vq})
+                print(markdown_table(records[-1:]).splitlines()[-1], flush=True)
+        del pipe
+    print()
+    print(markdown_table(records))
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as file:
+            json.dump(records, file, indent=2)
+    return records
+
+
+if __name__ == "__main__":
+    main()

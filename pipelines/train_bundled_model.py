@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""The recipe of the bundled digits model, end to end, with the exact commands (printed before they run).
+
+    python pipelines/train_bundled_model.py --work_dir /tmp/digits-work            # every stage
+    python pipelines/train_bundled_model.py --work_dir /tmp/digits-work --stages package benchmark package
+
+Stages (each reads the previous one's output under --work_dir; the trained artefacts stay there):
+  prepare    the fixed stratified split as image folders (pipelines/prepare_digits.py)
+  tokenizer  a small ARPGVQModel, 32x32 images -> 8x8 tokens of 32 codes (pipelines/train_tokenizer.py)
+  tokenize   the train images -> token dataset (pipelines/tokenize_dataset.py, no flips: digits are not symmetric)
+  train      a small class-conditional ARPG (accelerate launch train.py), 2,000 steps at peak lr 1e-3
+  continue   1,500 and then 1,200 more steps from the `train` result at peak lr 5e-4 (train.py
+             --pretrained_model_name_or_path), see CONTINUE_PHASES
+  package    the trained pipeline folder -> src/arpg_hf/bundled/digits-pipeline, with the recommended sampling
+             settings in its scheduler config and a model card (with the benchmark's figures once they exist)
+  benchmark  benchmarks/quality_digits.py on the packaged folder (JSON in WORK/benchmark, grid in docs/images)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.join(REPO, "src", "arpg_hf", "bundled", "digits-pipeline")
+GRID_PATH = os.path.join(REPO, "docs", "images", "digits_grid.png")
+STAGES = ("prepare", "tokenizer", "tokenize", "train", "continue", "package", "benchmark")
+
+# The decoder: 3 + 3 layers, width 96, 3 heads of 32, SwiGLU 256; vocabulary, grid and classes follow the tokenizer.
+ARPG_CONFIG = dict(
+    vocab_size=32, num_classes=10, grid_height=8, grid_width=8, hidden_size=96, num_attention_heads=3,
+    num_self_attention_layers=3, num_cross_attention_layers=3, multiple_of=32,
+)  # fmt: skip
+# Sampling settings written into the packaged scheduler config (chosen with the benchmark's guidance sweep).
+RECOMMENDED = dict(token_schedule="arccos", guidance_schedule="linear", recommended_guidance_scale=6.0,
+                   recommended_num_inference_steps=16)  # fmt: skip
+# Continued training of the decoder: (from, to, steps, seed), run in order by the `continue` stage.
+CONTINUE_PHASES = (("arpg", "arpg-continued", 1500, 1), ("arpg-continued", "arpg-continued-2", 1200, 2))
+ACCELERATE = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]  # fmt: skip
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="/tmp/digits-work")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES) + ["package"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of every stage (1 is the robust choice on a busy shared CPU)")
+    parser.add_argument("--tokenizer_steps", type=int, default=600)
+    parser.add_argument("--train_steps", type=int, default=2000)
+    return parser.parse_args(argv)
+
+
+def run(command: list[str], threads: int, **env) -> None:
+    print("+ " + " ".join(shlex.quote(part) for part in command), flush=True)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", **env}
+    subprocess.run(command, check=True, cwd=REPO, env=environment)
+
+
+def stage_commands(args) -> dict[str, list[list[str]]]:
+    work = args.work_dir
+    return {
+        "prepare": [[sys.executable, "pipelines/prepare_digits.py", "--output_dir", f"{work}/images"]],
+        "tokenizer": [ACCELERATE + [
+            "pipelines/train_tokenizer.py", "--image_dir", f"{work}/images/train",
+            "--eval_image_dir", f"{work}/images/test", "--output_dir", f"{work}/vq", "--resolution", "32",
+            "--base_channels", "16", "--channel_multipliers", "1", "1", "2", "--layers_per_block", "1",
+            "--z_channels", "32", "--codebook_size", "32", "--codebook_embed_dim", "8", "--norm_num_groups", "8",
+            "--train_batch_size", "32", "--max_train_steps", str(args.tokenizer_steps), "--learning_rate", "1.5e-3",
+            "--checkpointing_steps", "250", "--logging_steps", "50", "--dead_code_window", "100", "--seed", "0",
+            "--resume_from_checkpoint", "latest",
+        ]],  # fmt: skip
+        "tokenize": [[
+            sys.executable, "pipelines/tokenize_dataset.py", "--image_dir", f"{work}/images/train",
+            "--vqvae", f"{work}/vq", "--output_dir", f"{work}/tokens", "--resolution", "32", "--no_flip",
+        ]],  # fmt: skip
+        "train": [ACCELERATE + [
+            "train.py", "--train_data_dir", f"{work}/tokens", "--model_config", f"{work}/arpg_config.json",
+            "--vqvae", f"{work}/vq", "--output_dir", f"{work}/arpg", "--train_batch_size", "32",
+            "--max_train_steps", str(args.train_steps), "--learning_rate", "1e-3", "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", "100", "--adam_weight_decay", "0.05", "--use_ema", "--ema_decay", "0.995",
+            "--checkpointing_steps", "500", "--checkpoints_total_limit", "2", "--logging_steps", "50",
+            "--seed", "0", "--mixed_precision", "no", "--resume_from_checkpoint", "latest",
+        ]],  # fmt: skip
+        "continue": [ACCELERATE + [
+            "train.py", "--train_data_dir", f"{work}/tokens", "--pretrained_model_name_or_path", f"{work}/{source}",
+            "--vqvae", f"{work}/vq", "--output_dir", f"{work}/{output}", "--train_batch_size", "32",
+            "--max_train_steps", str(steps), "--learning_rate", "5e-4", "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", "50", "--adam_weight_decay", "0.05", "--use_ema", "--ema_decay", "0.995",
+            "--checkpointing_steps", "400", "--checkpoints_total_limit", "2", "--logging_steps", "50",
+            "--seed", str(seed), "--mixed_precision", "no", "--resume_from_checkpoint", "latest",
+        ] for source, output, steps, seed in CONTINUE_PHASES],  # fmt: skip
+        "benchmark": [[
+            sys.executable, "benchmarks/quality_digits.py", "--model", PACKAGE_DIR, "--output_dir", f"{work}/benchmark",
+            "--grid", GRID_PATH, "--guidance_scales", "1.0", "2.0", "4.0", "8.0",
+        ]],  # fmt: skip
+    }
+
+
+def package(args) -> None:
+    """Copies WORK/arpg into the package with the recommended sampling settings and a model card."""
+    import torch
+
+    from arpg_hf import ARPGPipeline, ARPGScheduler
+    from arpg_hf.model_card import create_model_card
+
+    candidates = [output for _, output, _, _ in reversed(CONTINUE_PHASES)] + ["arpg"]
+    source = next(os.path.join(args.work_dir, name) for name in candidates
+                  if os.path.isfile(os.path.join(args.work_dir, name, "model_index.json")) or name == "arpg")
+    print(f"packaging {source}")
+    pipeline = ARPGPipeline.from_pretrained(source, dtype=torch.float32)
+    pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **RECOMMENDED)
+    staging = PACKAGE_DIR + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    card = create_model_card(
+        pipeline.transformer.config, dict(pipeline.scheduler.config), model_name="ARPG digits (bundled with arpg-hf)",
+        datasets=["sklearn digits"], training=training_summary(args.work_dir), results=[],
+        num_parameters=pipeline.transformer.num_parameters(), tags=["digits"],
+    )  # fmt: skip
+    card.content = card.content.replace("## Usage", benchmark_section(args.work_dir) + "## Usage", 1)
+    card.save(os.path.join(staging, "README.md"))
+    shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
+    os.replace(staging, PACKAGE_DIR)
+    size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(PACKAGE_DIR) for name in names)
+    print(f"packaged {PACKAGE_DIR} ({size / 1e6:.2f} MB)")
+
+
+def training_summary(work: str) -> dict:
+    summary = {"data": "sklearn digits, fixed stratified split (seed 0): 1,438 train images (test images unseen)",
+               "recipe": "`python pipelines/train_bundled_model.py` (arpg-hf)"}  # fmt: skip
+    vq_summary = os.path.join(work, "vq", "training_summary.json")
+    if os.path.isfile(vq_summary):
+        with open(vq_summary) as file:
+            vq = json.load(file)
+        held_out = vq.get("eval", vq["train"])
+        summary["tokenizer"] = (f"ARPGVQModel 32x32 -> 8x8 tokens, 32 codes; test PSNR {held_out['psnr']:.1f} dB, "
+                                f"{held_out['codes_used']} codes used")  # fmt: skip
+    phases = [("decoder", "arpg")] + [(f"decoder, continued ({i + 1})", output)
+                                      for i, (_, output, _, _) in enumerate(CONTINUE_PHASES)]
+    for phase, folder in phases:
+        card_path = os.path.join(work, folder, "README.md")
+        if not os.path.isfile(card_path):
+            continue
+        for line in open(card_path, encoding="utf-8"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if len(cells) == 2 and cells[0] in ("steps", "global batch size", "learning rate", "EMA", "final loss"):
+                summary[f"{phase}: {cells[0]}"] = cells[1]
+    return summary
+
+
+def benchmark_section(work: str) -> str:
+    """The measured quality table of WORK/benchmark/quality_digits.json as a model-card section ("" before it runs)."""
+    path = os.path.join(work, "benchmark", "quality_digits.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as file:
+        report = json.load(file)
+    reference, tokenizer = report["reference"], report["tokenizer"]
+    lines = ["| steps | guidance | class consistency | FD ratio | near-copies | images/s (CPU) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in report["results"]:
+        lines.append(f"| {r['steps']} | {r['guidance_scale']:g} | {100 * r['class_consistency']:.1f} % | "
+                     f"{r['fd_ratio']:.2f} | {100 * r['near_copy_share']:.1f} % | {r['images_per_second']:.0f} |")  # fmt: skip
+    return (
+        "## Quality\n\n"
+        f"Measured with `python benchmarks/quality_digits.py` ({report['num_per_class']} samples per digit, seeds fixed) "
+        f"against the {reference['num_test']} held-out test images. Judge: an SVC trained on the real train split "
+        f"only, {100 * reference['classifier_accuracy_real_test']:.1f} % accurate on the real test split. "
+        "Class consistency: the judge's accuracy on samples; FD ratio: Frechet distance (8x8 grey-level features) "
+        "between samples and the test split, divided by that between the train and test splits; near-copies: "
+        "samples closer to a training image than any two distinct real images are to each other. Tokenizer: test "
+        f"PSNR {tokenizer['psnr_db']:.1f} dB, judge accuracy on reconstructions "
+        f"{100 * tokenizer['classifier_accuracy_on_reconstructions']:.1f} %.\n\n" + "\n".join(lines) + "\n\n"
+        + ("" if all(report["targets_met"].values()) else
+           "Not all quality targets of the project are met yet (" + ", ".join(
+               name for name, met in report["targets_met"].items() if not met) + "): a small model trained for "
+           "minutes on a shared CPU; its samples are digit-like but often not recognisable.\n\n")
+    )
+
+
+def main(args):
+    commands = stage_commands(args)
+    os.makedirs(args.work_dir, exist_ok=True)
+    for stage in args.stages:
+        print(f"=== {stage}", flush=True)
+        if stage == "train":
+            with open(os.path.join(args.work_dir, "arpg_config.json"), "w") as file:
+                json.dump(ARPG_CONFIG, file, indent=2)
+        if stage == "package":
+            package(args)
+            continue
+        for command in commands[stage]:
+            run(command, args.threads)
+
+
+if __name__ == "__main__":
+    main(parse_args())

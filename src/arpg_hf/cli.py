@@ -1,0 +1,307 @@
+"""The `arpg-hf` command line: `generate` images, `convert` upstream checkpoints, show `info` on a pipeline folder.
+
+Errors a user can fix (bad paths, corrupt or unsafe checkpoints, wrong configurations, bad arguments) are printed as
+one message and exit with status 1, without a traceback; set ARPG_HF_TRACEBACK=1 to see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Failures that come from the user's input rather than from a bug.
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
+
+
+def run_guarded(function: Callable[[], object], prog: str = "arpg-hf") -> int:
+    """Runs `function`; user errors become one line on stderr and exit status 1 (130 on Ctrl-C)."""
+    try:
+        function()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if os.environ.get("ARPG_HF_TRACEBACK"):
+            raise
+        message = str(error).strip() or type(error).__name__
+        if isinstance(error, KeyError):
+            message = f"missing entry {message}"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.split(",")[0].strip().lower()).strip("_")[:40] or "class"
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(model: str | None, device: str, dtype_name: str | None):
+    """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None)."""
+    import torch
+
+    from .pipeline_arpg import ARPGPipeline
+
+    dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if model is None:
+        import arpg_hf
+
+        if not hasattr(arpg_hf, "load_bundled_pipeline"):
+            raise ValueError("No --model given and this version ships no bundled model; pass --model DIR_OR_HUB_ID.")
+        pipeline = arpg_hf.load_bundled_pipeline()
+        pipeline.to(dtype=dtype)
+    else:
+        if os.path.isdir(model):
+            if not os.path.isfile(os.path.join(model, "model_index.json")):
+                raise FileNotFoundError(
+                    f"--model {model!r} has no model_index.json: pass a folder written by save_pretrained or "
+                    "`arpg-hf convert`."
+                )
+        elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"--model {model!r} is neither a pipeline folder nor a Hub id 'owner/name'.")
+        pipeline = ARPGPipeline.from_pretrained(model, dtype=dtype)
+    return pipeline.to(device)
+
+
+def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Sequence[str]) -> list[int]:
+    labels = list(class_labels or [])
+    if class_names:
+        labels += pipeline.get_label_ids(list(class_names))
+    if not labels:
+        raise ValueError("Pass at least one class: --class-labels 207 360 and/or --class-names \"tabby cat\".")
+    num_classes = pipeline.transformer.config.num_classes
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"Class labels must lie in [0, {num_classes}), got {bad}.")
+    return labels
+
+
+def run_generate(args: argparse.Namespace) -> list[str]:
+    """Generates one PNG per (class, repeat) and optionally a grid; returns the written paths."""
+    import torch
+    from diffusers.utils import make_image_grid
+
+    device = args.device or _default_device()
+    if args.quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    pipeline = load_pipeline(args.model, device, args.dtype)
+    pipeline.set_progress_bar_config(disable=args.quiet)
+    if args.token_schedule or args.guidance_schedule:
+        from .scheduling_arpg import ARPGScheduler
+
+        overrides = {k: v for k, v in (("token_schedule", args.token_schedule),
+                                        ("guidance_schedule", args.guidance_schedule)) if v}  # fmt: skip
+        pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **overrides)
+    labels = resolve_class_labels(pipeline, args.class_labels, args.class_names)
+    labels = [label for label in labels for _ in range(args.num_images_per_class)]
+    os.makedirs(args.output_dir, exist_ok=True)
+    names = pipeline.id2label
+    images, paths = [], []
+    for start in range(0, len(labels), args.batch_size):
+        batch = labels[start : start + args.batch_size]
+        # One CPU generator per image, seeded seed + image index: an image does not depend on the batch it is in,
+        # and `pipe(labels, generator=[torch.Generator().manual_seed(seed + i) ...])` reproduces it in Python.
+        generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
+        output = pipeline(
+            batch,
+            num_inference_steps=args.num_inference_steps,  # None: the folder's recommended settings
+            guidance_scale=args.guidance_scale,
+            generator=generators,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
+        for offset, (label, image) in enumerate(zip(batch, output.images)):
+            index = start + offset
+            path = os.path.join(args.output_dir, f"{index:03d}_{label}_{_slug(names.get(label, str(label)))}.png")
+            image.save(path)
+            images.append(image)
+            paths.append(path)
+            print(path)
+    if args.grid:
+        columns = args.grid_columns or min(len(images), 8)
+        rows = -(-len(images) // columns)
+        blank = images[0].copy()
+        blank.paste((255, 255, 255), (0, 0, *blank.size))
+        grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+        path = os.path.join(args.output_dir, "grid.png")
+        grid.save(path)
+        paths.append(path)
+        print(path)
+    return paths
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", help="pipeline folder or Hub id (default: the bundled model, when installed)")
+    parser.add_argument("--class-labels", type=int, nargs="*", default=[], metavar="ID", help="class ids, e.g. 207 360")
+    parser.add_argument("--class-names", nargs="*", default=[], metavar="NAME", help='class names, e.g. "tabby cat"')
+    parser.add_argument("--num-images-per-class", type=int, default=1, metavar="N")
+    parser.add_argument("--num-inference-steps", type=int, metavar="N",
+                        help="decoding steps (default: the model's recommended value)")
+    parser.add_argument("--guidance-scale", type=float, metavar="G",
+                        help="classifier-free guidance scale (default: the model's recommended value)")
+    parser.add_argument("--token-schedule", choices=("arccos", "cosine"), help="override the scheduler's")
+    parser.add_argument("--guidance-schedule", choices=("constant", "linear"), help="override the scheduler's")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded seed + i")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward batch")
+    parser.add_argument("--output-dir", default="samples", metavar="DIR")
+    parser.add_argument("--grid", action="store_true", help="also write grid.png")
+    parser.add_argument("--grid-columns", type=int, default=None)
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                        help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
+    return parser
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    for name in ("num_images_per_class", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        raise ValueError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}.")
+
+
+# ---------------------------------------------------------------------------------------------------- info
+def folder_info(folder: str) -> dict:
+    """A summary of a pipeline folder from its configs and safetensors headers (no weights are loaded)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise FileNotFoundError(f"{folder!r} is not a pipeline folder (no model_index.json).")
+
+    def read(*parts):
+        path = os.path.join(folder, *parts)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+
+    info = {"folder": os.path.abspath(folder), "model_index": read("model_index.json"), "components": {}}
+    for component, config_name in (("transformer", "config.json"), ("vqvae", "config.json"),
+                                   ("scheduler", "scheduler_config.json")):  # fmt: skip
+        config = read(component, config_name)
+        entry = {"config": config}
+        component_dir = os.path.join(folder, component)
+        weights = sorted(name for name in os.listdir(component_dir) if name.endswith(".safetensors")) if os.path.isdir(component_dir) else []  # fmt: skip
+        if weights:
+            count, dtypes = 0, {}
+            for name in weights:
+                with safe_open(os.path.join(component_dir, name), framework="pt") as file:
+                    for key in file.keys():
+                        tensor = file.get_slice(key)
+                        numel = 1
+                        for size in tensor.get_shape():
+                            numel *= size
+                        count += numel
+                        dtypes[tensor.get_dtype()] = dtypes.get(tensor.get_dtype(), 0) + numel
+            entry.update(num_parameters=count, dtypes=dtypes, weight_files=weights)
+        info["components"][component] = entry
+    return info
+
+
+def _format_info(info: dict) -> str:
+    lines = [f"pipeline folder: {info['folder']}"]
+    index = info["model_index"] or {}
+    lines.append(f"pipeline class: {index.get('_class_name')} (diffusers {index.get('_diffusers_version')})")
+    components = info["components"]
+    transformer = components["transformer"]
+    config = transformer.get("config") or {}
+    if config:
+        lines.append(
+            "transformer: ARPGForImageGeneration, {s} + {c} layers, width {h}, {n} heads, grid {gh}x{gw}, vocab {v}, "
+            "{k} classes".format(
+                s=config.get("num_self_attention_layers"), c=config.get("num_cross_attention_layers"),
+                h=config.get("hidden_size"), n=config.get("num_attention_heads"), gh=config.get("grid_height"),
+                gw=config.get("grid_width"), v=config.get("vocab_size"), k=config.get("num_classes"),
+            )  # fmt: skip
+        )
+    vq = (components["vqvae"].get("config")) or {}
+    if vq:
+        factor = 2 ** (len(vq.get("channel_multipliers", [])) - 1)
+        size = f"{config.get('grid_height', 0) * factor}x{config.get('grid_width', 0) * factor}" if config else "?"
+        lines.append(
+            f"vqvae: ARPGVQModel, codebook {vq.get('codebook_size')} x {vq.get('codebook_embed_dim')}, "
+            f"downsample {factor}, images {size} px"
+        )
+    scheduler = components["scheduler"].get("config") or {}
+    if scheduler:
+        lines.append(
+            f"scheduler: token schedule {scheduler.get('token_schedule')}, guidance {scheduler.get('guidance_schedule')} "
+            f"{scheduler.get('recommended_guidance_scale')}, steps {scheduler.get('recommended_num_inference_steps')}"
+        )
+    for name in ("transformer", "vqvae"):
+        entry = components[name]
+        if "num_parameters" in entry:
+            dtypes = ", ".join(f"{dtype}" for dtype in sorted(entry["dtypes"]))
+            lines.append(f"{name} parameters: {entry['num_parameters']:,} ({dtypes})")
+    if os.path.isfile(os.path.join(info["folder"], "README.md")):
+        lines.append("model card: README.md")
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> dict:
+    if not os.path.isdir(args.folder):
+        raise FileNotFoundError(
+            f"{args.folder!r} is not a folder; `arpg-hf info` reads a local pipeline folder (download a Hub one with "
+            "`hf download OWNER/NAME --local-dir DIR`)."
+        )
+    info = folder_info(args.folder)
+    print(json.dumps(info, indent=2, default=str) if args.json else _format_info(info))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .conversion import add_convert_arguments
+
+    parser = argparse.ArgumentParser(prog="arpg-hf", description="ARPG image generation on the Hugging Face stack.")
+    parser.add_argument("--version", action="version", version=f"arpg-hf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(commands.add_parser("generate", help="generate class-conditional images (PNG files)"))
+    add_convert_arguments(
+        commands.add_parser("convert", help="convert upstream ARPG + VQ checkpoints into a pipeline folder")
+    )
+    info = commands.add_parser("info", help="summarize a pipeline folder (configs, parameter counts, dtypes)")
+    info.add_argument("folder", metavar="DIR")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def run():
+        if args.command == "generate":
+            _check_generate_args(args)
+            return run_generate(args)
+        if args.command == "convert":
+            from .conversion import run_convert
+
+            return run_convert(args)
+        return run_info(args)
+
+    return run_guarded(run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Model cards (README.md with YAML metadata) for ARPG pipeline folders, built with huggingface_hub's ModelCard."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .configuration_arpg import ARPG_PRESETS, ARPGConfig
+
+CITATION = """@article{li2025autoregressive,
+    title={Autoregressive Image Generation with Randomized Parallel Decoding},
+    author={Haopeng Li and Jinyue Yang and Guoqi Li and Huan Wang},
+    journal={arXiv preprint arXiv:2503.10568},
+    year={2025}
+}"""
+
+UPSTREAM_REPOSITORY = "https://github.com/hp-l33/ARPG"
+
+# Published ImageNet 256x256 results of the upstream checkpoints (50K samples, ADM evaluator), per preset. The first
+# entry of each list is the setting we recommend and write into the scheduler config of a converted folder.
+# Sources: the upstream repository's model zoo (cosine token schedule, guidance 4.5 / 6.0 / 7.5, 64 steps) and, for
+# ARPG-L, its arccos schedule with linear guidance 5.0.
+PUBLISHED_RESULTS: dict[str, list[dict[str, Any]]] = {
+    "ARPG-L": [
+        dict(token_schedule="arccos", guidance_schedule="linear", guidance_scale=5.0, num_inference_steps=64, fid=2.38,
+             inception_score=None),
+        dict(token_schedule="cosine", guidance_schedule="linear", guidance_scale=4.5, num_inference_steps=64, fid=2.44,
+             inception_score=292),
+    ],
+    "ARPG-XL": [
+        dict(token_schedule="cosine", guidance_schedule="linear", guidance_scale=6.0, num_inference_steps=64, fid=2.10,
+             inception_score=331),
+    ],
+    "ARPG-XXL": [
+        dict(token_schedule="cosine", guidance_schedule="linear", guidance_scale=7.5, num_inference_steps=64, fid=1.94,
+             inception_score=340),
+    ],
+}  # fmt: skip
+
+# Upstream checkpoint file of each preset on the Hub (repository hp-l33/ARPG).
+PUBLISHED_CHECKPOINTS = {"ARPG-L": "arpg_300m.pt", "ARPG-XL": "arpg_700m.pt", "ARPG-XXL": "arpg_1b.pt"}
+
+DEFAULT_TAGS = ["arpg", "arpg-hf", "autoregressive", "image-generation", "class-conditional", "diffusers"]
+
+
+def preset_of(config: ARPGConfig) -> str | None:
+    """The preset name whose architecture `config` has (width, heads, layer counts, 16x16 grid, ImageNet), or None."""
+    for name, fields in ARPG_PRESETS.items():
+        if all(getattr(config, key) == value for key, value in fields.items()) and (
+            config.grid_height,
+            config.grid_width,
+            config.vocab_size,
+            config.num_classes,
+        ) == (16, 16, 16384, 1000):
+            return name
+    return None
+
+
+def recommended_sampling(config: ARPGConfig) -> dict[str, Any]:
+    """The sampling settings a pipeline folder of this architecture should carry in its scheduler config."""
+    preset = preset_of(config)
+    if preset is not None:
+        best = PUBLISHED_RESULTS[preset][0]
+        return {key: best[key] for key in ("token_schedule", "guidance_schedule", "guidance_scale", "num_inference_steps")}
+    return dict(
+        token_schedule="arccos",
+        guidance_schedule="linear",
+        guidance_scale=4.0,
+        num_inference_steps=min(64, config.num_image_tokens),
+    )
+
+
+def _parameter_count_text(count: int) -> str:
+    if count >= 1e9:
+        return f"{count / 1e9:.2f}B"
+    return f"{count / 1e6:.0f}M" if count >= 1e7 else f"{count / 1e6:.2f}M"
+
+
+def _sampling_section(scheduler_config: Mapping[str, Any]) -> str:
+    steps = scheduler_config.get("recommended_num_inference_steps")
+    scale = scheduler_config.get("recommended_guidance_scale")
+    rows = [
+        ("token schedule (tokens per step)", scheduler_config.get("token_schedule")),
+        ("guidance schedule", scheduler_config.get("guidance_schedule")),
+        ("guidance scale", scale),
+        ("decoding steps", steps),
+        ("sampling method", scheduler_config.get("sampling_method")),
+        ("temperature / top-k / top-p", "1.0 / off / off"),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return (
+        "## Sampling settings\n\n"
+        "These are stored in `scheduler/scheduler_config.json`; the pipeline uses them unless you pass other values.\n\n"
+        f"| setting | value |\n| --- | --- |\n{table}\n"
+    )
+
+
+def _results_section(results: Sequence[Mapping[str, Any]], source: str) -> str:
+    lines = [
+        "| steps | token schedule | guidance | FID | IS |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for result in results:
+        inception = result.get("inception_score")
+        lines.append(
+            f"| {result['num_inference_steps']} | {result['token_schedule']} | {result['guidance_schedule']} "
+            f"{result['guidance_scale']} | {result['fid']} | {inception if inception is not None else '-'} |"
+        )
+    return f"## Results\n\n{source}\n\n" + "\n".join(lines) + "\n"
+
+
+def _provenance_section(provenance: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| component | source | sha256 |", "| --- | --- | --- |"]
+    for entry in provenance:
+        lines.append(f"| {entry.get('component', '')} | `{entry.get('source', '')}` | `{entry.get('sha256', '')}` |")
+    return (
+        "## Conversion provenance\n\n"
+        f"Converted from the upstream checkpoints ({UPSTREAM_REPOSITORY}) with `arpg-hf convert` "
+        "(`conversion/convert_arpg_to_hf.py`); every source tensor was consumed and loaded strictly.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def _training_section(training: Mapping[str, Any]) -> str:
+    lines = ["| setting | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in training.items()]
+    return "## Training\n\nTrained with `accelerate launch train.py` of arpg-hf.\n\n" + "\n".join(lines) + "\n"
+
+
+def _usage_section(repo_id: str | None, scheduler_config: Mapping[str, Any], num_classes: int) -> str:
+    location = repo_id or "path/to/this/folder"
+    labels = "[207, 360]" if num_classes == 1000 else str(list(range(min(num_classes, 2))))
+    return f"""## Usage
+
+```bash
+pip install arpg-hf
+arpg-hf generate --model {location} --class-labels {labels[1:-1].replace(',', '')} --seed 0 --output-dir samples
+```
+
+```python
+import torch
+from arpg_hf import ARPGPipeline
+
+pipe = ARPGPipeline.from_pretrained("{location}")
+images = pipe({labels}, generator=torch.Generator().manual_seed(0)).images
+```
+
+`ARPGPipeline.from_pretrained` needs the `arpg_hf` package (the pipeline class lives there); a plain
+`DiffusionPipeline.from_pretrained` cannot resolve it.
+"""
+
+
+def create_model_card(
+    transformer_config: ARPGConfig,
+    scheduler_config: Mapping[str, Any],
+    *,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    base_model: str | None = None,
+    datasets: Sequence[str] | None = None,
+    provenance: Sequence[Mapping[str, Any]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    license: str = "mit",
+    num_parameters: int | None = None,
+    results: Sequence[Mapping[str, Any]] | None = None,
+    tags: Sequence[str] | None = None,
+) -> ModelCard:
+    """Builds the model card of an ARPG pipeline folder.
+
+    Args:
+        transformer_config ([`ARPGConfig`]): the decoder's configuration.
+        scheduler_config (`Mapping`): the scheduler's config (its recommended sampling settings are listed).
+        repo_id (`str`, *optional*): the Hub repository the folder goes to (used in the usage snippet).
+        model_name (`str`, *optional*): title; defaults to the preset name or "ARPG".
+        base_model (`str`, *optional*): the model this one was fine-tuned from (YAML `base_model`).
+        datasets (`list[str]`, *optional*): training datasets (YAML `datasets`); ImageNet-1k for the presets.
+        provenance (`list[dict]`, *optional*): converted source files, dicts with `component`, `source`, `sha256`.
+        training (`dict`, *optional*): a summary of the training run (steps, batch size, lr, final loss, ...).
+        license (`str`, *optional*, defaults to `"mit"`): YAML `license`.
+        num_parameters (`int`, *optional*): parameter count of the decoder, shown in the title block.
+        results (`list[dict]`, *optional*): measured results (keys of [`PUBLISHED_RESULTS`] entries); the published
+            figures of the preset by default.
+        tags (`list[str]`, *optional*): extra YAML tags.
+
+    Returns:
+        `huggingface_hub.ModelCard`; `card.save(path)` writes it, `ModelCard.load(path)` reads it back.
+    """
+    preset = preset_of(transformer_config)
+    if datasets is None:
+        datasets = ["ILSVRC/imagenet-1k"] if transformer_config.num_classes == 1000 else []
+    card_data = ModelCardData(
+        license=license,
+        library_name="arpg-hf",
+        pipeline_tag="unconditional-image-generation",
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *(tags or []), *([preset] if preset else [])])),
+        datasets=list(datasets) or None,
+        base_model=base_model,
+    )
+    title = model_name or preset or "ARPG"
+    config = transformer_config
+    size = f" ({_parameter_count_text(num_parameters)} parameters)" if num_parameters else ""
+    architecture = (
+        f"{config.num_self_attention_layers} + {config.num_cross_attention_layers} layers, width {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, {config.grid_height}x{config.grid_width} tokens from a "
+        f"{config.vocab_size}-code VQ tokenizer, {config.num_classes} classes"
+    )
+    sections = [
+        f"# {title}\n\n"
+        f"Class-conditional image generation with ARPG{size} — *Autoregressive Image Generation with Randomized "
+        "Parallel Decoding* ([arXiv 2503.10568](https://arxiv.org/abs/2503.10568)) — packaged as a diffusers "
+        "pipeline folder for the `arpg-hf` package: `transformer/` (the two-pass decoder, "
+        "`ARPGForImageGeneration`), `vqvae/` (the VQ tokenizer, `ARPGVQModel`) and `scheduler/` (`ARPGScheduler`).\n\n"
+        f"Architecture: {architecture}.\n",
+        _sampling_section(scheduler_config),
+    ]
+    if results is None and preset is not None:
+        results = PUBLISHED_RESULTS[preset]
+        sections.append(
+            _results_section(
+                results,
+                f"Published ImageNet 256x256 figures of the upstream `{PUBLISHED_CHECKPOINTS[preset]}` "
+                f"({UPSTREAM_REPOSITORY}; 50,000 samples, ADM evaluator). This folder reproduces the upstream "
+                "sampler token for token.",
+            )
+        )
+    elif results:
+        sections.append(_results_section(results, "Measured with this folder."))
+    if training:
+        sections.append(_training_section(training))
+    sections.append(_usage_section(repo_id, scheduler_config, config.num_classes))
+    if provenance:
+        sections.append(_provenance_section(provenance))
+    sections.append(f"## Citation\n\n```bibtex\n{CITATION}\n```\n")
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(sections)
+    return ModelCard(content)
+
+
+def card_for_pipeline(pipeline, repo_id: str | None = None) -> ModelCard:
+    """The model card to publish with `pipeline`: the README.md of the folder it was loaded from when there is one
+    (it carries the conversion provenance or the training summary), a fresh card otherwise."""
+    source = getattr(pipeline.config, "_name_or_path", None) or ""
+    readme = os.path.join(source, "README.md")
+    if source and os.path.isfile(readme):
+        return ModelCard.load(readme)
+    transformer = pipeline.transformer
+    return create_model_card(
+        transformer.config, pipeline.scheduler.config, repo_id=repo_id, num_parameters=transformer.num_parameters()
+    )

@@ -1,0 +1,88 @@
+"""train.py under a real 2-process `accelerate launch` on CPU (gloo DDP), and a SIGKILL-and-resume run (about a
+minute on 2 cores)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from arpg_hf import ARPGPipeline
+from arpg_hf.training_utils import list_checkpoints
+
+from .conftest import tiny_config
+from .test_training import TINY_PIPELINE, write_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+]  # fmt: skip
+
+
+def launch_command(tokens, config, output_dir, *extra):
+    return [*LAUNCH, str(ROOT / "train.py"), "--train_data_dir", str(tokens), "--model_config", str(config),
+            "--vqvae", TINY_PIPELINE, "--output_dir", str(output_dir), "--train_batch_size", "2",
+            "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--logging_steps", "1",
+            "--dropout", "0.1", *map(str, extra)]  # fmt: skip
+
+
+def launch_env():
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    tiny_config(vocab_size=16, num_classes=3).save_pretrained(root / "config")
+    return write_tokens(root / "tokens", num_rows=16), root / "config" / "config.json"
+
+
+def test_two_processes_train_on_different_rows(inputs, tmp_path):
+    tokens, config = inputs
+    out = tmp_path / "out"
+    extra = ("--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2)
+    command = launch_command(tokens, config, out, *extra)
+    result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = dict(re.findall(r"process (\d)/2: first micro-batch rows (\[[\d, ]+\])", result.stderr))
+    assert set(rows) == {"0", "1"} and not set(json.loads(rows["0"])) & set(json.loads(rows["1"]))
+    metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 8 and metrics[-1]["loss"] < metrics[0]["loss"]
+    assert [step for step, _ in list_checkpoints(out)] == [6, 8]
+    pipe = ARPGPipeline.from_pretrained(out)
+    assert pipe.transformer.config.num_classes == 3
+
+
+def test_sigkill_and_resume_match_an_uninterrupted_run(inputs, tmp_path):
+    tokens, config = inputs
+    extra = ("--max_train_steps", 12, "--checkpointing_steps", 4, "--checkpoints_total_limit", 2)
+    full = subprocess.run(launch_command(tokens, config, tmp_path / "full", *extra), env=launch_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert full.returncode == 0, full.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(launch_command(tokens, config, out, *extra), env=launch_env(), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (out / "checkpoint-4").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # the launcher; its workers follow it (exit_with_launcher)
+    process.wait()
+    time.sleep(2)
+    assert not (out / "model_index.json").exists()
+    resumed = subprocess.run(launch_command(tokens, config, out, *extra, "--resume_from_checkpoint", "latest"),
+                             env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from" in resumed.stderr
+    a = load_file(tmp_path / "full" / "transformer" / "model.safetensors")
+    b = load_file(out / "transformer" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [step for step, _ in list_checkpoints(out)] == [8, 12]
+    assert not [n for n in os.listdir(out) if n.startswith(".")]

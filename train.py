@@ -1,0 +1,557 @@
+#!/usr/bin/env python
+"""Trains (or fine-tunes) an ARPG class-conditional image generator on a token dataset.
+
+    accelerate launch train.py --train_data_dir TOKENS --model_config ARPG-L --vqvae arpg-l --output_dir arpg-l-run \
+        --train_batch_size 32 --max_train_steps 500000 --mixed_precision bf16
+
+TOKENS comes from `pipelines/tokenize_dataset.py`. The output folder ends up as a complete pipeline
+(`ARPGPipeline.from_pretrained(OUTPUT_DIR)`, with a model card) next to rotated `checkpoint-N/` folders.
+Every random draw of a step (dropout, view, class dropout, order) is seeded from (seed, micro-step, process), and
+the batch order is a pure function of the seed and the micro-step, so `--resume_from_checkpoint latest` continues
+exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+
+from arpg_hf import ARPG_PRESETS, ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler
+from arpg_hf.token_dataset import (
+    ShuffledBatchSampler,
+    check_token_dataset,
+    class_names_of,
+    collate_token_batch,
+    load_token_dataset,
+    load_vq_model,
+)
+from arpg_hf.training_utils import (
+    arpg_loss,
+    exit_with_launcher,
+    load_torch_state,
+    read_training_state,
+    remove_incomplete_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    save_torch_state,
+    scale_learning_rate,
+    seed_step,
+    select_crops,
+    weight_decay_param_groups,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+METRICS_FILE = os.path.join("logs", "metrics.jsonl")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train an ARPG model with accelerate.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, default=None, help="Token folder (pipelines/tokenize_dataset.py).")
+    data.add_argument("--dataset_name", type=str, default=None, help="Hub token dataset (codes + label columns).")
+    data.add_argument("--dataset_split", type=str, default="train")
+    data.add_argument("--cache_dir", type=str, default=None)
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_config", type=str, default=None,
+        help=f"Preset ({', '.join(ARPG_PRESETS)}; vocab, grid and classes follow the data) or an ARPGConfig "
+        "config.json / folder.",
+    )  # fmt: skip
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Pipeline to fine-tune.")
+    model.add_argument("--vqvae", type=str, default=None,
+                       help="Tokenizer (pipeline or ARPGVQModel folder / Hub id), saved into the output.")  # fmt: skip
+    model.add_argument("--dropout", type=float, default=None, help="Override token, residual and FFN dropout.")
+    model.add_argument("--class_dropout_prob", type=float, default=None, help="Override the class dropout (CFG).")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--train_batch_size", type=int, default=32, help="Images per device per micro-step.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=None,
+                       help="Absolute peak rate. Default: --base_learning_rate x global batch / 256.")  # fmt: skip
+    optim.add_argument("--base_learning_rate", type=float, default=1e-4, help="Rate per 256 images of global batch.")
+    optim.add_argument("--lr_scheduler", type=str, default="cosine",
+                       help='transformers schedule: "cosine", "constant", "constant_with_warmup", ...')  # fmt: skip
+    optim.add_argument("--lr_warmup_steps", type=int, default=None)
+    optim.add_argument("--lr_warmup_ratio", type=float, default=None, help="Warmup as a fraction of max_train_steps.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.95)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.05, help="On >= 2-D weights only.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
+    optim.add_argument("--use_ema", action="store_true")
+    optim.add_argument("--ema_decay", type=float, default=0.9999)
+    optim.add_argument("--allow_tf32", action="store_true")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", type=str, required=True)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                     help="Defaults to the accelerate config.")  # fmt: skip
+    run.add_argument("--checkpointing_steps", type=int, default=500)
+    run.add_argument("--checkpoints_total_limit", type=int, default=None)
+    run.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint-N folder.')
+    run.add_argument("--report_to", type=str, default="none", help='"tensorboard", "wandb", "all" or "none".')
+    run.add_argument("--logging_dir", type=str, default="logs")
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--validation_steps", type=int, default=None, help="Sample a grid every N steps (and at the end).")
+    run.add_argument("--validation_class_labels", type=int, nargs="+", default=None)
+    run.add_argument("--validation_inference_steps", type=int, default=64)
+    run.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id", type=str, default=None)
+    run.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser, args) -> None:
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        parser.error("Pass exactly one of --train_data_dir (a token folder) or --dataset_name (a Hub token dataset).")
+    if (args.model_config is None) == (args.pretrained_model_name_or_path is None):
+        parser.error(
+            "Pass exactly one of --model_config (train from scratch) or --pretrained_model_name_or_path (fine-tune)."
+        )
+    if args.vqvae is None and args.pretrained_model_name_or_path is None:
+        parser.error("--vqvae is required: the output pipeline holds the tokenizer the data was encoded with.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    if args.lr_warmup_steps is not None and args.lr_warmup_ratio is not None:
+        parser.error("Pass --lr_warmup_steps or --lr_warmup_ratio, not both.")
+    if args.lr_warmup_ratio is not None and not 0 <= args.lr_warmup_ratio <= 1:
+        parser.error(f"--lr_warmup_ratio must lie in [0, 1], got {args.lr_warmup_ratio}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1.")
+    if args.push_to_hub and args.hub_model_id is None:
+        parser.error("--push_to_hub needs --hub_model_id.")
+    trackers = {"all": (), "none": ()}.get(args.report_to, (args.report_to,))  # "all": whichever is installed
+    for tracker in trackers:
+        try:
+            __import__({"tensorboard": "tensorboard", "wandb": "wandb"}.get(tracker, tracker))
+        except ImportError:
+            parser.error(f"--report_to {args.report_to} needs the {tracker} package: pip install {tracker} "
+                         "(or pip install 'arpg-hf[training]'), or pass --report_to none.")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+def _config_overrides(args) -> dict:
+    overrides = {}
+    if args.dropout is not None:
+        overrides.update(token_dropout=args.dropout, residual_dropout=args.dropout, ffn_dropout=args.dropout)
+    if args.class_dropout_prob is not None:
+        overrides["class_dropout_prob"] = args.class_dropout_prob
+    return overrides
+
+
+def load_model_config(args, info, class_names) -> ARPGConfig:
+    """A preset (its vocab, grid and classes taken from the data) or a config.json / folder (taken as it is)."""
+    overrides = _config_overrides(args)
+    if args.model_config in ARPG_PRESETS:
+        if info is not None:
+            overrides.update(vocab_size=info.codebook_size, grid_height=info.grid_height, grid_width=info.grid_width)
+        if class_names:
+            overrides["num_classes"] = len(class_names)
+        return ARPGConfig.from_preset(args.model_config, **overrides)
+    path = args.model_config
+    if os.path.isdir(path):
+        nested = os.path.join(path, "transformer", "config.json")
+        path = nested if os.path.isfile(nested) else os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--model_config {args.model_config!r} is neither a preset ({sorted(ARPG_PRESETS)}) nor a config.json."
+        )
+    config_dict = ARPGConfig.get_config_dict(path)[0]
+    return ARPGConfig.from_dict({**config_dict, **overrides})
+
+
+def load_transformer(args, info, class_names) -> ARPGForImageGeneration:
+    if args.model_config is not None:
+        model = ARPGForImageGeneration(load_model_config(args, info, class_names))
+    else:
+        source, kwargs = args.pretrained_model_name_or_path, _config_overrides(args)
+        nested = os.path.isfile(os.path.join(source, "transformer", "config.json"))
+        if os.path.isdir(source):
+            model = ARPGForImageGeneration.from_pretrained(source, subfolder="transformer" if nested else "", **kwargs)
+        else:
+            try:
+                model = ARPGForImageGeneration.from_pretrained(source, subfolder="transformer", **kwargs)
+            except OSError:
+                model = ARPGForImageGeneration.from_pretrained(source, **kwargs)
+    if class_names:
+        name_classes(model.config, class_names)
+    return model
+
+
+def name_classes(config: ARPGConfig, class_names: list[str]) -> None:
+    """Writes the data's class names into `config.id2label` (what `pipeline.get_label_ids` reads). When fine-tuning
+    a model with more classes, the data's classes take ids 0..len-1 and the others keep their names (or ids)."""
+    if len(class_names) > config.num_classes:
+        return  # the data check reports the labels that do not fit
+    previous = {int(k): v for k, v in (config.id2label or {}).items()}
+    names = [class_names[i] if i < len(class_names) else previous.get(i, str(i)) for i in range(config.num_classes)]
+    names = [str(i) if name == f"LABEL_{i}" else name for i, name in enumerate(names)]  # transformers' placeholders
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def load_sampling_scheduler(args) -> ARPGScheduler:
+    """The scheduler of the output pipeline: the tokenizer's or base pipeline's when it has one, else the default."""
+    for source in (args.pretrained_model_name_or_path, args.vqvae):
+        if source and os.path.isfile(os.path.join(source, "scheduler", "scheduler_config.json")):
+            return ARPGScheduler.from_pretrained(source, subfolder="scheduler")
+    return ARPGScheduler()
+
+
+def prepare_data(args, accelerator):
+    """Loads the token dataset (main process first, so the cache is built once) and its class names."""
+    with accelerator.main_process_first():
+        dataset, info = load_token_dataset(args.train_data_dir or args.dataset_name, args.dataset_split, args.cache_dir)
+    return dataset, info, class_names_of(dataset, info)
+
+
+def validate_data(accelerator, dataset, info, config, vqvae, source) -> None:
+    """Every process scans its share of the rows; a problem anywhere stops every process before training."""
+    try:
+        check_token_dataset(
+            dataset, info, config, codebook_size=vqvae.config.codebook_size if vqvae is not None else None,
+            source=source, shard=(accelerator.process_index, accelerator.num_processes),
+        )  # fmt: skip
+        problem = None
+    except ValueError as error:
+        problem = str(error)
+    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(problems[0])
+
+
+def training_plan(args, num_samples: int, num_processes: int) -> dict:
+    global_batch = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(num_samples / global_batch)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.lr_warmup_ratio is not None:
+        warmup = int(args.lr_warmup_ratio * max_steps)
+    else:
+        warmup = args.lr_warmup_steps or 0
+    learning_rate = args.learning_rate or scale_learning_rate(args.base_learning_rate, global_batch)
+    return dict(global_batch_size=global_batch, steps_per_epoch=steps_per_epoch, max_train_steps=max_steps,
+                warmup_steps=warmup, learning_rate=learning_rate)  # fmt: skip
+
+
+def make_dataloader(dataset, args, accelerator, start_micro_step: int, num_micro_steps: int):
+    sampler = ShuffledBatchSampler(
+        len(dataset), args.train_batch_size, accelerator.num_processes, accelerator.process_index, seed=args.seed,
+        start_batch=start_micro_step, num_batches=num_micro_steps,
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset.with_format("numpy", columns=["codes", "label"]), batch_sampler=sampler,
+        collate_fn=collate_token_batch, num_workers=args.dataloader_num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
+
+
+def check_distributed_support(args, accelerator) -> bool:
+    """Returns whether the full model lives on the main process (validation sampling possible)."""
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
+    if sharded and args.use_ema:
+        raise ValueError("--use_ema keeps a full copy of the weights on each process; it is not supported with FSDP or "
+                         "DeepSpeed ZeRO-3. Use DDP or ZeRO-1/2, or drop --use_ema.")  # fmt: skip
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    return not sharded
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema) -> None:
+    def write_extra(directory):
+        save_torch_state(lr_scheduler.state_dict(), os.path.join(directory, "lr_scheduler.pt"))
+        if ema is not None:
+            save_torch_state(ema.state_dict(), os.path.join(directory, "ema.pt"))
+
+    state = dict(
+        global_step=global_step, micro_step=global_step * args.gradient_accumulation_steps,
+        train_batch_size=args.train_batch_size, num_processes=accelerator.num_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, **plan,
+    )  # fmt: skip
+    path = save_checkpoint(accelerator, args.output_dir, global_step, state, write_extra, args.checkpoints_total_limit)
+    logger.info(f"Saved {path}")
+
+
+def resume(args, accelerator, plan, lr_scheduler, ema) -> int:
+    """Loads the checkpoint named by --resume_from_checkpoint; returns the global step to continue from."""
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+        return 0
+    state = read_training_state(checkpoint)
+    for key in ("global_batch_size", "seed"):
+        if state.get(key) != plan.get(key):
+            logger.warning(
+                f"The checkpoint was written with {key}={state.get(key)}; this run uses {plan.get(key)}: the data "
+                "order will not continue exactly."
+            )
+    accelerator.load_state(checkpoint)
+    lr_scheduler.load_state_dict(load_torch_state(os.path.join(checkpoint, "lr_scheduler.pt")))
+    if ema is not None:
+        ema.load_state_dict(load_torch_state(os.path.join(checkpoint, "ema.pt")))
+        ema.to(accelerator.device)  # loaded on the CPU
+    logger.info(f"Resumed from {checkpoint} at step {state['global_step']}.")
+    return int(state["global_step"])
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+
+
+def log_metrics(args, accelerator, metrics: dict, step: int) -> None:
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, METRICS_FILE), "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+@torch.no_grad()
+def log_validation(args, accelerator, model, vqvae, scheduler, ema, step: int) -> None:
+    """Samples a grid with the current (EMA, when used) weights on the main process and logs / saves it."""
+    from diffusers.utils import make_image_grid
+
+    transformer = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(transformer.parameters())
+        ema.copy_to(transformer.parameters())
+    transformer.eval()
+    try:
+        config = transformer.config
+        labels = args.validation_class_labels or list(range(min(config.num_classes, 8)))
+        pipeline = ARPGPipeline(transformer=transformer, vqvae=vqvae.to(accelerator.device), scheduler=scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        steps = min(args.validation_inference_steps, config.num_image_tokens)
+        generator = torch.Generator().manual_seed(args.seed)
+        images = pipeline(labels, num_inference_steps=steps, guidance_scale=args.validation_guidance_scale,
+                          generator=generator).images  # fmt: skip
+    finally:
+        transformer.train()
+        if ema is not None:
+            ema.restore(transformer.parameters())
+    columns = min(len(images), 8)
+    padded = images + [images[-1]] * (-len(images) % columns)  # fill the last row
+    grid = make_image_grid(padded, rows=len(padded) // columns, cols=columns)
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:08d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            samples = [wandb.Image(image, caption=f"class {c}") for image, c in zip(images, labels)]
+            tracker.log({"validation": samples}, step=step)
+
+
+# ---------------------------------------------------------------------------------------------------- final save
+
+
+def save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary) -> None:
+    """Writes the output pipeline (EMA weights when used) with its model card; pushes it when asked."""
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards: every process calls it
+    if not accelerator.is_main_process:
+        return
+    transformer = ARPGForImageGeneration(accelerator.unwrap_model(model).config)
+    transformer.load_state_dict(state_dict)
+    if ema is not None:
+        ema.copy_to(transformer.parameters())
+    pipeline = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae.to("cpu"), scheduler=scheduler)
+    pipeline.save_pretrained(args.output_dir)
+    write_model_card(args, transformer, scheduler, plan, summary)
+    logger.info(f"Saved the pipeline to {args.output_dir}")
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=f"Training step {summary['steps']}",
+                      ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "validation/*"])  # fmt: skip
+
+
+def write_model_card(args, transformer, scheduler, plan, summary) -> None:
+    from arpg_hf.model_card import create_model_card
+
+    training = {
+        "steps": summary["steps"], "global batch size": plan["global_batch_size"],
+        "learning rate": f"{plan['learning_rate']:.3g} ({args.lr_scheduler}, {plan['warmup_steps']} warmup steps)",
+        "optimizer": f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.adam_weight_decay}",
+        "mixed precision": summary["mixed_precision"], "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+        "final loss": f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-",
+        "data": args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir)),
+    }  # fmt: skip
+    card = create_model_card(
+        transformer.config, dict(scheduler.config), repo_id=args.hub_model_id,
+        base_model=args.pretrained_model_name_or_path, datasets=[args.dataset_name] if args.dataset_name else None,
+        training=training, results=[],
+        num_parameters=transformer.num_parameters(),
+    )  # fmt: skip
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan, start_step, validate):
+    """The loop; returns the mean loss of the last logging window (None when no step ran)."""
+    from tqdm.auto import tqdm
+
+    accumulation = args.gradient_accumulation_steps
+    max_steps = plan["max_train_steps"]
+    tokens_per_image = accelerator.unwrap_model(model).config.num_image_tokens
+    loader = make_dataloader(
+        dataset, args, accelerator, start_step * accumulation, (max_steps - start_step) * accumulation
+    )
+    first_rows = loader.batch_sampler.batch_indices(start_step * accumulation) if max_steps > start_step else []
+    logger.info(f"process {accelerator.process_index}/{accelerator.num_processes}: first micro-batch rows {first_rows}",
+                main_process_only=False)  # fmt: skip
+    progress = tqdm(range(max_steps), initial=start_step, desc="steps", disable=not accelerator.is_local_main_process)
+    global_step, micro_step, last_loss = start_step, start_step * accumulation, None
+    window_loss = torch.zeros((), device=accelerator.device)  # summed micro-step losses since the last log
+    window_micro, window_steps, window_start = 0, 0, time.perf_counter()
+    model.train()
+    for batch in loader:
+        generator = seed_step(args.seed, micro_step, accelerator.process_index)
+        with accelerator.accumulate(model):
+            views = select_crops(batch["codes"], generator)  # (B, L): one view per image, picked before the copy
+            views, labels = views.to(accelerator.device, non_blocking=True), batch["labels"].to(accelerator.device)
+            loss = arpg_loss(model, views, labels, generator=generator)
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        window_loss += loss.detach().float()
+        window_micro += 1
+        micro_step += 1
+        if not accelerator.sync_gradients:
+            continue
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+        if ema is not None:
+            ema.step(model.parameters())
+        global_step += 1
+        window_steps += 1
+        progress.update(1)
+        if global_step % args.logging_steps == 0 or global_step in (start_step + 1, max_steps):
+            elapsed = time.perf_counter() - window_start
+            last_loss = accelerator.reduce(window_loss / window_micro, reduction="mean").item()
+            images = window_steps * plan["global_batch_size"]
+            metrics = {
+                "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": global_step / plan["steps_per_epoch"],
+                "samples_per_second": images / elapsed, "tokens_per_second": images * tokens_per_image / elapsed,
+            }  # fmt: skip
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            log_metrics(args, accelerator, metrics, global_step)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            window_loss.zero_()
+            window_micro, window_steps, window_start = 0, 0, time.perf_counter()
+        if global_step % args.checkpointing_steps == 0:
+            write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema)
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            validate(global_step)
+        if global_step >= max_steps:
+            break
+    progress.close()
+    return last_loss
+
+
+def main(args):
+    exit_with_launcher()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to, project_config=project,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
+        removed = remove_incomplete_checkpoints(args.output_dir)
+        if removed:
+            logger.info(f"Removed unfinished checkpoint folders {removed}")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sampling_ok = check_distributed_support(args, accelerator)
+
+    dataset, info, class_names = prepare_data(args, accelerator)
+    set_seed(args.seed)  # the initial weights
+    model = load_transformer(args, info, class_names)
+    vqvae = load_vq_model(args.vqvae or args.pretrained_model_name_or_path)
+    validate_data(accelerator, dataset, info, model.config, vqvae, args.train_data_dir or args.dataset_name)
+    scheduler = load_sampling_scheduler(args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    plan = training_plan(args, len(dataset), accelerator.num_processes)
+    plan["seed"] = args.seed
+    optimizer = torch.optim.AdamW(
+        weight_decay_param_groups(model, args.adam_weight_decay), lr=plan["learning_rate"],
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+    )  # fmt: skip
+    from transformers import get_scheduler
+
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, plan["warmup_steps"], plan["max_train_steps"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=args.ema_decay)
+    start_step = resume(args, accelerator, plan, lr_scheduler, ema) if args.resume_from_checkpoint else 0
+    if accelerator.is_main_process:
+        hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("arpg", config=hyperparameters)
+    logger.info(
+        f"{len(dataset)} images, {plan['steps_per_epoch']} steps per epoch, {plan['max_train_steps']} steps, global "
+        f"batch {plan['global_batch_size']}, lr {plan['learning_rate']:.3g}, {accelerator.num_processes} process(es), "
+        f"{accelerator.unwrap_model(model).num_parameters():,} parameters"
+    )
+
+    def validate(step):
+        if sampling_ok:
+            log_validation(args, accelerator, model, vqvae, scheduler, ema, step)
+
+    last_loss = None
+    if start_step < plan["max_train_steps"]:
+        last_loss = train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan, start_step, validate)
+    accelerator.wait_for_everyone()
+    if args.validation_steps and plan["max_train_steps"] % args.validation_steps and accelerator.is_main_process:
+        validate(plan["max_train_steps"])  # the last step, unless the loop just sampled it
+    summary = dict(steps=plan["max_train_steps"], final_loss=last_loss, mixed_precision=accelerator.mixed_precision)
+    save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
