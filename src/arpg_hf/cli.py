@@ -59,8 +59,7 @@ def load_pipeline(model: str | None, device: str, dtype_name: str | None):
 
         if not hasattr(arpg_hf, "load_bundled_pipeline"):
             raise ValueError("No --model given and this version ships no bundled model; pass --model DIR_OR_HUB_ID.")
-        pipeline = arpg_hf.load_bundled_pipeline()
-        pipeline.to(dtype=dtype)
+        pipeline = arpg_hf.load_bundled_pipeline(dtype=dtype)
     else:
         if os.path.isdir(model):
             if not os.path.isfile(os.path.join(model, "model_index.json")):
