@@ -55,11 +55,9 @@ def load_pipeline(model: str | None, device: str, dtype_name: str | None):
 
     dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if model is None:
-        import arpg_hf
+        from .bundled import load_bundled_pipeline
 
-        if not hasattr(arpg_hf, "load_bundled_pipeline"):
-            raise ValueError("No --model given and this version ships no bundled model; pass --model DIR_OR_HUB_ID.")
-        pipeline = arpg_hf.load_bundled_pipeline(dtype=dtype)
+        pipeline = load_bundled_pipeline(dtype=dtype)
     else:
         if os.path.isdir(model):
             if not os.path.isfile(os.path.join(model, "model_index.json")):

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .checkpoint_utils import abbreviate, load_reference_state_dict, read_checkpoint_file
+from .checkpoint_utils import WRAPPER_KEYS, abbreviate, load_reference_state_dict, read_checkpoint_file
 from .configuration_arpg import ARPG_PRESETS, swiglu_intermediate_size
 from .model_card import create_model_card, recommended_sampling
 from .reference_arpg import PUBLISHED_ARPG_L
@@ -314,8 +314,8 @@ def convert_reference_checkpoints(
     for component, argument, family in (("transformer", arpg_checkpoint, "arpg"), ("vqvae", vq_checkpoint, "vq")):
         path = resolve_checkpoint(argument)
         raw = _read(path)
-        layout = next((f'{{"{key}": state_dict}}' for key in ("model", "module", "state_dict")
-                       if isinstance(raw.get(key), Mapping)), "raw state dict")  # fmt: skip
+        layout = next((f'{{"{key}": state_dict}}' for key in WRAPPER_KEYS if isinstance(raw.get(key), Mapping)),
+                      "raw state dict")  # the wrapper load_reference_state_dict unwraps  # fmt: skip
         state_dict = load_reference_state_dict(raw)
         check_model_family(state_dict, family, f"{component} checkpoint {argument!r}")
         state_dicts[component] = state_dict

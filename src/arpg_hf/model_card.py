@@ -130,14 +130,14 @@ def _training_section(training: Mapping[str, Any]) -> str:
     return "## Training\n\nTrained with `accelerate launch train.py` of arpg-hf.\n\n" + "\n".join(lines) + "\n"
 
 
-def _usage_section(repo_id: str | None, scheduler_config: Mapping[str, Any], num_classes: int) -> str:
+def _usage_section(repo_id: str | None, num_classes: int) -> str:
     location = repo_id or "path/to/this/folder"
-    labels = "[207, 360]" if num_classes == 1000 else str(list(range(min(num_classes, 2))))
+    labels = [207, 360] if num_classes == 1000 else list(range(min(num_classes, 2)))
     return f"""## Usage
 
 ```bash
 pip install arpg-hf
-arpg-hf generate --model {location} --class-labels {labels[1:-1].replace(',', '')} --seed 0 --output-dir samples
+arpg-hf generate --model {location} --class-labels {' '.join(map(str, labels))} --seed 0 --output-dir samples
 ```
 
 ```python
@@ -230,7 +230,7 @@ def create_model_card(
         sections.append(_results_section(results, "Measured with this folder."))
     if training:
         sections.append(_training_section(training))
-    sections.append(_usage_section(repo_id, scheduler_config, config.num_classes))
+    sections.append(_usage_section(repo_id, config.num_classes))
     if provenance:
         sections.append(_provenance_section(provenance))
     sections.append(f"## Citation\n\n```bibtex\n{CITATION}\n```\n")
