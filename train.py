@@ -352,6 +352,7 @@ def log_validation(args, accelerator, model, vqvae, scheduler, ema, step: int) -
         images = pipeline(labels, num_inference_steps=steps, guidance_scale=args.validation_guidance_scale,
                           generator=generator).images  # fmt: skip
     finally:
+        transformer.unfuse_projections()  # the pipeline laid the weights out for decoding; train on the default layout
         transformer.train()
         if ema is not None:
             ema.restore(transformer.parameters())

@@ -4,10 +4,12 @@
 Builds a preset with random weights (no download), then for every (batch size, step count, dtype) measures the
 seconds per batch (median of --repeats runs after --warmup runs), images per second and peak memory (process RSS
 high-water mark on CPU, max allocated on GPU). `--raster` adds the same model decoding in raster order, one token
-per step, through the very same code path (orders = 0..L-1, L steps). Prints a markdown table and writes JSON.
+per step, through the very same code path (orders = 0..L-1, L steps). `--gemm-bound` also times the decoding's
+matrix products alone (the model's own fused weights, the same rows per step), the practical bound of the BLAS on this
+machine, and reports the share of the time they take. Prints a markdown table and writes JSON.
 
     python benchmarks/bench_sampling.py --preset ARPG-L --batch-size 4 --num-inference-steps 64 \
-        --guidance-scale 4 --dtype float32 --device cpu --json OUT.json [--raster] [--compile]
+        --guidance-scale 4 --dtype float32 --device cpu --json OUT.json [--raster] [--compile] [--gemm-bound]
 
 Lists are allowed: `--batch-size 1 4 16 --num-inference-steps 32 64 --dtype float32 bfloat16`.
 """
@@ -42,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--raster", action="store_true", help="also decode in raster order, one token per step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     parser.add_argument("--no-vq", action="store_true", help="skip the VQ decoding measurement")
+    parser.add_argument("--gemm-bound", action="store_true",
+                        help="also time the step's matrix products alone (same weights, same rows per step): the "
+                             "practical bound of this BLAS on this machine")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -134,6 +139,56 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
     )  # fmt: skip
 
 
+def gemm_only_work(pipe, batch_size: int, steps: int, order: str, device) -> list[tuple[int, int]]:
+    """(input rows, query rows) of every decoding step, classifier-free guidance rows included."""
+    num_tokens = pipe.transformer.config.num_image_tokens
+    if order == "raster":
+        counts = [1] * num_tokens
+    else:
+        pipe.scheduler.set_timesteps(steps, num_tokens, device=device)
+        counts = [end - start for start, end in pipe.scheduler.step_boundaries]
+    inputs = [1] + counts[:-1]  # the class token first, then the previous step's tokens
+    return [(2 * batch_size * n_in, 2 * batch_size * n_query) for n_in, n_query in zip(inputs, counts)]
+
+
+def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
+    """Seconds per batch of the decoding's matrix products alone, with the model's own (fused) weights: the time
+    no implementation with this BLAS can beat (attention, norms, RoPE, sampling and Python are left out)."""
+    from arpg_hf.fused_linear import fused_weight
+
+    model = pipe.transformer
+    model.fuse_projections()
+    width = model.config.hidden_size
+    self_groups, cross_groups = [], []
+    for layer in model.model.self_layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        self_groups.append([(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
+                            (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)])  # fmt: skip
+    for layer in model.model.cross_layers:
+        attention, mlp = layer.cross_attn, layer.mlp
+        cross_groups.append([(attention.q_proj,), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)])
+    work = gemm_only_work(pipe, batch_size, steps, order, device)
+    inputs = {rows: torch.randn(rows, model.config.intermediate_size, device=device, dtype=model.dtype)
+              for pair in work for rows in pair}  # fmt: skip
+
+    def products(rows: int, layers) -> None:
+        for layer in layers:
+            for group in layer:
+                weight = fused_weight(*group)  # (K, N)
+                torch.mm(inputs[rows][:, : weight.shape[0]], weight)
+
+    def run():
+        for input_rows, query_rows in work:
+            products(input_rows, self_groups)
+            torch.mm(inputs[input_rows][:, :width], fused_weight(model.model.k_proj, model.model.v_proj))
+            products(query_rows, cross_groups)
+            torch.mm(inputs[query_rows][:, :width], fused_weight(model.lm_head))
+
+    with torch.inference_mode():
+        seconds, _ = time_call(run, device, args.warmup, args.repeats)
+    return seconds
+
+
 def measure_vq(pipe, args, batch_size, device):
     """VQ decoding of a batch of token grids: (seconds per batch, images per second, peak memory MB)."""
     config = pipe.transformer.config
@@ -146,15 +201,17 @@ def measure_vq(pipe, args, batch_size, device):
 
 def markdown_table(records):
     header = ("| preset | order | batch | steps | dtype | device | compiled | tokens: s / batch | tokens: img / s "
-              "| peak MB | VQ decode: s / batch | VQ decode: img / s |")  # fmt: skip
+              "| peak MB | VQ decode: s / batch | VQ decode: img / s | GEMMs alone: s / batch (share) |")  # fmt: skip
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in records:
         vq_seconds, vq_rate = r.get("vq_decode_seconds_per_batch"), r.get("vq_decode_images_per_second")
         vq = f"{vq_seconds:.3f} | {vq_rate:.3f}" if vq_seconds else "- | -"
+        bound = r.get("gemm_only_seconds_per_batch")
+        bound = f"{bound:.3f} ({100 * r['share_of_gemm_bound']:.0f} %)" if bound else "-"
         lines.append(
             f"| {r['preset']} | {r['order']} | {r['batch_size']} | {r['num_inference_steps']} | {r['dtype']} "
             f"| {r['device']} | {r['compiled']} | {r['seconds_per_batch']:.3f} | {r['images_per_second']:.3f} "
-            f"| {r['peak_memory_mb']:.0f} | {vq} |"
+            f"| {r['peak_memory_mb']:.0f} | {vq} | {bound} |"
         )
     return "\n".join(lines)
 
@@ -170,11 +227,19 @@ def main(argv=None):
         if args.compile:
             pipe.transformer.decode_step = torch.compile(pipe.transformer.decode_step, dynamic=True)
         for batch_size in args.batch_size:
-            vq = {} if args.no_vq else measure_vq(pipe, args, batch_size, device)
+            first = len(records)
             orders = ["random"] * len(args.num_inference_steps) + (["raster"] if args.raster else [])
             for order, steps in zip(orders, [*args.num_inference_steps, None]):
-                records.append({**measure(pipe, args, batch_size, steps, dtype_name, order, device), **vq})
-                print(markdown_table(records[-1:]).splitlines()[-1], flush=True)
+                record = measure(pipe, args, batch_size, steps, dtype_name, order, device)
+                if args.gemm_bound:
+                    bound = gemm_only_seconds(pipe, args, batch_size, record["num_inference_steps"], order, device)
+                    record.update(gemm_only_seconds_per_batch=bound, share_of_gemm_bound=bound / record["seconds_per_batch"])
+                records.append(record)
+            # VQ decoding last: its large activations would stay in the process and inflate the RSS of token generation.
+            vq = {} if args.no_vq else measure_vq(pipe, args, batch_size, device)
+            for record in records[first:]:
+                record.update(vq)
+                print(markdown_table([record]).splitlines()[-1], flush=True)
         del pipe
     print()
     print(markdown_table(records))

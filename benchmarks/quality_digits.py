@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from arpg_hf.digits import NUM_CLASSES, load_digits_split, pixels_from_images, render_digits
+from arpg_hf.metrics import frechet_distance
 
 TARGETS = {"class_consistency": 0.95, "fd_ratio": 2.0, "near_copy_share": 0.05, "wall_time_s": 600.0}
 
@@ -67,20 +68,6 @@ def train_classifier(train_features: np.ndarray, train_labels: np.ndarray):
 
 def classifier_accuracy(classifier, features: np.ndarray, labels: np.ndarray) -> float:
     return float((classifier.predict(features / 16.0) == labels).mean())
-
-
-def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets `(n, d)`.
-
-    `trace(sqrt(C_a C_b))` is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
-    `sqrt(C_a) C_b sqrt(C_a)` (same spectrum), which stays exact when covariances are singular (constant pixels).
-    """
-    mean_a, mean_b = features_a.mean(axis=0), features_b.mean(axis=0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    values, vectors = np.linalg.eigh(cov_a)
-    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # (d, d)
-    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_root)
 
 
 def nearest_distances(queries: np.ndarray, references: np.ndarray, exclude_self: bool = False) -> np.ndarray:

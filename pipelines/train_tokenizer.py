@@ -60,6 +60,8 @@ def parse_args(argv=None):
     model.add_argument("--codebook_size", type=int, default=128)
     model.add_argument("--codebook_embed_dim", type=int, default=8)
     model.add_argument("--norm_num_groups", type=int, default=8)
+    model.add_argument("--no_attention", action="store_true",
+                       help="A purely convolutional tokenizer (no self-attention): local codes, an easier prior.")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--train_batch_size", type=int, default=64)
     optim.add_argument("--max_train_steps", type=int, default=1500)
@@ -113,6 +115,7 @@ def build_model(args) -> ARPGVQModel:
         base_channels=args.base_channels, channel_multipliers=tuple(args.channel_multipliers),
         layers_per_block=args.layers_per_block, z_channels=args.z_channels, codebook_size=args.codebook_size,
         codebook_embed_dim=args.codebook_embed_dim, norm_num_groups=args.norm_num_groups,
+        attention=not args.no_attention,
     )  # fmt: skip
 
 

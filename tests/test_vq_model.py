@@ -206,6 +206,7 @@ def test_config_from_reference():
     assert published == dict(
         in_channels=3, out_channels=3, base_channels=128, channel_multipliers=(1, 1, 2, 2, 4), layers_per_block=2,
         z_channels=256, codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, norm_num_groups=32,
+        attention=True,
     )
     parameters = inspect.signature(ARPGVQModel.__init__).parameters
     defaults = {name: p.default for name, p in parameters.items() if name != "self"}
@@ -262,3 +263,20 @@ def test_save_pretrained_round_trip(model, vq_fixture, tmp_path):
         indices = vq_fixture["indices"][:1, :4, :4]
         assert torch.equal(reloaded.decode(indices).sample, model.decode(indices).sample)
         assert torch.equal(reloaded.encode(vq_fixture["x"][:1]).indices, vq_fixture["indices"][:1])
+
+
+def test_attention_free_tokenizer():
+    """`attention=False` builds a purely convolutional tokenizer (no attention module) that encodes and decodes."""
+    from diffusers.models.attention_processor import Attention
+
+    config = dict(base_channels=8, channel_multipliers=(1, 1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
+                  norm_num_groups=4)  # fmt: skip
+    local = ARPGVQModel(**config, attention=False).eval()
+    assert not any(isinstance(module, Attention) for module in local.modules())
+    assert any(isinstance(module, Attention) for module in ARPGVQModel(**config).modules())
+    assert local.config.attention is False
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        indices = local.encode(images).indices  # (2, 8, 8)
+        assert indices.shape == (2, 8, 8)
+        assert local.decode(indices).sample.shape == (2, 3, 32, 32)

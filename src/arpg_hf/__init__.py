@@ -26,8 +26,10 @@ _EXPORTS = {
     "token_dataset": ["ShuffledBatchSampler", "TokenDatasetInfo", "check_token_dataset", "load_token_dataset", "load_vq_model"],
     "training_utils": ["arpg_loss", "save_checkpoint", "weight_decay_param_groups"],
     "bundled": ["bundled_pipeline_path", "load_bundled_pipeline"],
+    "metrics.loading": ["load_metric"],
 }
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBPACKAGES = ("metrics",)  # reachable as attributes: `arpg_hf.metrics.frechet_distance(...)` after `import arpg_hf`
 __all__ = sorted(_NAME_TO_MODULE)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cache_arpg import ARPGStaticCache
     from .configuration_arpg import ARPG_PRESETS, ARPGConfig
     from .labels import imagenet_id2label
+    from .metrics.loading import load_metric
     from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
     from .editing_utils import (
         OutpaintCanvas,
@@ -60,6 +63,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _NAME_TO_MODULE:
         raise AttributeError(f"module 'arpg_hf' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)

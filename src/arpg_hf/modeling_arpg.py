@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 
 from .cache_arpg import ARPGStaticCache
 from .configuration_arpg import ARPGConfig
+from .fused_linear import fuse_linears, fused_linear_outputs, fused_weight, unfuse_linears
 from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
 
@@ -83,7 +84,8 @@ class ARPGMLP(nn.Module):
         self.dropout = nn.Dropout(config.ffn_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)))
+        gate, up = fused_linear_outputs(hidden_states, self.gate_proj, self.up_proj)  # (..., F) each
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 def multi_head_attention(
@@ -135,9 +137,10 @@ class ARPGSelfAttention(nn.Module):
 
     def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None):
         cos, sin = rotary
-        query = apply_rotary_2d(self._heads(self.q_proj(hidden_states)), cos, sin)
-        key = apply_rotary_2d(self._heads(self.k_proj(hidden_states)), cos, sin)
-        value = self._heads(self.v_proj(hidden_states))
+        query, key, value = fused_linear_outputs(hidden_states, self.q_proj, self.k_proj, self.v_proj)  # (B, N, D) each
+        query = apply_rotary_2d(self._heads(query), cos, sin)
+        key = apply_rotary_2d(self._heads(key), cos, sin)
+        value = self._heads(value)
         if cache is not None:
             key, value = cache.update_self(self.layer_idx, key, value)  # (B, H, cached + N, Dh)
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -301,9 +304,9 @@ class ARPGModel(ARPGPreTrainedModel):
             )
         hidden_states = self.kv_norm(hidden_states)
         heads = (self.config.num_attention_heads, self.config.head_dim)
-        key = self.k_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
-        key = apply_rotary_2d(key, *input_rotary)
-        value = self.v_proj(hidden_states).unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
+        key, value = fused_linear_outputs(hidden_states, self.k_proj, self.v_proj)  # (B, N, D) each
+        key = apply_rotary_2d(key.unflatten(-1, heads).transpose(1, 2), *input_rotary)  # (B, H, N, Dh)
+        value = value.unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
         if cache is not None:
             key, value = cache.update_cross(key, value)  # (B, H, cached + N, Dh)
 
@@ -419,6 +422,46 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         return batch_size, seq_len
 
     # ------------------------------------------------------------------------------------------- decoding
+    def _projection_groups(self) -> list[tuple[nn.Linear, ...]]:
+        """The linears fused for decoding: q/k/v of each Pass-1 layer, gate/up of every FFN, the shared Pass-2
+        key/value projection; every other linear (one-element groups) gets transposed storage."""
+        groups = []
+        for layer in self.model.self_layers:
+            attention = layer.self_attn
+            groups += [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,)]
+        for layer in self.model.cross_layers:
+            groups += [(layer.cross_attn.q_proj,), (layer.cross_attn.o_proj,)]
+        for layer in [*self.model.self_layers, *self.model.cross_layers]:
+            groups += [(layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,)]
+        return groups + [(self.model.k_proj, self.model.v_proj), (self.lm_head,)]
+
+    def fuse_projections(self) -> None:
+        """Lays the weights out for fast decoding: q/k/v, gate/up and the Pass-2 key/value projections fused into one
+        GEMM each, every weight stored transposed (see `arpg_hf.fused_linear`). Parameter names, shapes and values are
+        unchanged, so state dicts, saving and training are unaffected; the memory used stays the same. The pipelines
+        call this before decoding; `.to()` or loading new weights may undo it (decoding then takes the plain path)."""
+        if any(parameter.device.type == "meta" for parameter in self.parameters()):
+            return  # offloaded weights (accelerate hooks) are materialised per call: leave their layout alone
+        for group in self._projection_groups():
+            fuse_linears(*group)
+
+    def unfuse_projections(self) -> None:
+        """Restores the default layout (one contiguous `(out, in)` matrix per linear)."""
+        for group in self._projection_groups():
+            unfuse_linears(*group)
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing weights laid out by `fuse_projections` as plain contiguous
+        tensors (the checkpoint layout)."""
+        if state_dict is None and not all(p.is_contiguous() for p in self.parameters()):
+            state_dict = {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    @property
+    def projections_fused(self) -> bool:
+        """Whether every projection has the layout of [`~ARPGForImageGeneration.fuse_projections`]."""
+        return all(fused_weight(*group) is not None for group in self._projection_groups())
+
     def allocate_cache(
         self, batch_size: int, max_length: int | None = None, dtype=None, device=None
     ) -> ARPGStaticCache:

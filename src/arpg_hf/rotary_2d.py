@@ -33,6 +33,7 @@ class ARPGRotaryEmbedding2D(nn.Module):
         self.head_dim = head_dim
         self.grid_size = tuple(grid_size)
         self.theta = theta
+        self._tables = {}  # (height, width, position_mode, device) -> (cos, sin); see `table`
 
     def inverse_frequencies(self, device=None) -> torch.Tensor:
         """`w_m = 1 / theta ** (2m / (head_dim / 2))` for m < head_dim / 4, float32 of shape (head_dim / 4,).
@@ -64,17 +65,34 @@ class ARPGRotaryEmbedding2D(nn.Module):
         """
         if position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
-        height, width = self.grid_size if grid_size is None else grid_size
-        positions = position_ids.clamp(min=0)
-        rows = torch.div(positions, width, rounding_mode="floor").float()  # (B, N)
-        cols = (positions % width).float()  # (B, N)
+        height, width = self.grid_size if grid_size is None else tuple(grid_size)
+        cos_table, sin_table = self.table((height, width), position_mode, position_ids.device)
+        rows = torch.where(position_ids == CLASS_POSITION, height * width, position_ids)  # the class row is last
+        return cos_table[rows], sin_table[rows]  # (B, N, Dh/2) each
+
+    def table(self, grid_size: tuple[int, int], position_mode: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin of every raster position of `grid_size`, plus a last all-zero row for the class slot: float32
+        `(height * width + 1, head_dim / 2)` each. Computed once per (grid, mode, device), so every position's
+        rotation is computed once however many steps use it."""
+        key = (*grid_size, position_mode, str(device))
+        if key not in self._tables:
+            with torch.inference_mode(False):  # a table made while sampling must serve training too
+                self._tables[key] = self._compute_table(grid_size, position_mode, device)
+        return self._tables[key]
+
+    def _compute_table(self, grid_size, position_mode, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation of every raster position from its (row, col), as the class docstring states."""
+        height, width = grid_size
+        positions = torch.arange(height * width, device=device)
+        rows = torch.div(positions, width, rounding_mode="floor").float()  # (L,)
+        cols = (positions % width).float()  # (L,)
         if position_mode == "interpolate":
             rows = rows * (self.grid_size[0] / height)
             cols = cols * (self.grid_size[1] / width)
-        inv_freq = self.inverse_frequencies(position_ids.device)
-        angles = torch.cat([rows[..., None] * inv_freq, cols[..., None] * inv_freq], dim=-1)  # (B, N, Dh/2)
-        is_token = (position_ids != CLASS_POSITION).unsqueeze(-1).float()  # (B, N, 1)
-        return torch.cos(angles) * is_token, torch.sin(angles) * is_token
+        inv_freq = self.inverse_frequencies(device)
+        angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)  # (L, Dh/2)
+        class_row = angles.new_zeros(1, angles.shape[1])
+        return torch.cat([torch.cos(angles), class_row]), torch.cat([torch.sin(angles), class_row])
 
 
 def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,10 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
             looked up). Rows are stored as trained and normalised at use, as the reference does.
         norm_num_groups (`int`, *optional*, defaults to 32):
             Groups of every group norm (eps 1e-6).
+        attention (`bool`, *optional*, defaults to `True`):
+            Whether the lowest-resolution level and the middle blocks have self-attention, as in VQ-16. `False` gives
+            a purely convolutional tokenizer whose codes describe their convolutional neighbourhood (plus the
+            image-wide group-norm statistics) rather than the whole image: the bundled digits tokenizer.
     """
 
     _supports_gradient_checkpointing = True
@@ -118,6 +122,7 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
         codebook_embed_dim: int = 8,
         codebook_l2_norm: bool = True,
         norm_num_groups: int = 32,
+        attention: bool = True,
     ):
         super().__init__()
         _validate_config(
@@ -130,27 +135,30 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
         )
         num_levels = len(channel_multipliers)
         block_out_channels = tuple(base_channels * multiplier for multiplier in channel_multipliers)
+        lowest_down, lowest_up = (
+            ("AttnDownEncoderBlock2D", "AttnUpDecoderBlock2D") if attention else ("DownEncoderBlock2D", "UpDecoderBlock2D")
+        )
         self.encoder = Encoder(
             in_channels=in_channels,
             out_channels=z_channels,
-            down_block_types=("DownEncoderBlock2D",) * (num_levels - 1) + ("AttnDownEncoderBlock2D",),
+            down_block_types=("DownEncoderBlock2D",) * (num_levels - 1) + (lowest_down,),
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups,
             act_fn="silu",
             double_z=False,
-            mid_block_add_attention=True,
+            mid_block_add_attention=attention,
         )
         self.decoder = Decoder(
             in_channels=z_channels,
             out_channels=out_channels,
-            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (num_levels - 1),
+            up_block_types=(lowest_up,) + ("UpDecoderBlock2D",) * (num_levels - 1),
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups,
             act_fn="silu",
             norm_type="group",
-            mid_block_add_attention=True,
+            mid_block_add_attention=attention,
         )
         self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
@@ -508,4 +516,5 @@ def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) 
         codebook_embed_dim=fields["codebook_embed_dim"],
         codebook_l2_norm=bool(fields["codebook_l2_norm"]),
         norm_num_groups=fields["group_norm_groups"],
+        attention=True,  # upstream VQ models always have attention at the lowest resolution
     )

@@ -1,0 +1,161 @@
+"""What the demo does with the model, without Gradio: generation (whole or streamed step by step) and inpainting.
+
+One `DemoModel` serves every request; the app runs its calls one at a time (one Gradio concurrency group), because
+the pipelines' schedulers keep per-call state.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..editing_utils import token_mask_from_pixel_mask
+from ..pipeline_arpg_inpaint import ARPGInpaintPipeline
+from ..scheduling_arpg import ARPGScheduler
+from .rendering import display_scale, order_map, render_partial_tokens, stream_decoding
+
+TOKEN_SCHEDULES = ("arccos", "cosine")
+MASK_PRESETS = ("brush strokes", "left half", "right half", "top half", "bottom half", "centre square")
+MAX_IMAGES = 8
+
+
+def preset_mask(preset: str, height: int, width: int) -> np.ndarray:
+    """A (H, W) bool mask (True = regenerate) for one of the non-brush `MASK_PRESETS`."""
+    mask = np.zeros((height, width), dtype=bool)
+    regions = {
+        "left half": (slice(None), slice(0, width // 2)), "right half": (slice(None), slice(width // 2, None)),
+        "top half": (slice(0, height // 2), slice(None)), "bottom half": (slice(height // 2, None), slice(None)),
+        "centre square": (slice(height // 4, height - height // 4), slice(width // 4, width - width // 4)),
+    }  # fmt: skip
+    if preset not in regions:
+        raise ValueError(f"Unknown mask preset {preset!r}; choose one of {MASK_PRESETS}.")
+    mask[regions[preset]] = True
+    return mask
+
+
+class DemoModel:
+    """The demo's model calls. `pipe` is an [`ARPGPipeline`]; the inpainting pipeline shares its components."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.inpaint_pipe = ARPGInpaintPipeline(**pipe.components)
+        self.inpaint_pipe.set_progress_bar_config(disable=True)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.schedulers = {
+            name: ARPGScheduler.from_config(pipe.scheduler.config, token_schedule=name) for name in TOKEN_SCHEDULES
+        }
+        self.default_token_schedule = pipe.scheduler.config.token_schedule
+        config = pipe.transformer.config
+        self.grid_size = (config.grid_height, config.grid_width)
+        self.image_size = tuple(side * pipe.vqvae.downsample_factor for side in self.grid_size)  # (H, W)
+        self.scale = display_scale(self.image_size[0])
+
+    # -------------------------------------------------------------------------------------------- settings
+    @property
+    def class_choices(self) -> list[tuple[str, int]]:
+        """(label, class index) pairs; the label is "index: name" unless the name is the index itself (digits)."""
+        return [(name if name == str(index) else f"{index}: {name}", index)
+                for index, name in sorted(self.pipe.id2label.items())]  # fmt: skip
+
+    @property
+    def recommended(self) -> tuple[int, float]:
+        """The scheduler config's recommended (steps, guidance scale)."""
+        return self.pipe.default_sampling_settings(None, None, self.grid_size[0] * self.grid_size[1])
+
+    def check(self, class_index, steps, guidance_scale, seed, token_schedule="arccos", num_images=1) -> tuple:
+        """Validates the UI/API values; returns them as (int, int, float, int, str, int)."""
+        num_classes, num_tokens = self.pipe.transformer.config.num_classes, self.grid_size[0] * self.grid_size[1]
+        checks = [
+            (class_index, 0, num_classes - 1, "class label index"), (steps, 1, num_tokens, "steps"),
+            (seed, 0, 2**63 - 1, "seed"), (num_images, 1, MAX_IMAGES, "number of images"),
+        ]  # fmt: skip
+        for value, low, high, name in checks:
+            if not isinstance(value, numbers.Real) or value != int(value) or not low <= value <= high:
+                raise ValueError(f"The {name} must be an integer in [{low}, {high}], got {value!r}.")
+        if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:
+            raise ValueError(f"The guidance scale must be a number >= 0, got {guidance_scale!r}.")
+        if token_schedule not in TOKEN_SCHEDULES:
+            raise ValueError(f"The token schedule must be one of {TOKEN_SCHEDULES}, got {token_schedule!r}.")
+        return int(class_index), int(steps), float(guidance_scale), int(seed), token_schedule, int(num_images)
+
+    def _generators(self, seed: int, count: int) -> list[torch.Generator]:
+        """Image i draws from its own generator seeded with seed + i (so image 0 matches `generate`)."""
+        return [torch.Generator().manual_seed(seed + i) for i in range(count)]  # CPU draws: the same on any device
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, class_index, steps, guidance_scale, seed) -> Image.Image:
+        """One image of the class at the model's resolution (the `/generate` API)."""
+        class_index, steps, guidance_scale, seed, _, _ = self.check(class_index, steps, guidance_scale, seed)
+        self.pipe.scheduler = self.schedulers[self.default_token_schedule]
+        return self.pipe([class_index], steps, guidance_scale, generator=self._generators(seed, 1)).images[0]
+
+    def stream_generation(self, class_index, steps, guidance_scale, seed, token_schedule, num_images) -> Iterator:
+        """Yields `(live picture, order map or None, images or None)` after every step, then the final images.
+
+        The live picture shows image 0's token grid: grey where not decoded yet, tinted where decoded this step.
+        """
+        class_index, steps, guidance_scale, seed, token_schedule, num_images = self.check(
+            class_index, steps, guidance_scale, seed, token_schedule, num_images
+        )
+        self.pipe.scheduler = self.schedulers[token_schedule]
+        call = dict(class_labels=[class_index] * num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=self._generators(seed, num_images))  # fmt: skip
+        yield from self._stream(self.pipe, call, steps)
+
+    def _stream(self, pipe, call: dict, steps: int, kept: torch.Tensor | None = None) -> Iterator:
+        """Streams `pipe(**call)`; `kept` (L,) bool marks the tokens that are given rather than decoded."""
+        previous, live = None, None
+        step_of_position = torch.full((self.grid_size[0] * self.grid_size[1],), -1, dtype=torch.long)  # (L,)
+        for kind, payload in stream_decoding(pipe, **call):
+            if kind == "done":  # the live view ends on the finished image
+                width, height = payload[0].size
+                final = payload[0].resize((width * self.scale, height * self.scale), Image.NEAREST)
+                yield final, order_map(step_of_position, steps, self.grid_size, cell=4 * self.scale), payload
+                return
+            step_index, tokens = payload
+            current = tokens[0]  # (L,) image 0
+            if previous is None:  # the grid before the first step: only the kept tokens
+                previous = torch.full_like(current, -1) if kept is None else torch.where(kept, current, -1)
+            step_of_position[(current >= 0) & (previous < 0)] = step_index
+            live = render_partial_tokens(pipe, current, previous, self.grid_size, scale=self.scale)
+            previous = current
+            yield live, None, None
+
+    # ------------------------------------------------------------------------------------------ inpainting
+    def inpaint_mask(self, layers: list, preset: str) -> Image.Image:
+        """The white-is-regenerate mask at the model's resolution, from brush layers or a preset."""
+        height, width = self.image_size
+        if preset == "brush strokes":
+            alphas = [np.asarray(layer.convert("RGBA").resize((width, height), Image.NEAREST))[..., 3] > 0
+                      for layer in layers or []]  # fmt: skip
+            mask = np.logical_or.reduce(alphas) if alphas else np.zeros((height, width), dtype=bool)
+            if not mask.any():
+                raise ValueError("Paint over the part to regenerate (or pick a mask preset), then press Inpaint.")
+        else:
+            mask = preset_mask(preset, height, width)
+        return Image.fromarray(mask.astype(np.uint8) * 255)
+
+    def stream_inpainting(self, background, layers, preset, class_index, steps, guidance_scale, seed,
+                          token_schedule) -> Iterator:  # fmt: skip
+        """Like `stream_generation`, for regenerating the masked part of `background` (resized to the model's size);
+        the mask picture comes first."""
+        if background is None:
+            raise ValueError("Load an image into the editor first (or press 'Use the generated image').")
+        class_index, steps, guidance_scale, seed, token_schedule, _ = self.check(
+            class_index, steps, guidance_scale, seed, token_schedule
+        )
+        height, width = self.image_size
+        image = background.convert("RGB").resize((width, height), Image.BICUBIC)
+        mask = self.inpaint_mask(layers, preset)
+        pixel_mask = torch.from_numpy(np.asarray(mask) > 0)[None]  # (1, H, W)
+        kept = ~token_mask_from_pixel_mask(pixel_mask, self.pipe.vqvae.downsample_factor).flatten()  # (L,)
+        self.inpaint_pipe.scheduler = self.schedulers[token_schedule]
+        call = dict(image=image, mask_image=mask, class_labels=[class_index], num_inference_steps=steps,
+                    guidance_scale=guidance_scale, generator=self._generators(seed, 1))  # fmt: skip
+        yield mask, None, None, None
+        for live, order, images in self._stream(self.inpaint_pipe, call, steps, kept):
+            yield mask, live, order, images

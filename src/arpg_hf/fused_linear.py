@@ -1,0 +1,80 @@
+"""Decoding layout of linear weights: transposed storage and fused projections, with unchanged parameters.
+
+`fuse_linears(q_proj, k_proj, v_proj)` copies the weights of bias-free linears that read the same input into ONE
+`(in_features, sum of out_features)` matrix and turns every `(out, in)` weight into a view of its column block. Names,
+shapes and values of the parameters stay what the checkpoint has (state dicts, saving and loading are unaffected);
+only the memory layout changes, so that
+
+- the projections run as one GEMM `x @ W` (`fused_linear_outputs`) instead of several small ones, and
+- `F.linear(x, weight)` multiplies by a contiguous `W^T`, the non-transposed BLAS path, which is the faster one for
+  the few rows of a decoding step.
+
+Nothing is copied twice: the old storage is released. The layout is checked on use (`fused_weight`), so a weight
+re-materialised by `.to()`, by assignment or by loading simply falls back to the plain per-linear path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fuse_linears(*linears: nn.Linear) -> None:
+    """Stores the weights of `linears` side by side, transposed, in one `(in_features, sum out_features)` matrix.
+
+    Every linear keeps its `(out_features, in_features)` parameter, now a view into that matrix. One linear alone
+    gets transposed storage. Already fused groups are left alone.
+    """
+    if fused_weight(*linears) is not None:
+        return
+    in_features = {linear.in_features for linear in linears}
+    if len(in_features) != 1 or any(linear.bias is not None for linear in linears):
+        raise ValueError("Only bias-free linears that read the same input can be fused.")
+    with torch.inference_mode(False), torch.no_grad():  # parameters must not become inference tensors
+        fused = torch.cat([linear.weight.t() for linear in linears], dim=1)  # (K, sum N), contiguous
+        start = 0
+        for linear in linears:
+            linear.weight.data = fused[:, start : start + linear.out_features].t()  # (N, K) view, strides (1, sum N)
+            start += linear.out_features
+
+
+def unfuse_linears(*linears: nn.Linear) -> None:
+    """Gives every weight its own contiguous `(out_features, in_features)` storage again (the default layout)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for linear in linears:
+            if not linear.weight.is_contiguous():
+                linear.weight.data = linear.weight.contiguous()
+
+
+def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
+    """The `(in_features, sum out_features)` matrix that `fuse_linears` made of `linears`, or None when their weights
+    are not (or no longer) laid out that way."""
+    first = linears[0].weight
+    total = sum(linear.out_features for linear in linears)
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for linear in linears:
+        weight = linear.weight
+        if (
+            weight.stride() != (1, total)
+            or weight.dtype != first.dtype
+            or weight.untyped_storage().data_ptr() != storage
+            or weight.storage_offset() != offset
+        ):
+            return None
+        offset += linear.out_features
+    return first.as_strided((first.shape[1], total), (total, 1), first.storage_offset())  # (K, sum N)
+
+
+def fused_linear_outputs(hidden_states: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """`tuple(linear(hidden_states) for linear in linears)`, as one GEMM when the weights are fused.
+
+    The fused path is taken only without autograd (decoding): a view over the whole matrix would route gradients
+    of every block to the first weight.
+    """
+    needs_grad = torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in linears)
+    weight = None if needs_grad else fused_weight(*linears)
+    if weight is None:
+        return tuple(F.linear(hidden_states, linear.weight) for linear in linears)
+    outputs = torch.matmul(hidden_states, weight)  # (..., sum N)
+    return outputs.split([linear.out_features for linear in linears], dim=-1)
