@@ -158,31 +158,17 @@ def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
 
     model = pipe.transformer
     model.fuse_projections()
-    width = model.config.hidden_size
-    self_groups, cross_groups = [], []
-    for layer in model.model.self_layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        self_groups.append([(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
-                            (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)])  # fmt: skip
-    for layer in model.model.cross_layers:
-        attention, mlp = layer.cross_attn, layer.mlp
-        cross_groups.append([(attention.q_proj,), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)])
+    pass_one, pass_two = model.projection_groups_by_pass()
+    weights = [fused_weight(*group) for group in pass_one], [fused_weight(*group) for group in pass_two]  # (K, N) each
     work = gemm_only_work(pipe, batch_size, steps, order, device)
     inputs = {rows: torch.randn(rows, model.config.intermediate_size, device=device, dtype=model.dtype)
               for pair in work for rows in pair}  # fmt: skip
 
-    def products(rows: int, layers) -> None:
-        for layer in layers:
-            for group in layer:
-                weight = fused_weight(*group)  # (K, N)
-                torch.mm(inputs[rows][:, : weight.shape[0]], weight)
-
     def run():
-        for input_rows, query_rows in work:
-            products(input_rows, self_groups)
-            torch.mm(inputs[input_rows][:, :width], fused_weight(model.model.k_proj, model.model.v_proj))
-            products(query_rows, cross_groups)
-            torch.mm(inputs[query_rows][:, :width], fused_weight(model.lm_head))
+        for rows_per_pass in work:  # (input rows, query rows)
+            for rows, pass_weights in zip(rows_per_pass, weights):
+                for weight in pass_weights:
+                    torch.mm(inputs[rows][:, : weight.shape[0]], weight)
 
     with torch.inference_mode():
         seconds, _ = time_call(run, device, args.warmup, args.repeats)

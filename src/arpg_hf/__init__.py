@@ -4,8 +4,9 @@ Public names are imported on first use, as transformers and diffusers do, so tha
 such as `arpg_hf.labels`) do not pay for importing torch, transformers and diffusers up front.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,9 +29,8 @@ _EXPORTS = {
     "bundled": ["bundled_pipeline_path", "load_bundled_pipeline"],
     "metrics.loading": ["load_metric"],
 }
-_NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("metrics",)  # reachable as attributes: `arpg_hf.metrics.frechet_distance(...)` after `import arpg_hf`
-__all__ = sorted(_NAME_TO_MODULE)
+# `arpg_hf.metrics` is reachable as an attribute: `arpg_hf.metrics.frechet_distance(...)` after `import arpg_hf`.
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals(), subpackages=("metrics",))
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundled import bundled_pipeline_path, load_bundled_pipeline
@@ -61,16 +61,3 @@ if TYPE_CHECKING:  # pragma: no cover
     from .training_utils import arpg_loss, save_checkpoint, weight_decay_param_groups
     from .vq_model import ARPGVQEncoderOutput, ARPGVQModel
 
-
-def __getattr__(name):
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f".{name}", __name__)
-    if name not in _NAME_TO_MODULE:
-        raise AttributeError(f"module 'arpg_hf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))

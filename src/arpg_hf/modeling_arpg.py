@@ -422,18 +422,23 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         return batch_size, seq_len
 
     # ------------------------------------------------------------------------------------------- decoding
-    def _projection_groups(self) -> list[tuple[nn.Linear, ...]]:
-        """The linears fused for decoding: q/k/v of each Pass-1 layer, gate/up of every FFN, the shared Pass-2
-        key/value projection; every other linear (one-element groups) gets transposed storage."""
-        groups = []
+    def projection_groups_by_pass(self) -> tuple[list[tuple[nn.Linear, ...]], list[tuple[nn.Linear, ...]]]:
+        """The linears of a decoding step in execution order, as groups that run as one GEMM once fused: those that
+        read the step's inputs (Pass 1: q/k/v, o, gate/up, down of each layer, then the shared Pass-2 key/value
+        projection) and those that read its queries (Pass 2: q, o, gate/up, down of each layer, then the head)."""
+        pass_one, pass_two = [], []
         for layer in self.model.self_layers:
-            attention = layer.self_attn
-            groups += [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,)]
+            attention, mlp = layer.self_attn, layer.mlp
+            pass_one += [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
+                         (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]  # fmt: skip
         for layer in self.model.cross_layers:
-            groups += [(layer.cross_attn.q_proj,), (layer.cross_attn.o_proj,)]
-        for layer in [*self.model.self_layers, *self.model.cross_layers]:
-            groups += [(layer.mlp.gate_proj, layer.mlp.up_proj), (layer.mlp.down_proj,)]
-        return groups + [(self.model.k_proj, self.model.v_proj), (self.lm_head,)]
+            attention, mlp = layer.cross_attn, layer.mlp
+            pass_two += [(attention.q_proj,), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
+        return pass_one + [(self.model.k_proj, self.model.v_proj)], pass_two + [(self.lm_head,)]
+
+    def _projection_groups(self) -> list[tuple[nn.Linear, ...]]:
+        pass_one, pass_two = self.projection_groups_by_pass()
+        return pass_one + pass_two
 
     def fuse_projections(self) -> None:
         """Lays the weights out for fast decoding: q/k/v, gate/up and the Pass-2 key/value projections fused into one

@@ -5,7 +5,7 @@ modules from the scripts shipped inside the package; `evaluate_images` computes 
 Submodules import torch only when used, so `import arpg_hf.metrics` stays light.
 """
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "frechet": ["feature_statistics", "frechet_distance", "frechet_distance_from_statistics", "trace_sqrt_product"],
@@ -17,17 +17,4 @@ _EXPORTS = {
     "harness": ["evaluate_images"],
     "loading": ["METRIC_NAMES", "load_metric", "metric_module_path"],
 }
-_NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_NAME_TO_MODULE)
-
-
-def __getattr__(name):
-    if name not in _NAME_TO_MODULE:
-        raise AttributeError(f"module 'arpg_hf.metrics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -56,6 +56,17 @@ def pad_to_same_length(predictions, references):
     return predictions + [None] * (length - len(predictions)), references + [None] * (length - len(references))
 
 
+class UnequalLengthsMixin:
+    """Put before `evaluate.Metric` in the bases of a metric whose predictions and references may differ in number."""
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """As `evaluate`'s, except that predictions and references may differ in number (the shorter column is padded
+        with None here, and `features_of` drops the padding again)."""
+        # `evaluate` appends the inputs description to this docstring, so the method must have one.
+        predictions, references = pad_to_same_length(predictions, references)
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+
 def drop_padding(column) -> list:
     """The column without the None padding of [`pad_to_same_length`]."""
     return [value for value in column if value is not None]

@@ -7,10 +7,10 @@ import evaluate
 
 from arpg_hf.metrics.evaluate_support import (
     EXTRACTOR_ARGS_DOC,
+    UnequalLengthsMixin,
     extractor_for,
     features_of,
     metric_features,
-    pad_to_same_length,
 )
 from arpg_hf.metrics.manifold import DEFAULT_NEAREST_K, precision_recall
 
@@ -37,17 +37,12 @@ booktitle={NeurIPS}, year={2019}}
 """
 
 
-class PrecisionRecall(evaluate.Metric):
+class PrecisionRecall(UnequalLengthsMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
             features=metric_features("precision_recall", self.config_name),
         )  # fmt: skip
-
-    def add_batch(self, *, predictions=None, references=None, **kwargs):
-        """As `evaluate`'s, except that predictions and references may differ in number."""
-        predictions, references = pad_to_same_length(predictions, references)
-        return super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def _compute(self, predictions, references, nearest_k=DEFAULT_NEAREST_K, feature_extractor=None,
                  inception_weights=None, batch_size=50, device=None):  # fmt: skip
