@@ -6,7 +6,9 @@ seconds per batch (median of --repeats runs after --warmup runs), images per sec
 high-water mark on CPU, max allocated on GPU). `--raster` adds the same model decoding in raster order, one token
 per step, through the very same code path (orders = 0..L-1, L steps). `--gemm-bound` also times the decoding's
 matrix products alone (the model's own fused weights, the same rows per step), the practical bound of the BLAS on this
-machine, and reports the share of the time they take. Prints a markdown table and writes JSON.
+machine, and reports the share of the time they take. `--compile` runs the decoding steps through torch.compile at
+bucketed static shapes (`pipe.enable_compiled_decoding()`, `--compile-mode reduce-overhead` for CUDA graphs); the
+warm-up runs compile every shape the timed runs use. Prints a markdown table and writes JSON.
 
     python benchmarks/bench_sampling.py --preset ARPG-L --batch-size 4 --num-inference-steps 64 \
         --guidance-scale 4 --dtype float32 --device cpu --json OUT.json [--raster] [--compile] [--gemm-bound]
@@ -42,7 +44,13 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--raster", action="store_true", help="also decode in raster order, one token per step")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoding step at bucketed static shapes (pipe.enable_compiled_decoding)")
+    parser.add_argument("--cpu-packed-weights", action="store_true",
+                        help="fuse_projections(cpu_packed_weights=True): oneDNN pre-packed GEMM weights (float32, CPU; "
+                             "a second copy of the projection weights in memory)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) or max-autotune")
     parser.add_argument("--no-vq", action="store_true", help="skip the VQ decoding measurement")
     parser.add_argument("--gemm-bound", action="store_true",
                         help="also time the step's matrix products alone (same weights, same rows per step): the "
@@ -136,6 +144,7 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
         device=str(device), compiled=bool(args.compile), images_per_second=batch_size / seconds,
         seconds_per_batch=seconds, peak_memory_mb=memory, guidance_scale=args.guidance_scale,
         token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
+        cpu_packed_weights=bool(args.cpu_packed_weights),
     )  # fmt: skip
 
 
@@ -172,6 +181,8 @@ def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
 
     with torch.inference_mode():
         seconds, _ = time_call(run, device, args.warmup, args.repeats)
+    if pipe.compiled_decoding:
+        model.unfuse_projections()  # the layout the compiled graphs were traced with
     return seconds
 
 
@@ -210,8 +221,10 @@ def main(argv=None):
     records = []
     for dtype_name in args.dtype:
         pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed)
-        if args.compile:
-            pipe.transformer.decode_step = torch.compile(pipe.transformer.decode_step, dynamic=True)
+        if args.cpu_packed_weights:
+            pipe.transformer.fuse_projections(cpu_packed_weights=True)
+        if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
+            pipe.enable_compiled_decoding(**({"mode": args.compile_mode} if args.compile_mode else {}))
         for batch_size in args.batch_size:
             first = len(records)
             orders = ["random"] * len(args.num_inference_steps) + (["raster"] if args.raster else [])

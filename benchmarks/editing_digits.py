@@ -10,6 +10,13 @@ regenerated with ARPGInpaintPipeline twice:
 * with ANOTHER class (drawn per image, seeded): the classifier should follow the new class (target >= 60 %).
 The kept top half is checked to come back token for token. Writes OUTPUT/editing_digits.json and a PNG strip
 (source, masked, true-class, other-class) and prints a Markdown table.
+
+Two references put the other-class rate in perspective; both paste REAL bottom halves (train split, new class) under
+each kept top half and ask the same classifier:
+* real continuation: the bottom half of the new-class training digit whose top half is nearest to the kept one
+  (what a faithful model of real digits would tend to draw);
+* best real bottom: whether ANY new-class training digit's bottom half makes the classifier follow (an upper bound
+  for edits that keep the top half).
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ def parse_args(argv=None):
                         help="guidance of the other-class edit (default: --guidance_scale)")
     parser.add_argument("--guidance_schedule", choices=("constant", "linear"), default=None,
                         help="override the scheduler's guidance schedule")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both edits")
+    parser.add_argument("--top_k", type=int, default=None, help="top-k filter of both edits")
     parser.add_argument("--masked_rows", type=float, default=0.5, help="fraction of the image height masked (bottom)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=120)
@@ -67,12 +76,29 @@ def inpaint(pipe, images, mask, labels, grid_size, args, guidance_scale):
         generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
         tokens.append(
             pipe(batch, mask, labels[start : start + len(batch)].tolist(), num_inference_steps=args.num_inference_steps,
-                 guidance_scale=guidance_scale, generator=generators, output_type="latent").images
+                 guidance_scale=guidance_scale, generator=generators, temperature=args.temperature, top_k=args.top_k,
+                 output_type="latent").images
         )  # fmt: skip
     tokens = torch.cat(tokens)
     with torch.no_grad():
         decoded = pipe.decode_tokens(tokens, grid_size).float()  # (n, 3, H, W) in [-1, 1]
     return tokens, pipe.image_processor.postprocess(decoded, output_type="np")
+
+
+def real_bottom_references(classifier, train, test_pixels, other_labels, kept_rows: int) -> dict:
+    """Follow rates of the new class when real new-class bottom halves are pasted under the kept top halves."""
+    train_images = train.pixels.reshape(len(train), 8, 8)
+    nearest_hits = any_hits = 0
+    for pixels, label in zip(test_pixels.reshape(-1, 8, 8), other_labels):
+        candidates = train_images[train.labels == label]  # (n_c, 8, 8)
+        composites = np.repeat(pixels[None], len(candidates), axis=0)
+        composites[:, kept_rows:] = candidates[:, kept_rows:]
+        follows = classifier.predict(composites.reshape(len(candidates), -1) / 16.0) == label
+        nearest = np.argmin(((candidates[:, :kept_rows] - pixels[:kept_rows]) ** 2).sum(axis=(1, 2)))
+        nearest_hits += bool(follows[nearest])
+        any_hits += bool(follows.any())
+    count = len(other_labels)
+    return {"real_continuation_follow_rate": nearest_hits / count, "best_real_bottom_follow_rate": any_hits / count}
 
 
 def main(argv=None):
@@ -116,6 +142,8 @@ def main(argv=None):
         )
         strips[name] = generated[: args.strip_count]
     real_accuracy = classifier_accuracy(classifier, test.flat_pixels()[:count], true_labels)
+    references = real_bottom_references(classifier, train, test.pixels[:count], other_labels,
+                                        int(round(8 * (1 - args.masked_rows))))  # fmt: skip
     report = dict(
         num_test_digits=count,
         masked_fraction=args.masked_rows,
@@ -127,6 +155,9 @@ def main(argv=None):
         true_class_accuracy=results["true"]["accuracy"],
         other_class_follow_rate=results["other"]["accuracy"],
         other_class_still_original=results["other"]["still_original_share"],
+        **references,
+        temperature=args.temperature,
+        top_k=args.top_k,
         kept_tokens_identical=results["true"]["kept_tokens_identical"] and results["other"]["kept_tokens_identical"],
         images_per_second=results["true"]["images_per_second"],
         targets=TARGETS,
@@ -145,7 +176,9 @@ def main(argv=None):
           f"| {report['guidance_scale']} / {other_guidance} {report['guidance_schedule']} "
           f"| {report['true_class_accuracy']:.1%} | {report['other_class_follow_rate']:.1%} "
           f"| {report['kept_tokens_identical']} |")  # fmt: skip
-    print(f"classifier on real test digits: {real_accuracy:.1%}; wall time {report['wall_time_s']:.0f} s")
+    print(f"classifier on real test digits: {real_accuracy:.1%}; new class followed with real bottom halves: "
+          f"{references['real_continuation_follow_rate']:.1%} (nearest top half), "
+          f"{references['best_real_bottom_follow_rate']:.1%} (best of all); wall time {report['wall_time_s']:.0f} s")
     return report
 
 

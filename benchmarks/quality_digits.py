@@ -16,6 +16,9 @@
    * near-copies: the share of samples whose nearest training image is closer than the closest pair of distinct
      real images (train/train or test/train) - closer than any two different handwritten digits of the dataset;
    * images/s: generation + decoding wall time (torch threads as given by `--threads`).
+4. A floor for comparison: the same measures on images whose tokens are drawn independently per position from the
+   real train split's per-class, per-position token frequencies (no model, no dependence between tokens): what
+   knowing only "which code is common where, for this digit" achieves.
 Writes OUTPUT/quality_digits.json and a grid PNG (10 rows = digits 0-9, `--grid_columns` samples each, at the
 recommended setting), and prints a Markdown table.
 """
@@ -132,6 +135,28 @@ def tokenizer_metrics(pipeline, test, classifier) -> dict:
     }
 
 
+@torch.no_grad()
+def independent_tokens_baseline(pipeline, train, num_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(images, labels)`: every token drawn independently from the per-class, per-position code frequencies of the
+    encoded real train split, then decoded by the pipeline's `vqvae`."""
+    from arpg_hf.token_dataset import images_to_tensor
+
+    vqvae = pipeline.vqvae
+    codes = vqvae.encode(images_to_tensor(render_digits(train.pixels)).to(vqvae.dtype)).indices  # (n, h, w)
+    grid = codes.shape[1:]
+    codes = codes.flatten(1).numpy()  # (n, h * w)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(NUM_CLASSES), num_per_class)
+    sampled = np.empty((len(labels), codes.shape[1]), dtype=np.int64)
+    for label in range(NUM_CLASSES):
+        rows = np.flatnonzero(labels == label)
+        pool = codes[train.labels == label]  # (n_c, h * w)
+        sampled[rows] = pool[rng.integers(0, len(pool), size=(len(rows), codes.shape[1])), np.arange(codes.shape[1])]
+    latents = vqvae.indices_to_latents(torch.from_numpy(sampled), tuple(grid))
+    images = (vqvae.decode(latents).sample.float().clamp(-1, 1) + 1) / 2  # (N, 3, H, W) in [0, 1]
+    return images.permute(0, 2, 3, 1).numpy(), labels
+
+
 def measure(pixels, labels, seconds, classifier, train, test, reference) -> dict:
     features = pixels.reshape(len(pixels), -1)
     nearest = nearest_distances(features, train.flat_pixels())
@@ -202,6 +227,11 @@ def main(args):
     print(json.dumps(reference, indent=2))
     tokenizer = tokenizer_metrics(pipeline, test, classifier)
     print(json.dumps({"tokenizer": tokenizer}, indent=2))
+    floor_images, floor_labels = independent_tokens_baseline(pipeline, train, args.num_per_class, args.seed)
+    floor = measure(pixels_from_images(floor_images), floor_labels, float("nan"), classifier, train, test, reference)
+    reference["independent_tokens_baseline"] = {key: floor[key] for key in
+                                                ("class_consistency", "fd_ratio", "near_copy_share")}  # fmt: skip
+    print(json.dumps({"independent_tokens_baseline": reference["independent_tokens_baseline"]}, indent=2))
     results = []
     for steps, guidance in settings_to_run(args, steps_default, guidance_default):
         images, labels, seconds = generate(pipeline, args.num_per_class, steps, guidance, args.seed, args.batch_size)

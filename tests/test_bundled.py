@@ -71,9 +71,9 @@ def test_greedy_tokens_in_raster_order_are_pinned(pipe):
 
 
 def test_samples_are_recognisable_digits(pipe):
-    """A cheap regression guard: an independent classifier trained on the real train split recognises the samples
-    far above chance (10 %). The committed model scores 14 / 20 here (70 %; benchmarks/quality_digits.py measures
-    79.7 % on 1,000 samples), below the 95 % target of the bundled-model issue (see the README's Quality section)."""
+    """A cheap regression guard: an independent classifier trained on the real train split recognises the samples.
+    The committed model scores 20 / 20 here (benchmarks/quality_digits.py measures 98.9 % on 1,000 samples at the
+    recommended setting); the bar leaves room for platform-dependent floating point."""
     pytest.importorskip("sklearn")
     from sklearn.svm import SVC
 
@@ -86,7 +86,7 @@ def test_samples_are_recognisable_digits(pipe):
     images = pipe(labels, num_inference_steps=16, guidance_scale=pipe.scheduler.config.recommended_guidance_scale,
                   generator=generators, output_type="np").images  # fmt: skip
     predictions = classifier.predict(pixels_from_images(images).reshape(len(labels), -1) / 16)
-    assert (predictions == np.array(labels)).mean() >= 0.6
+    assert (predictions == np.array(labels)).mean() >= 0.9
 
 
 def test_cli_generate_without_model_uses_the_bundled_pipeline(tmp_path, capsys):
@@ -107,6 +107,6 @@ def test_cli_generate_without_model_uses_the_bundled_pipeline(tmp_path, capsys):
 
 # From the committed folder (greedy, raster order, guidance 2): changes only when the weights or the decoding math do.
 PINNED_GREEDY_TOKENS = [
-    [8, 2, 28, 9, 13, 28, 12, 10, 8, 2, 28, 9, 7, 28, 13, 25],
-    [6, 6, 25, 28, 28, 28, 7, 10, 6, 6, 25, 20, 28, 12, 10, 25],
+    [6, 6, 29, 20, 9, 8, 25, 2, 3, 25, 17, 28, 28, 0, 8, 25],
+    [6, 6, 14, 28, 28, 28, 28, 9, 6, 10, 5, 7, 14, 18, 28, 13],
 ]

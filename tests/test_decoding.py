@@ -9,9 +9,10 @@ from arpg_hf.rotary_2d import CLASS_POSITION
 from .conftest import randomize_, tiny_config
 
 
-@pytest.fixture(scope="module")
-def model():
-    return randomize_(ARPGForImageGeneration(tiny_config()), seed=11).eval()
+@pytest.fixture(scope="module", params=[False, True], ids=["rope-only", "absolute-positions"])
+def model(request):
+    config = tiny_config(absolute_position_embeddings=request.param)
+    return randomize_(ARPGForImageGeneration(config), seed=11).eval()
 
 
 def cached_logits(model, class_ids, orders, tokens, tokens_per_step):

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from arpg_hf import ARPGForImageGeneration
-from arpg_hf.fused_linear import fuse_linears, fused_linear_outputs, fused_weight, unfuse_linears
+from arpg_hf.fused_linear import (
+    fuse_linears, fused_linear_outputs, fused_weight, pack_linears, packed_weight, unfuse_linears,
+)  # fmt: skip
 from arpg_hf.rotary_2d import ARPGRotaryEmbedding2D
 
 from .conftest import randomize_, tiny_config
@@ -100,6 +102,35 @@ def test_fused_decoding_agrees_with_default_layout_and_falls_back(model):
         assert not model.projections_fused
         torch.testing.assert_close(decode_two_steps(model, class_ids, orders, tokens).float(), reference,
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the packed layout needs oneDNN")
+def test_cpu_packed_weights_decode_the_same_and_go_stale_when_weights_change(model):
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 32, (2, 16), generator=generator)
+    class_ids = model.class_token_ids(torch.tensor([3, -1]))
+    orders = torch.stack([torch.randperm(16, generator=generator) for _ in range(2)])
+    groups = model._projection_groups()
+    with torch.no_grad():
+        reference = decode_two_steps(model, class_ids, orders, tokens)
+        model.fuse_projections(cpu_packed_weights=True)
+        assert all(packed_weight(fused_weight(*group), *group) is not None for group in groups)
+        torch.testing.assert_close(decode_two_steps(model, class_ids, orders, tokens), reference, rtol=1e-5, atol=1e-5)
+        # An in-place update (an optimizer step) makes the copy stale: it is dropped and the new values are used.
+        model.lm_head.weight.mul_(2.0)
+        assert packed_weight(fused_weight(model.lm_head), model.lm_head) is None
+        doubled = decode_two_steps(model, class_ids, orders, tokens)
+        torch.testing.assert_close(doubled, 2 * reference, rtol=1e-5, atol=1e-5)
+        model.unfuse_projections()
+        assert all("_onednn_packed_weight" not in group[0].__dict__ for group in groups)
+
+
+def test_packing_needs_fused_float32_cpu_weights():
+    linear = torch.nn.Linear(8, 4, bias=False)
+    with pytest.raises(ValueError, match="Fuse the linears"):
+        pack_linears(linear)
+    fuse_linears(linear.double())
+    assert pack_linears(linear) is False  # float64: nothing packed, the plain fused GEMM stays
 
 
 @pytest.mark.parametrize("position_mode", ["extrapolate", "interpolate"])

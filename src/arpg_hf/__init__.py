@@ -14,6 +14,7 @@ _EXPORTS = {
     "configuration_arpg": ["ARPG_PRESETS", "ARPGConfig"],
     "modeling_arpg": ["ARPGForImageGeneration", "ARPGImageGenerationOutput", "ARPGModel", "ARPGPreTrainedModel"],
     "cache_arpg": ["ARPGStaticCache"],
+    "compiled_decoding": ["CompiledDecoder"],
     "scheduling_arpg": ["ARPGScheduler", "ARPGSchedulerOutput"],
     "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput"],
     "pipeline_arpg": ["ARPGPipeline"],

@@ -68,6 +68,24 @@ class ARPGStaticCache:
         self.seq_length += key.shape[2]
         return keys, values
 
+    # Static shapes (compiled decoding): writes at a tensor offset, reads of the whole buffers under a slot mask.
+    @staticmethod
+    def _write_at(keys: torch.Tensor, values: torch.Tensor, key, value, start: torch.Tensor):
+        slots = start + torch.arange(key.shape[2], device=key.device)  # (n,)
+        keys.index_copy_(2, slots, key)
+        values.index_copy_(2, slots, value)
+        return keys, values  # (B, H, max_length, Dh): every slot, valid or not
+
+    def update_self_at(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor):
+        """Writes a Pass-1 layer's keys/values (B, H, n, Dh) at slots `start .. start + n - 1` (`start` a 0-dim
+        tensor, so that the traced shapes never depend on the fill) and returns the whole buffers. Does not advance
+        `seq_length`: with padded inputs only the caller knows how many of the n are real."""
+        return self._write_at(self.self_keys[layer_idx], self.self_values[layer_idx], key, value, start)
+
+    def update_cross_at(self, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor):
+        """`update_self_at` for the shared Pass-2 keys/values."""
+        return self._write_at(self.cross_key, self.cross_value, key, value, start)
+
     def reset(self) -> None:
         """Marks every slot free, so the same buffers serve another batch of the same size."""
         self.seq_length = 0

@@ -73,6 +73,14 @@ class ARPGConfig(PretrainedConfig):
             Dropout on attention probabilities.
         class_dropout_prob (`float`, *optional*, defaults to 0.1):
             Probability, in training mode, of replacing a class label by the null class (for classifier-free guidance).
+        absolute_position_embeddings (`bool`, *optional*, defaults to `False`):
+            Not part of the published models (which keep it off). Adds a learned embedding per trained grid cell to
+            every image-token input of Pass 1 and to every [MASK] query of Pass 2. Without it, position reaches the
+            model only through RoPE, which is relative: the first query sees nothing but the class token, so its
+            prediction cannot depend on where it lands, and no token knows where the canvas edges are until enough
+            tokens are known. That costs little on 16x16 ImageNet grids and a great deal on tiny grids whose content
+            is anchored to the canvas (the bundled 8x8 digits model uses it). On other canvases the table is sampled
+            as `position_mode` says (see [`ARPGModel.absolute_position_embedding`]).
     """
 
     model_type = "arpg"
@@ -98,6 +106,7 @@ class ARPGConfig(PretrainedConfig):
         ffn_dropout: float = 0.1,
         attention_dropout: float = 0.0,
         class_dropout_prob: float = 0.1,
+        absolute_position_embeddings: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -119,6 +128,7 @@ class ARPGConfig(PretrainedConfig):
         self.ffn_dropout = ffn_dropout
         self.attention_dropout = attention_dropout
         self.class_dropout_prob = class_dropout_prob
+        self.absolute_position_embeddings = absolute_position_embeddings
         self._validate_arpg_fields()
         if self.intermediate_size is None:
             self.intermediate_size = swiglu_intermediate_size(hidden_size, multiple_of, ffn_dim_multiplier)
@@ -150,6 +160,10 @@ class ARPGConfig(PretrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ARPGConfig.{name} must lie in [0, 1), got {value!r}.")
+        if not isinstance(self.absolute_position_embeddings, bool):
+            raise ValueError(
+                f"ARPGConfig.absolute_position_embeddings must be True or False, got {self.absolute_position_embeddings!r}."
+            )
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(
                 f"rms_norm_eps and rope_theta must be positive, got {self.rms_norm_eps!r} and {self.rope_theta!r}."

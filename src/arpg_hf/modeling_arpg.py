@@ -25,7 +25,9 @@ except ImportError:  # pragma: no cover
 
 from .cache_arpg import ARPGStaticCache
 from .configuration_arpg import ARPGConfig
-from .fused_linear import fuse_linears, fused_linear_outputs, fused_weight, unfuse_linears
+from .fused_linear import (
+    fuse_linears, fused_linear_outputs, fused_weight, linear_output, pack_linears, unfuse_linears, unpack_linears,
+)  # fmt: skip
 from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
 
@@ -85,7 +87,7 @@ class ARPGMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear_outputs(hidden_states, self.gate_proj, self.up_proj)  # (..., F) each
-        return self.dropout(self.down_proj(F.silu(gate) * up))
+        return self.dropout(linear_output(F.silu(gate) * up, self.down_proj))
 
 
 def multi_head_attention(
@@ -135,19 +137,21 @@ class ARPGSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, N, Dh)
 
-    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None):
+    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None, slot_start=None):
         cos, sin = rotary
         query, key, value = fused_linear_outputs(hidden_states, self.q_proj, self.k_proj, self.v_proj)  # (B, N, D) each
         query = apply_rotary_2d(self._heads(query), cos, sin)
         key = apply_rotary_2d(self._heads(key), cos, sin)
         value = self._heads(value)
-        if cache is not None:
+        if cache is not None and slot_start is not None:
+            key, value = cache.update_self_at(self.layer_idx, key, value, slot_start)  # (B, H, max_length, Dh)
+        elif cache is not None:
             key, value = cache.update_self(self.layer_idx, key, value)  # (B, H, cached + N, Dh)
         dropout = self.config.attention_dropout if self.training else 0.0
         output = multi_head_attention(
             query, key, value, attention_mask, is_causal, dropout, self.config._attn_implementation
         )
-        return self.resid_dropout(self.o_proj(output))
+        return self.resid_dropout(linear_output(output, self.o_proj))
 
 
 class ARPGCrossAttention(nn.Module):
@@ -164,13 +168,13 @@ class ARPGCrossAttention(nn.Module):
 
     def forward(self, hidden_states, rotary, key, value, attention_mask=None, is_causal=False):
         cos, sin = rotary
-        query = self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, M, Dh)
+        query = linear_output(hidden_states, self.q_proj).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         query = apply_rotary_2d(query, cos, sin)
         dropout = self.config.attention_dropout if self.training else 0.0
         output = multi_head_attention(
             query, key, value, attention_mask, is_causal, dropout, self.config._attn_implementation
         )
-        return self.resid_dropout(self.o_proj(output))
+        return self.resid_dropout(linear_output(output, self.o_proj))
 
 
 class ARPGSelfAttentionLayer(GradientCheckpointingLayer):
@@ -181,9 +185,10 @@ class ARPGSelfAttentionLayer(GradientCheckpointingLayer):
         self.ffn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ARPGMLP(config)
 
-    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None):
+    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None, slot_start=None):
         hidden_states = hidden_states + self.self_attn(
-            self.attn_norm(hidden_states), rotary, attention_mask=attention_mask, is_causal=is_causal, cache=cache
+            self.attn_norm(hidden_states), rotary, attention_mask=attention_mask, is_causal=is_causal, cache=cache,
+            slot_start=slot_start,
         )
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
@@ -243,6 +248,9 @@ class ARPGModel(ARPGPreTrainedModel):
         self.rotary_emb = ARPGRotaryEmbedding2D(
             config.head_dim, (config.grid_height, config.grid_width), config.rope_theta
         )
+        self.position_embeddings = (
+            nn.Embedding(config.num_image_tokens, config.hidden_size) if config.absolute_position_embeddings else None
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -258,6 +266,8 @@ class ARPGModel(ARPGPreTrainedModel):
         grid_size: tuple[int, int] | None = None,
         position_mode: str = "extrapolate",
         causal_inputs: bool = False,
+        slot_start: torch.Tensor | None = None,
+        num_valid_inputs: torch.Tensor | None = None,
     ) -> ARPGModelOutput:
         r"""
         Args:
@@ -282,12 +292,25 @@ class ARPGModel(ARPGPreTrainedModel):
             causal_inputs (`bool`, *optional*, defaults to `False`):
                 With a cache: the new inputs attend to every cached input but causally among themselves (input j sees
                 new inputs 0..j), as a prefix of the training order does. Used to prefill known tokens (editing).
+            slot_start (`torch.Tensor`, *optional*), num_valid_inputs (`torch.Tensor`, *optional*):
+                Static shapes for compiled decoding (see `arpg_hf.compiled_decoding`), both 0-dim integer tensors: the
+                inputs are written at cache slots `slot_start ..` and only the first `num_valid_inputs` of them are
+                real (the rest is padding). Attention then reads the whole cache under a mask of the slots below
+                `slot_start + num_valid_inputs`, so no shape depends on the fill. The caller checks the capacity
+                (padding included) and advances `cache.seq_length`.
         """
+        padded = slot_start is not None
+        if padded and (cache is None or num_valid_inputs is None or causal_inputs):
+            raise ValueError("slot_start needs a cache and num_valid_inputs, and serves non-causal decoding steps only.")
         if cache is not None and (
             is_causal or self_attention_mask is not None or cross_attention_mask is not None
         ):
             raise ValueError("With a cache the attention pattern is fixed: pass no masks and is_causal=False.")
-        if cache is not None:
+        if padded:
+            slots = torch.arange(cache.max_length, device=input_ids.device)  # (S,)
+            filled = (slots < slot_start + num_valid_inputs)[None, :]  # (1, S): the slots filled after this step
+            self_attention_mask = cross_attention_mask = filled
+        elif cache is not None:
             cache.check_capacity(input_ids.shape[0], input_ids.shape[1])
             if causal_inputs and input_ids.shape[1] > 1:
                 num_new, num_cached = input_ids.shape[1], cache.seq_length
@@ -297,24 +320,64 @@ class ARPGModel(ARPGPreTrainedModel):
         input_rotary = self.rotary_emb(input_position_ids, grid_size, position_mode)
         query_rotary = self.rotary_emb(query_position_ids, grid_size, position_mode)
 
-        hidden_states = self.token_dropout(self.embed_tokens(input_ids))  # (B, N, D)
+        hidden_states = self.embed_tokens(input_ids)  # (B, N, D)
+        mask_embedding = self.embed_tokens.weight[self.config.mask_token_id]  # (D,)
+        queries = mask_embedding.expand(*query_position_ids.shape, -1)  # (B, M, D)
+        if self.position_embeddings is not None:
+            hidden_states = hidden_states + self.absolute_position_embedding(input_position_ids, grid_size, position_mode)
+            queries = queries + self.absolute_position_embedding(query_position_ids, grid_size, position_mode)
+        hidden_states = self.token_dropout(hidden_states)
         for layer in self.self_layers:
             hidden_states = layer(
-                hidden_states, input_rotary, attention_mask=self_attention_mask, is_causal=is_causal, cache=cache
+                hidden_states, input_rotary, attention_mask=self_attention_mask, is_causal=is_causal, cache=cache,
+                slot_start=slot_start,
             )
         hidden_states = self.kv_norm(hidden_states)
         heads = (self.config.num_attention_heads, self.config.head_dim)
         key, value = fused_linear_outputs(hidden_states, self.k_proj, self.v_proj)  # (B, N, D) each
         key = apply_rotary_2d(key.unflatten(-1, heads).transpose(1, 2), *input_rotary)  # (B, H, N, Dh)
         value = value.unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
-        if cache is not None:
+        if padded:
+            key, value = cache.update_cross_at(key, value, slot_start)  # (B, H, max_length, Dh)
+        elif cache is not None:
             key, value = cache.update_cross(key, value)  # (B, H, cached + N, Dh)
 
-        mask_embedding = self.embed_tokens.weight[self.config.mask_token_id]  # (D,)
-        queries = mask_embedding.expand(*query_position_ids.shape, -1)  # (B, M, D)
         for layer in self.cross_layers:
             queries = layer(queries, query_rotary, key, value, attention_mask=cross_attention_mask, is_causal=is_causal)
         return ARPGModelOutput(last_hidden_state=self.norm(queries), cache=cache)
+
+    def absolute_position_embedding(
+        self, position_ids: torch.LongTensor, grid_size: tuple[int, int] | None = None, position_mode: str = "extrapolate"
+    ) -> torch.Tensor:
+        """The learned absolute embedding (`config.absolute_position_embeddings`) of raster positions on `grid_size`,
+        zero for the class slot (-1): `(batch, seq, hidden_size)`.
+
+        On the trained grid every position takes its own row of the table. On another canvas the table is read as an
+        image over the trained (row, col) range: "interpolate" scales (row, col) into that range as the rotary
+        embedding does and samples bilinearly; "extrapolate" keeps integer (row, col) and clamps them into it, so
+        cells beyond the trained grid take the embedding of the nearest edge cell.
+        """
+        table = self.position_embeddings.weight  # (h * w, D)
+        trained = (self.config.grid_height, self.config.grid_width)
+        height, width = trained if grid_size is None else tuple(grid_size)
+        positions = position_ids.clamp(min=0)  # the class slot is zeroed below
+        if (height, width) == trained:
+            embedding = table[positions]  # (B, N, D)
+        else:
+            coordinates = torch.stack([torch.div(positions, width, rounding_mode="floor"), positions % width]).float()
+            if position_mode == "interpolate":
+                scale = torch.tensor([trained[0] / height, trained[1] / width], device=table.device)
+                coordinates = coordinates * scale[:, None, None]
+            limits = torch.tensor([trained[0] - 1, trained[1] - 1], device=table.device)[:, None, None]
+            coordinates = torch.minimum(coordinates, limits)  # (2, B, N): (row, col) in the trained range
+            low = coordinates.floor().long()  # (2, B, N)
+            high = torch.minimum(low + 1, limits)
+            fraction = (coordinates - low).to(table.dtype)[..., None]  # (2, B, N, 1)
+            row_low, row_high = low[0] * trained[1], high[0] * trained[1]
+            top = table[row_low + low[1]] * (1 - fraction[1]) + table[row_low + high[1]] * fraction[1]
+            bottom = table[row_high + low[1]] * (1 - fraction[1]) + table[row_high + high[1]] * fraction[1]
+            embedding = top * (1 - fraction[0]) + bottom * fraction[0]  # (B, N, D)
+        return embedding.masked_fill((position_ids == CLASS_POSITION)[..., None], 0.0)
 
 
 class ARPGForImageGeneration(ARPGPreTrainedModel):
@@ -440,19 +503,30 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         pass_one, pass_two = self.projection_groups_by_pass()
         return pass_one + pass_two
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, cpu_packed_weights: bool = False) -> None:
         """Lays the weights out for fast decoding: q/k/v, gate/up and the Pass-2 key/value projections fused into one
         GEMM each, every weight stored transposed (see `arpg_hf.fused_linear`). Parameter names, shapes and values are
         unchanged, so state dicts, saving and training are unaffected; the memory used stays the same. The pipelines
-        call this before decoding; `.to()` or loading new weights may undo it (decoding then takes the plain path)."""
+        call this before decoding; `.to()` or loading new weights may undo it (decoding then takes the plain path).
+
+        Args:
+            cpu_packed_weights (`bool`, *optional*, defaults to `False`):
+                Opt-in, float32 on CPU: also keep every fused matrix in oneDNN's pre-packed GEMM layout and decode
+                with oneDNN instead of MKL (1.5x faster GEMMs at decoding row counts on some CPUs), at the price of a
+                second copy of the projection weights in memory. The copies are dropped as soon as the weights move
+                or change; [`~ARPGForImageGeneration.unfuse_projections`] drops them too.
+        """
         if any(parameter.device.type == "meta" for parameter in self.parameters()):
             return  # offloaded weights (accelerate hooks) are materialised per call: leave their layout alone
         for group in self._projection_groups():
             fuse_linears(*group)
+            if cpu_packed_weights:
+                pack_linears(*group)
 
     def unfuse_projections(self) -> None:
-        """Restores the default layout (one contiguous `(out, in)` matrix per linear)."""
+        """Restores the default layout (one contiguous `(out, in)` matrix per linear), without packed copies."""
         for group in self._projection_groups():
+            unpack_linears(*group)
             unfuse_linears(*group)
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
@@ -490,6 +564,8 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         grid_size: tuple[int, int] | None = None,
         position_mode: str = "extrapolate",
         causal_inputs: bool = False,
+        slot_start: torch.Tensor | None = None,
+        num_valid_inputs: torch.Tensor | None = None,
     ) -> torch.FloatTensor:
         r"""One decoding step: feeds inputs into the cache and returns the logits of the queried positions.
 
@@ -507,6 +583,8 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
                 other than the trained one.
             causal_inputs (`bool`, *optional*, defaults to `False`): feed the inputs causally among themselves
                 (input j sees the cache and inputs 0..j) instead of bidirectionally; for prefilling known tokens.
+            slot_start (`torch.Tensor`, *optional*), num_valid_inputs (`torch.Tensor`, *optional*): the static-shape
+                step of compiled decoding, see [`ARPGModel.forward`]; [`~arpg_hf.CompiledDecoder`] sets them.
 
         Returns:
             `torch.FloatTensor` of shape `(batch, num_queries, vocab_size)`: float32 logits.
@@ -519,8 +597,10 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             grid_size=grid_size,
             position_mode=position_mode,
             causal_inputs=causal_inputs,
+            slot_start=slot_start,
+            num_valid_inputs=num_valid_inputs,
         ).last_hidden_state  # (B, M, D)
-        return self.lm_head(hidden).float()
+        return linear_output(hidden, self.lm_head).float()
 
 
 def check_class_labels(class_labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:

@@ -196,6 +196,33 @@ class ARPGPipeline(DiffusionPipeline):
                 folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
             )
 
+    # ------------------------------------------------------------------------------------- compiled decoding
+    def enable_compiled_decoding(self, buckets=None, **compile_kwargs) -> None:
+        """Opt-in: decoding steps run through `torch.compile` at bucketed static shapes ([`CompiledDecoder`]).
+
+        The first calls compile a handful of shapes (per batch size, grid and position mode); later calls reuse them.
+        Compiled decoding keeps the default weight layout (the compiler picks its own GEMM layouts). Results equal
+        the eager path's up to floating-point reassociation.
+
+        Args:
+            buckets (`Sequence[int]`, *optional*): padded sizes for the inputs and queries of a step (default: powers
+                of two).
+            **compile_kwargs: for `torch.compile`, e.g. `mode="reduce-overhead"` (CUDA graphs) or `backend=...`.
+        """
+        from .compiled_decoding import CompiledDecoder
+
+        self.transformer.unfuse_projections()
+        self._compiled_decoder = CompiledDecoder(self.transformer, buckets=buckets, **compile_kwargs)
+
+    def disable_compiled_decoding(self) -> None:
+        """Back to eager decoding steps."""
+        self._compiled_decoder = None
+
+    @property
+    def compiled_decoding(self) -> bool:
+        """Whether decoding steps run compiled ([`~ARPGPipeline.enable_compiled_decoding`])."""
+        return getattr(self, "_compiled_decoder", None) is not None
+
     # -------------------------------------------------------------------------------------------- inputs
     def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
                      callback_on_step_end_tensor_inputs, height=None, width=None,
@@ -302,9 +329,15 @@ class ARPGPipeline(DiffusionPipeline):
             position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
         """
         transformer, scheduler = self.transformer, self.scheduler
-        transformer.fuse_projections()  # a layout change only (no-op once done): fewer, faster GEMMs per step
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
-        cache = transformer.allocate_cache(2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device)
+        compiled = getattr(self, "_compiled_decoder", None)
+        if compiled is not None:
+            decode_step = compiled
+            cache = compiled.allocate_cache(2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device)
+        else:
+            transformer.fuse_projections()  # a layout change only (no-op once done): fewer, faster GEMMs per step
+            decode_step = transformer.decode_step
+            cache = transformer.allocate_cache(2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device)
         inputs, input_positions = self.prefill_inputs(class_labels, orders, known_tokens)  # (2B, 1 + K) each
         step_kwargs = dict(grid_size=grid_size, position_mode=position_mode)
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
@@ -312,7 +345,7 @@ class ARPGPipeline(DiffusionPipeline):
                 positions = orders[:, start:end]  # (B, n)
                 query_positions = positions.repeat(2, 1)  # (2B, n): the same targets in both halves
                 causal_inputs = step_index == 0 and inputs.shape[1] > 1  # the prefill of known tokens
-                logits = transformer.decode_step(
+                logits = decode_step(
                     inputs, input_positions, query_positions, cache, causal_inputs=causal_inputs, **step_kwargs
                 )  # (2B, n, V)
                 conditional, unconditional = logits.chunk(2)

@@ -1,0 +1,130 @@
+"""Opt-in compiled decoding: bucketed static shapes, the same results as the eager step, graphs reused across calls.
+
+The tests trace with a counting backend that runs the captured graph as is (Dynamo's full-graph capture is what is
+under test; inductor's code generation would take minutes on the CI CPU).
+"""
+
+import pytest
+import torch
+
+from arpg_hf import (
+    ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel, CompiledDecoder,
+)  # fmt: skip
+from arpg_hf.compiled_decoding import bucket_size
+from arpg_hf.rotary_2d import CLASS_POSITION
+
+from .conftest import randomize_, tiny_config
+
+
+class CountingBackend:
+    """A torch.compile backend that records every captured graph and runs it unchanged."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return graph_module.forward
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    """(eager pipeline, compiled pipeline, its backend) over the same weights (with absolute positions: every code
+    path of the step)."""
+    torch._dynamo.reset()
+    transformer = randomize_(ARPGForImageGeneration(tiny_config(absolute_position_embeddings=True)), seed=2)
+    vqvae = ARPGVQModel(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32).eval()
+    eager = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae, scheduler=ARPGScheduler())
+    compiled_transformer = ARPGForImageGeneration(transformer.config).eval()
+    compiled_transformer.load_state_dict(transformer.state_dict())
+    compiled = ARPGPipeline(transformer=compiled_transformer, vqvae=vqvae, scheduler=ARPGScheduler())
+    backend = CountingBackend()
+    compiled.enable_compiled_decoding(backend=backend)
+    for pipe in (eager, compiled):
+        pipe.set_progress_bar_config(disable=True)
+    return eager, compiled, backend
+
+
+def test_bucket_sizes():
+    assert [bucket_size(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+
+
+def test_bad_buckets_raise():
+    model = ARPGForImageGeneration(tiny_config())
+    with pytest.raises(ValueError, match="buckets must be positive integers"):
+        CompiledDecoder(model, buckets=[0, 4])
+
+
+def test_padded_step_equals_the_eager_step():
+    """The static-shape step (inputs and queries padded, whole cache under a slot mask) gives the eager logits."""
+    model = randomize_(ARPGForImageGeneration(tiny_config()), seed=4).eval()
+    eager_cache, padded_cache = model.allocate_cache(2), model.allocate_cache(2, max_length=17 + 7)
+    class_ids = model.class_token_ids(torch.tensor([1, -1]))[:, None]
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(16, generator=generator).expand(2, 16)
+    tokens = torch.randint(0, 32, (2, 16), generator=generator)
+    inputs, positions, start = class_ids, torch.full((2, 1), CLASS_POSITION), 0
+    with torch.no_grad():
+        for count in (1, 3, 5, 7):
+            queries = order[:, start : start + count]
+            expected = model.decode_step(inputs, positions, queries, eager_cache)
+            pad = 8 - inputs.shape[1]
+            padded_logits = model.decode_step(
+                torch.cat([inputs, inputs[:, :1].expand(-1, pad)], 1),
+                torch.cat([positions, positions[:, :1].expand(-1, pad)], 1),
+                torch.cat([queries, queries[:, :1].expand(-1, 8 - count)], 1),
+                padded_cache, slot_start=torch.tensor(padded_cache.seq_length), num_valid_inputs=torch.tensor(inputs.shape[1]),
+            )  # fmt: skip
+            padded_cache.seq_length += inputs.shape[1]
+            torch.testing.assert_close(padded_logits[:, :count], expected, atol=1e-5, rtol=0)
+            inputs, positions, start = tokens.gather(1, queries), queries, start + count
+    assert padded_cache.seq_length == eager_cache.seq_length == 1 + 1 + 3 + 5
+
+
+def test_compiled_pipeline_gives_the_eager_tokens_and_reuses_its_graphs(pipelines):
+    eager, compiled, backend = pipelines
+    kwargs = dict(class_labels=[0, 3, 4], num_inference_steps=6, guidance_scale=3.0, output_type="latent")
+    expected = eager(**kwargs, generator=torch.Generator().manual_seed(7)).images
+    got = compiled(**kwargs, generator=torch.Generator().manual_seed(7)).images
+    assert torch.equal(got, expected)
+    # 6 steps over 16 tokens: every step is one of a few (input bucket, query bucket) shapes, each traced once.
+    first_graphs = len(backend.graphs)
+    assert 1 <= first_graphs <= 5
+    again = compiled(**kwargs, generator=torch.Generator().manual_seed(8)).images
+    assert len(backend.graphs) == first_graphs  # a second call compiles nothing
+    assert torch.equal(again, eager(**kwargs, generator=torch.Generator().manual_seed(8)).images)
+
+
+def test_compiled_decoding_serves_larger_canvases_and_inpainting(pipelines):
+    eager, compiled, _ = pipelines
+    kwargs = dict(class_labels=[1], num_inference_steps=5, height=8, width=16, output_type="latent")
+    assert torch.equal(
+        compiled(**kwargs, generator=torch.Generator().manual_seed(1)).images,
+        eager(**kwargs, generator=torch.Generator().manual_seed(1)).images,
+    )
+    image = torch.rand(1, 3, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:, :] = 1  # bottom half: a causal prefill of the known top half, then compiled steps
+    inpaint_eager, inpaint_compiled = ARPGInpaintPipeline(**eager.components), ARPGInpaintPipeline(**compiled.components)
+    inpaint_compiled.enable_compiled_decoding(backend=CountingBackend())
+    for pipe in (inpaint_eager, inpaint_compiled):
+        pipe.set_progress_bar_config(disable=True)
+    call = dict(image=image, mask_image=mask, class_labels=[2], num_inference_steps=3, output_type="latent")
+    assert torch.equal(
+        inpaint_compiled(**call, generator=torch.Generator().manual_seed(3)).images,
+        inpaint_eager(**call, generator=torch.Generator().manual_seed(3)).images,
+    )
+
+
+def test_disable_returns_to_the_eager_fused_path(pipelines):
+    _, compiled, _ = pipelines
+    decoder = compiled._compiled_decoder
+    assert compiled.compiled_decoding and not compiled.transformer.projections_fused
+    compiled.disable_compiled_decoding()
+    try:
+        assert not compiled.compiled_decoding
+        compiled(class_labels=[0], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+        assert compiled.transformer.projections_fused
+    finally:
+        compiled.transformer.unfuse_projections()
+        compiled._compiled_decoder = decoder
