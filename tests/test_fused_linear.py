@@ -6,7 +6,8 @@ import torch
 
 from arpg_hf import ARPGForImageGeneration
 from arpg_hf.fused_linear import (
-    fuse_linears, fused_linear_outputs, fused_weight, pack_linears, packed_weight, unfuse_linears,
+    fuse_linears, fused_linear_outputs, fused_weight, onednn_packing_available, pack_linears, packed_weight,
+    unfuse_linears,
 )  # fmt: skip
 from arpg_hf.rotary_2d import ARPGRotaryEmbedding2D
 
@@ -104,7 +105,7 @@ def test_fused_decoding_agrees_with_default_layout_and_falls_back(model):
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the packed layout needs oneDNN")
+@pytest.mark.skipif(not onednn_packing_available(), reason="the packed layout needs oneDNN")
 def test_cpu_packed_weights_decode_the_same_and_go_stale_when_weights_change(model):
     generator = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 32, (2, 16), generator=generator)
