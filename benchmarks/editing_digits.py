@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality_digits import classifier_accuracy, load_pipeline, train_classifier  # noqa: E402
 
 from arpg_hf import ARPGInpaintPipeline  # noqa: E402
-from arpg_hf.digits import NUM_CLASSES, load_digits_split, pixels_from_images, render_digits  # noqa: E402
+from arpg_hf.digits import GRID_SIZE, NUM_CLASSES, load_digits_split, pixels_from_images, render_digits  # noqa: E402
 
 TARGETS = {"true_class_accuracy": 0.90, "other_class_follow_rate": 0.60}
 
@@ -87,10 +87,9 @@ def inpaint(pipe, images, mask, labels, grid_size, args, guidance_scale):
 
 def real_bottom_references(classifier, train, test_pixels, other_labels, kept_rows: int) -> dict:
     """Follow rates of the new class when real new-class bottom halves are pasted under the kept top halves."""
-    train_images = train.pixels.reshape(len(train), 8, 8)
     nearest_hits = any_hits = 0
-    for pixels, label in zip(test_pixels.reshape(-1, 8, 8), other_labels):
-        candidates = train_images[train.labels == label]  # (n_c, 8, 8)
+    for pixels, label in zip(test_pixels, other_labels):  # (8, 8) grey levels each
+        candidates = train.pixels[train.labels == label]  # (n_c, 8, 8)
         composites = np.repeat(pixels[None], len(candidates), axis=0)
         composites[:, kept_rows:] = candidates[:, kept_rows:]
         follows = classifier.predict(composites.reshape(len(candidates), -1) / 16.0) == label
@@ -143,7 +142,7 @@ def main(argv=None):
         strips[name] = generated[: args.strip_count]
     real_accuracy = classifier_accuracy(classifier, test.flat_pixels()[:count], true_labels)
     references = real_bottom_references(classifier, train, test.pixels[:count], other_labels,
-                                        int(round(8 * (1 - args.masked_rows))))  # fmt: skip
+                                        int(round(GRID_SIZE * (1 - args.masked_rows))))  # fmt: skip
     report = dict(
         num_test_digits=count,
         masked_fraction=args.masked_rows,

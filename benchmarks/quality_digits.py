@@ -137,8 +137,8 @@ def tokenizer_metrics(pipeline, test, classifier) -> dict:
 
 @torch.no_grad()
 def independent_tokens_baseline(pipeline, train, num_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(images, labels)`: every token drawn independently from the per-class, per-position code frequencies of the
-    encoded real train split, then decoded by the pipeline's `vqvae`."""
+    """`(images (n, H, W, 3) in [0, 1], labels)`: every token drawn independently from the per-class, per-position code
+    frequencies of the encoded real train split, then decoded by the pipeline."""
     from arpg_hf.token_dataset import images_to_tensor
 
     vqvae = pipeline.vqvae
@@ -152,9 +152,8 @@ def independent_tokens_baseline(pipeline, train, num_per_class: int, seed: int) 
         rows = np.flatnonzero(labels == label)
         pool = codes[train.labels == label]  # (n_c, h * w)
         sampled[rows] = pool[rng.integers(0, len(pool), size=(len(rows), codes.shape[1])), np.arange(codes.shape[1])]
-    latents = vqvae.indices_to_latents(torch.from_numpy(sampled), tuple(grid))
-    images = (vqvae.decode(latents).sample.float().clamp(-1, 1) + 1) / 2  # (N, 3, H, W) in [0, 1]
-    return images.permute(0, 2, 3, 1).numpy(), labels
+    decoded = pipeline.decode_tokens(torch.from_numpy(sampled), tuple(grid)).float()  # (N, 3, H, W) in [-1, 1]
+    return pipeline.image_processor.postprocess(decoded, output_type="np"), labels
 
 
 def measure(pixels, labels, seconds, classifier, train, test, reference) -> dict:

@@ -127,8 +127,6 @@ def fused_linear_outputs(hidden_states: torch.Tensor, *linears: nn.Linear) -> tu
         outputs = torch.ops.mkldnn._linear_pointwise(hidden_states.contiguous(), packed, None, "none", [], "")
     else:
         outputs = torch.matmul(hidden_states, weight)  # (..., sum N)
-    if len(linears) == 1:
-        return (outputs,)
     return outputs.split([linear.out_features for linear in linears], dim=-1)
 
 

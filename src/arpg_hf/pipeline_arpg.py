@@ -111,6 +111,7 @@ class ARPGPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vqvae"
     _callback_tensor_inputs = ["tokens"]
+    _compiled_decoder = None  # set by enable_compiled_decoding
 
     def __init__(self, transformer: ARPGForImageGeneration, vqvae: ARPGVQModel, scheduler: ARPGScheduler):
         super().__init__()
@@ -221,7 +222,7 @@ class ARPGPipeline(DiffusionPipeline):
     @property
     def compiled_decoding(self) -> bool:
         """Whether decoding steps run compiled ([`~ARPGPipeline.enable_compiled_decoding`])."""
-        return getattr(self, "_compiled_decoder", None) is not None
+        return self._compiled_decoder is not None
 
     # -------------------------------------------------------------------------------------------- inputs
     def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
@@ -330,14 +331,13 @@ class ARPGPipeline(DiffusionPipeline):
         """
         transformer, scheduler = self.transformer, self.scheduler
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
-        compiled = getattr(self, "_compiled_decoder", None)
-        if compiled is not None:
-            decode_step = compiled
-            cache = compiled.allocate_cache(2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device)
-        else:
+        compiled = self._compiled_decoder
+        if compiled is None:
             transformer.fuse_projections()  # a layout change only (no-op once done): fewer, faster GEMMs per step
-            decode_step = transformer.decode_step
-            cache = transformer.allocate_cache(2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device)
+        decode_step = compiled or transformer.decode_step
+        cache = (compiled or transformer).allocate_cache(
+            2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device
+        )  # fmt: skip
         inputs, input_positions = self.prefill_inputs(class_labels, orders, known_tokens)  # (2B, 1 + K) each
         step_kwargs = dict(grid_size=grid_size, position_mode=position_mode)
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
