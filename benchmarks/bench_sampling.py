@@ -51,10 +51,17 @@ def parse_args(argv=None):
                              "a second copy of the projection weights in memory)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) or max-autotune")
+    parser.add_argument("--compile-buckets", type=int, nargs="+", default=None,
+                        help="padded step sizes with --compile (default: powers of two); fewer buckets, fewer graphs")
     parser.add_argument("--no-vq", action="store_true", help="skip the VQ decoding measurement")
     parser.add_argument("--gemm-bound", action="store_true",
                         help="also time the step's matrix products alone (same weights, same rows per step): the "
                              "practical bound of this BLAS on this machine")
+    parser.add_argument("--generator-device", default="cpu",
+                        help="device of the torch.Generator that draws the order and the tokens (cpu: the same draws "
+                             "on every device; cuda: no host-to-device copy of the uniforms per step)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile one call and print the ROWS most expensive operators/kernels")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -133,19 +140,34 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
     pipe.scheduler = ARPGScheduler.from_config(pipe.scheduler.config, token_schedule=args.token_schedule)
 
     def generate():
-        generator = torch.Generator().manual_seed(args.seed)
+        generator = torch.Generator(device=args.generator_device).manual_seed(args.seed)
         return pipe(labels, num_inference_steps=steps, guidance_scale=args.guidance_scale, generator=generator,
                     orders=orders, output_type="latent").images  # fmt: skip
 
     with torch.inference_mode():
         seconds, memory = time_call(generate, device, args.warmup, args.repeats)
+        if args.profile:
+            print_profile(generate, device, args.profile)
     return dict(
         preset=args.preset, batch_size=batch_size, num_inference_steps=steps, order=order, dtype=dtype_name,
         device=str(device), compiled=bool(args.compile), images_per_second=batch_size / seconds,
         seconds_per_batch=seconds, peak_memory_mb=memory, guidance_scale=args.guidance_scale,
         token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
-        cpu_packed_weights=bool(args.cpu_packed_weights),
+        cpu_packed_weights=bool(args.cpu_packed_weights), compile_mode=args.compile_mode if args.compile else None,
+        compile_buckets=args.compile_buckets if args.compile else None, generator_device=args.generator_device,
     )  # fmt: skip
+
+
+def print_profile(function, device, rows: int) -> None:
+    """One call under torch.profiler: the `rows` operators / kernels with the largest total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        function()
+        synchronize(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows), flush=True)
 
 
 def gemm_only_work(pipe, batch_size: int, steps: int, order: str, device) -> list[tuple[int, int]]:
@@ -224,7 +246,9 @@ def main(argv=None):
         if args.cpu_packed_weights:
             pipe.transformer.fuse_projections(cpu_packed_weights=True)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
-            pipe.enable_compiled_decoding(**({"mode": args.compile_mode} if args.compile_mode else {}))
+            pipe.enable_compiled_decoding(
+                buckets=args.compile_buckets, **({"mode": args.compile_mode} if args.compile_mode else {})
+            )  # fmt: skip
         for batch_size in args.batch_size:
             first = len(records)
             orders = ["random"] * len(args.num_inference_steps) + (["raster"] if args.raster else [])

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the recommended scale")
     parser.add_argument("--other_guidance_scale", type=float, default=None,
                         help="guidance of the other-class edit (default: --guidance_scale)")
+    parser.add_argument("--negative_original_class", action="store_true",
+                        help="other-class edit: guide away from the digit's own class (negative_class_labels) instead "
+                             "of the null class")
     parser.add_argument("--guidance_schedule", choices=("constant", "linear"), default=None,
                         help="override the scheduler's guidance schedule")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both edits")
@@ -68,7 +71,7 @@ def bottom_mask(height: int, width: int, fraction: float) -> Image.Image:
     return Image.fromarray(mask, mode="L")
 
 
-def inpaint(pipe, images, mask, labels, grid_size, args, guidance_scale):
+def inpaint(pipe, images, mask, labels, grid_size, args, guidance_scale, negative_labels=None):
     """Token ids (n, L) and images (n, H, W, 3) in [0, 1]; image i uses a generator seeded seed + i."""
     tokens = []
     for start in range(0, len(images), args.batch_size):
@@ -77,7 +80,8 @@ def inpaint(pipe, images, mask, labels, grid_size, args, guidance_scale):
         tokens.append(
             pipe(batch, mask, labels[start : start + len(batch)].tolist(), num_inference_steps=args.num_inference_steps,
                  guidance_scale=guidance_scale, generator=generators, temperature=args.temperature, top_k=args.top_k,
-                 output_type="latent").images
+                 output_type="latent", negative_class_labels=None if negative_labels is None else
+                 negative_labels[start : start + len(batch)].tolist()).images
         )  # fmt: skip
     tokens = torch.cat(tokens)
     with torch.no_grad():
@@ -128,9 +132,12 @@ def main(argv=None):
     strips = {}
     guidance = args.guidance_scale or pipe.scheduler.config.get("recommended_guidance_scale")
     other_guidance = args.other_guidance_scale or guidance
-    for name, labels, scale in (("true", true_labels, guidance), ("other", other_labels, other_guidance)):
+    other_negative = true_labels if args.negative_original_class else None
+    for name, labels, scale, negative in (("true", true_labels, guidance, None),
+                                          ("other", other_labels, other_guidance, other_negative)):  # fmt: skip
         start = time.perf_counter()
-        tokens, generated = inpaint(pipe, images, mask, labels, (height // factor, width // factor), args, scale)
+        tokens, generated = inpaint(pipe, images, mask, labels, (height // factor, width // factor), args, scale,
+                                    negative)  # fmt: skip
         seconds = time.perf_counter() - start
         predictions = classifier.predict(pixels_from_images(generated).reshape(count, -1) / 16.0)
         results[name] = dict(
@@ -149,6 +156,7 @@ def main(argv=None):
         num_inference_steps=args.num_inference_steps or pipe.scheduler.config.get("recommended_num_inference_steps"),
         guidance_scale=guidance,
         other_class_guidance_scale=other_guidance,
+        other_class_negative=("original class" if args.negative_original_class else "null class"),
         guidance_schedule=pipe.scheduler.config.guidance_schedule,
         classifier_accuracy_real_test=real_accuracy,
         true_class_accuracy=results["true"]["accuracy"],

@@ -92,16 +92,16 @@ def load_pipeline(model: str | None, **scheduler_overrides):
     if model is None:
         from arpg_hf import load_bundled_pipeline
 
-        pipeline = load_bundled_pipeline()
+        pipeline = load_bundled_pipeline(dtype=torch.float32)
     else:
         from arpg_hf import ARPGPipeline
 
-        pipeline = ARPGPipeline.from_pretrained(model)
+        pipeline = ARPGPipeline.from_pretrained(model, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     overrides = {key: value for key, value in scheduler_overrides.items() if value is not None}
     if overrides:
         pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **overrides)
-    return pipeline.to(dtype=torch.float32)
+    return pipeline
 
 
 def generate(pipeline, num_per_class: int, steps: int, guidance: float, seed: int, batch_size: int):

@@ -268,13 +268,30 @@ class ARPGPipeline(DiffusionPipeline):
         width = config.grid_width * factor if width is None else width
         return canvas_grid_size(height, width, factor)
 
-    def _as_class_tensor(self, class_labels) -> torch.LongTensor:
+    def _as_class_tensor(self, class_labels, name: str = "class_labels") -> torch.LongTensor:
         if isinstance(class_labels, int):
             class_labels = [class_labels]
-        labels = torch.as_tensor(class_labels)
-        if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64) or labels.numel() == 0:
-            raise ValueError(f"class_labels must be an int or a non-empty 1-D list of ints, got {class_labels!r}.")
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError):
+            labels = None
+        if labels is None or labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64) or labels.numel() == 0:
+            raise ValueError(f"{name} must be an int or a non-empty 1-D list of ints, got {class_labels!r}.")
         return labels.long()
+
+    def prepare_negative_class_labels(
+        self, negative_class_labels, batch_size: int, device=None
+    ) -> torch.LongTensor | None:
+        """`negative_class_labels` as a (batch_size,) tensor of classes in [0, num_classes) on `device`, or None."""
+        if negative_class_labels is None:
+            return None
+        labels = self._as_class_tensor(negative_class_labels, name="negative_class_labels")
+        if labels.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"Got {labels.shape[0]} negative_class_labels for {batch_size} images; pass one for all or one per image."
+            )
+        check_class_labels(labels, self.transformer.config.num_classes)
+        return labels.expand(batch_size).to(device)
 
     def prepare_orders(
         self, orders, batch_size: int, generator, device, num_tokens: int | None = None
@@ -313,7 +330,7 @@ class ARPGPipeline(DiffusionPipeline):
     def generate_tokens(
         self, class_labels, orders, guidance_scale, generator, temperature, top_k, top_p,
         callback_on_step_end=None, callback_on_step_end_tensor_inputs=("tokens",),
-        known_tokens=None, grid_size=None, position_mode="extrapolate",
+        known_tokens=None, grid_size=None, position_mode="extrapolate", negative_class_labels=None,
     ) -> torch.LongTensor:  # fmt: skip
         """The decoding loop: returns token ids (B, num_tokens) in raster order. `set_timesteps` must have run over
         the number of tokens to generate, `orders.shape[1]`.
@@ -328,6 +345,8 @@ class ARPGPipeline(DiffusionPipeline):
                 order does). None: nothing is known, `L = U`.
             grid_size (`tuple[int, int]`, *optional*): the (rows, cols) of the canvas; defaults to the trained grid.
             position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
+            negative_class_labels (`torch.LongTensor` of shape `(B,)`, *optional*): the class of the guidance's second
+                half; None: the null class (plain classifier-free guidance).
         """
         transformer, scheduler = self.transformer, self.scheduler
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
@@ -338,7 +357,9 @@ class ARPGPipeline(DiffusionPipeline):
         cache = (compiled or transformer).allocate_cache(
             2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device
         )  # fmt: skip
-        inputs, input_positions = self.prefill_inputs(class_labels, orders, known_tokens)  # (2B, 1 + K) each
+        inputs, input_positions = self.prefill_inputs(
+            class_labels, orders, known_tokens, negative_class_labels
+        )  # (2B, 1 + K) each
         step_kwargs = dict(grid_size=grid_size, position_mode=position_mode)
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
             for step_index, (start, end) in enumerate(scheduler.step_boundaries):
@@ -363,11 +384,15 @@ class ARPGPipeline(DiffusionPipeline):
                 progress_bar.update()
         return tokens
 
-    def prefill_inputs(self, class_labels, orders, known_tokens=None) -> tuple[torch.LongTensor, torch.LongTensor]:
+    def prefill_inputs(
+        self, class_labels, orders, known_tokens=None, negative_class_labels=None
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """The first step's inputs, ids and positions of shape (2B, 1 + K): the class token (conditional rows, then
-        the null class) and, when `known_tokens` (B, L) is given, its K known tokens (ids >= 0) in raster order."""
+        the null class, or `negative_class_labels` (B,) when given) and, when `known_tokens` (B, L) is given, its K
+        known tokens (ids >= 0) in raster order."""
         batch_size, device = class_labels.shape[0], orders.device
-        class_ids = torch.cat([class_labels, torch.full_like(class_labels, -1)])  # conditional rows, then null class
+        second_half = torch.full_like(class_labels, -1) if negative_class_labels is None else negative_class_labels
+        class_ids = torch.cat([class_labels, second_half])  # conditional rows, then the guidance's second half
         inputs = self.transformer.class_token_ids(class_ids.to(device))[:, None]  # (2B, 1)
         input_positions = torch.full_like(inputs, CLASS_POSITION)
         if known_tokens is None:
@@ -407,6 +432,7 @@ class ARPGPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         position_mode: str = "extrapolate",
+        negative_class_labels: int | list[int] | torch.LongTensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates one image per class label.
@@ -453,11 +479,17 @@ class ARPGPipeline(DiffusionPipeline):
             position_mode (`str`, *optional*, defaults to `"extrapolate"`):
                 For canvases other than the trained grid: `"extrapolate"` keeps integer rows/cols beyond the trained
                 range; `"interpolate"` scales them into the trained range.
+            negative_class_labels (`int`, `list[int]` or `torch.LongTensor`, *optional*):
+                Classes to steer away from, the counterpart of diffusers' `negative_prompt`: the second half of
+                classifier-free guidance is conditioned on them instead of the null class, so the guided logits are
+                `negative + guidance_scale * (conditional - negative)`. One for the batch or one per image.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the images (or token ids for `"latent"`).
         """
         labels = self._as_class_tensor(class_labels)
+        device = self._execution_device
+        negative_labels = self.prepare_negative_class_labels(negative_class_labels, labels.shape[0], device)
         grid_height, grid_width = self.token_grid_size(height, width)
         num_inference_steps, guidance_scale = self.default_sampling_settings(
             num_inference_steps, guidance_scale, grid_height * grid_width
@@ -466,7 +498,6 @@ class ARPGPipeline(DiffusionPipeline):
                           callback_on_step_end_tensor_inputs, height, width, position_mode)  # fmt: skip
         if isinstance(generator, list) and len(generator) != labels.shape[0]:
             raise ValueError(f"Got {len(generator)} generators for {labels.shape[0]} images; pass one per image.")
-        device = self._execution_device
         grid_size = self.token_grid_size(height, width)
         num_tokens = grid_size[0] * grid_size[1]
         self.scheduler.set_timesteps(num_inference_steps, num_tokens, device=device)
@@ -474,6 +505,7 @@ class ARPGPipeline(DiffusionPipeline):
         tokens = self.generate_tokens(
             labels.to(device), orders, guidance_scale, generator, temperature, top_k, top_p,
             callback_on_step_end, callback_on_step_end_tensor_inputs, grid_size=grid_size, position_mode=position_mode,
+            negative_class_labels=negative_labels,
         )  # fmt: skip
         if output_type == "latent":
             images = tokens

@@ -160,7 +160,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
         return unknown_positions.to(device).gather(1, permutation)
 
     def inpaint_tokens(self, labels, encoded, token_mask, orders, num_inference_steps, generator, grid_size,
-                       sampling: dict, **decode_kwargs) -> torch.LongTensor:  # fmt: skip
+                       sampling: dict, negative_labels=None, **decode_kwargs) -> torch.LongTensor:  # fmt: skip
         """Regenerates the masked tokens of `encoded` (B, L); returns all tokens (B, L), raster order.
 
         Images whose masks leave the same number of tokens to generate are decoded together; the others one group
@@ -183,6 +183,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
             known = encoded[rows].masked_fill(token_mask[rows], -1)  # (b, L), -1 = to generate
             tokens[rows] = self.generate_tokens(
                 labels[rows], group_orders, generator=group_generator, known_tokens=known, grid_size=grid_size,
+                negative_class_labels=None if negative_labels is None else negative_labels[rows],
                 **sampling, **decode_kwargs,
             )  # fmt: skip
         if capped:
@@ -212,6 +213,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
         position_mode: str = "extrapolate",
         mask_coverage_threshold: float = 0.0,
         paste_back: bool = False,
+        negative_class_labels: int | list[int] | torch.LongTensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Regenerates the masked part of each image, conditioned on the rest and on a class label.
@@ -258,6 +260,10 @@ class ARPGInpaintPipeline(ARPGPipeline):
             paste_back (`bool`, *optional*, defaults to `False`):
                 Paste the unmasked pixels of the input over the decoded image (the VQ round trip otherwise alters
                 them slightly). Ignored for `"latent"`.
+            negative_class_labels (`int`, `list[int]` or `torch.LongTensor`, *optional*):
+                Classes to steer away from, as in [`ARPGPipeline`]: guidance contrasts `class_labels` with them
+                instead of with the null class. For class-conditional editing, the image's own class pushes the
+                regenerated part away from it. One for the batch or one per image.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the images of the whole canvas (or token ids).
@@ -271,6 +277,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
         factor = self.vqvae.downsample_factor
         grid_size = canvas_grid_size(pixels.shape[-2], pixels.shape[-1], factor)
         device = self._execution_device
+        negative_labels = self.prepare_negative_class_labels(negative_class_labels, labels.shape[0], device)
         batch_size = labels.shape[0]
         encoded = self.encode_image(pixels).to(device).expand(batch_size, -1)  # (B, L)
         pixels = pixels.expand(batch_size, -1, -1, -1)  # (B, 3, H, W)
@@ -278,6 +285,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
         sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = self.inpaint_tokens(
             labels.to(device), encoded, token_mask, orders, num_inference_steps, generator, grid_size, sampling,
+            negative_labels=negative_labels,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, position_mode=position_mode,
         )  # fmt: skip

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU figures of the fast-sampling issue, in one run of about 8 minutes on one H100/H200:
+#   1. check_device_tokens.py: float32 CUDA tokens == CPU tokens; compiled (CUDA graphs) == eager, inpainting too;
+#   2. ARPG-L, batch 64, bf16, 64 and 32 steps, raster order beside it, VQ decoding;
+#   3. ARPG-XL and ARPG-XXL, batch 64, bf16, 64 steps;
+#   4. ARPG-L with compiled decoding (torch.compile, mode reduce-overhead: CUDA graphs), 64 steps.
+# Each part writes OUT_DIR/<part>.json and runs under its own time limit, so a slow part cannot hide the others.
+#
+#     bash benchmarks/run_gpu_figures.sh OUT_DIR
+set -u
+out=${1:-gpu-figures}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+part() {  # part NAME SECONDS SCRIPT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T)): python $*"
+    timeout "$limit" python "$@" --json "$out/$name.json" 2>&1 | grep -vE "Warning|warnings.warn|^\s*$"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
+
+common=(--batch-size 64 --guidance-scale 4 --device cuda --warmup 2 --repeats 5)
+part check 120 benchmarks/check_device_tokens.py --device cuda --compile-mode reduce-overhead
+part L 100 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 32 --dtype bfloat16 --raster
+part XL 70 benchmarks/bench_sampling.py --preset ARPG-XL "${common[@]}" --num-inference-steps 64 --dtype bfloat16
+part XXL 80 benchmarks/bench_sampling.py --preset ARPG-XXL "${common[@]}" --num-inference-steps 64 --dtype bfloat16
+part L_compiled 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
+    --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32
