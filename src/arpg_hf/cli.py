@@ -1,4 +1,5 @@
-"""The `arpg-hf` command line: `generate` images, `convert` upstream checkpoints, show `info` on a pipeline folder.
+"""The `arpg-hf` command line: `generate` images, `inpaint` / outpaint them, `convert` upstream checkpoints, show `info`
+on a pipeline folder.
 
 Errors a user can fix (bad paths, corrupt or unsafe checkpoints, wrong configurations, bad arguments) are printed as
 one message and exit with status 1, without a traceback; set ARPG_HF_TRACEBACK=1 to see it.
@@ -84,11 +85,24 @@ def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Seq
     return labels
 
 
-def run_generate(args: argparse.Namespace) -> list[str]:
-    """Generates one PNG per (class, repeat) and optionally a grid; returns the written paths."""
-    import torch
-    from diffusers.utils import make_image_grid
+def resolve_negative_class_labels(pipeline, args: argparse.Namespace, num_labels: int) -> list[int] | None:
+    """`--negative-class-labels`: none, one for every class, or one per class given (before the repeats)."""
+    negatives = list(args.negative_class_labels or [])
+    if not negatives:
+        return None
+    if len(negatives) not in (1, num_labels):
+        raise ValueError(
+            f"Got {len(negatives)} --negative-class-labels for {num_labels} classes; pass one for all or one per class."
+        )
+    num_classes = pipeline.transformer.config.num_classes
+    bad = [label for label in negatives if not 0 <= label < num_classes]
+    if bad:
+        raise ValueError(f"--negative-class-labels must lie in [0, {num_classes}), got {bad}.")
+    return negatives * num_labels if len(negatives) == 1 else negatives
 
+
+def prepare_pipeline(args: argparse.Namespace):
+    """The pipeline of `--model` on `--device` / `--dtype`, with the schedule overrides and progress bar settings."""
     device = args.device or _default_device()
     if args.quiet:
         import diffusers
@@ -104,8 +118,20 @@ def run_generate(args: argparse.Namespace) -> list[str]:
         overrides = {k: v for k, v in (("token_schedule", args.token_schedule),
                                         ("guidance_schedule", args.guidance_schedule)) if v}  # fmt: skip
         pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **overrides)
-    labels = resolve_class_labels(pipeline, args.class_labels, args.class_names)
-    labels = [label for label in labels for _ in range(args.num_images_per_class)]
+    return pipeline
+
+
+def write_images(pipeline, args: argparse.Namespace, make_images: Callable) -> list[str]:
+    """Runs `make_images(labels, generators, negative_labels)` over the requested classes in batches and writes one
+    PNG per (class, repeat), plus grid.png with `--grid`; returns the written paths."""
+    import torch
+    from diffusers.utils import make_image_grid
+
+    classes = resolve_class_labels(pipeline, args.class_labels, args.class_names)
+    negatives = resolve_negative_class_labels(pipeline, args, len(classes))
+    labels = [label for label in classes for _ in range(args.num_images_per_class)]
+    if negatives is not None:
+        negatives = [label for label in negatives for _ in range(args.num_images_per_class)]
     os.makedirs(args.output_dir, exist_ok=True)
     names = pipeline.id2label
     images, paths = [], []
@@ -114,16 +140,8 @@ def run_generate(args: argparse.Namespace) -> list[str]:
         # One CPU generator per image, seeded seed + image index: an image does not depend on the batch it is in,
         # and `pipe(labels, generator=[torch.Generator().manual_seed(seed + i) ...])` reproduces it in Python.
         generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
-        output = pipeline(
-            batch,
-            num_inference_steps=args.num_inference_steps,  # None: the folder's recommended settings
-            guidance_scale=args.guidance_scale,
-            generator=generators,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-        )
-        for offset, (label, image) in enumerate(zip(batch, output.images)):
+        batch_negatives = None if negatives is None else negatives[start : start + len(batch)]
+        for offset, (label, image) in enumerate(zip(batch, make_images(batch, generators, batch_negatives))):
             index = start + offset
             path = os.path.join(args.output_dir, f"{index:03d}_{label}_{_slug(names.get(label, str(label)))}.png")
             image.save(path)
@@ -143,10 +161,82 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     return paths
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The pipeline-call arguments that `generate` and `inpaint` share (None: the folder's recommended settings)."""
+    return dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+
+
+def run_generate(args: argparse.Namespace) -> list[str]:
+    """Generates one PNG per (class, repeat) and optionally a grid; returns the written paths."""
+    pipeline = prepare_pipeline(args)
+
+    def make_images(labels, generators, negatives):
+        return pipeline(labels, generator=generators, negative_class_labels=negatives, **sampling_kwargs(args)).images
+
+    return write_images(pipeline, args, make_images)
+
+
+# ------------------------------------------------------------------------------------------------- inpaint
+def _open_image(path: str, option: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{option} {path!r} is not a file; pass a PNG or JPEG image.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except UnidentifiedImageError:
+        raise ValueError(f"{option} {path!r} is not an image PIL can read; pass a PNG or JPEG image.") from None
+
+
+def run_inpaint(args: argparse.Namespace) -> list[str]:
+    """Regenerates the masked part of `--image` (or the area `--outpaint` adds) for every class; returns the paths."""
+    from .editing_utils import make_outpaint_canvas
+    from .pipeline_arpg_inpaint import ARPGInpaintPipeline
+
+    image = _open_image(args.image, "--image")  # before loading the model: bad paths fail at once
+    if args.outpaint is not None:
+        left, top, right, bottom = args.outpaint
+        image, mask = make_outpaint_canvas(image.convert("RGB"), left=left, right=right, top=top, bottom=bottom,
+                                           fill=args.outpaint_fill)  # fmt: skip
+    else:
+        mask = _open_image(args.mask, "--mask")
+    pipeline = ARPGInpaintPipeline(**prepare_pipeline(args).components)
+    pipeline.set_progress_bar_config(disable=args.quiet)
+
+    def make_images(labels, generators, negatives):
+        return pipeline(image, mask, labels, generator=generators, negative_class_labels=negatives,
+                        mask_coverage_threshold=args.mask_coverage_threshold, paste_back=args.paste_back,
+                        position_mode=args.position_mode, **sampling_kwargs(args)).images  # fmt: skip
+
+    return write_images(pipeline, args, make_images)
+
+
+def add_inpaint_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--image", required=True, help="the image to edit (PNG, JPEG, ...); sides multiples of 16")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mask", help="mask image of the same size: white = regenerate, black = keep")
+    where.add_argument("--outpaint", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                       help="extend the image by these pixels on each side and generate the new area")
+    parser.add_argument("--outpaint-fill", choices=("edge", "reflect"), default="edge",
+                        help="what the new area holds before it is regenerated (seen by the VQ encoder at the border)")
+    parser.add_argument("--mask-coverage-threshold", type=float, default=0.0, metavar="T",
+                        help="regenerate a token when the mask covers more than this fraction of its pixels")
+    parser.add_argument("--paste-back", action="store_true", help="paste the kept pixels of the input back")
+    parser.add_argument("--position-mode", choices=("extrapolate", "interpolate"), default="extrapolate",
+                        help="positions on canvases larger than the trained grid")
+    add_generate_arguments(parser, default_output_dir="edits")
+    return parser
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser, default_output_dir: str = "samples") -> argparse.ArgumentParser:
     parser.add_argument("--model", help="pipeline folder or Hub id (default: the bundled model, when installed)")
     parser.add_argument("--class-labels", type=int, nargs="*", default=[], metavar="ID", help="class ids, e.g. 207 360")
     parser.add_argument("--class-names", nargs="*", default=[], metavar="NAME", help='class names, e.g. "tabby cat"')
+    parser.add_argument("--negative-class-labels", type=int, nargs="*", default=[], metavar="ID",
+                        help="guide away from these classes instead of the null class: one for all or one per class")
     parser.add_argument("--num-images-per-class", type=int, default=1, metavar="N")
     parser.add_argument("--num-inference-steps", type=int, metavar="N",
                         help="decoding steps (default: the model's recommended value)")
@@ -159,7 +249,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward batch")
-    parser.add_argument("--output-dir", default="samples", metavar="DIR")
+    parser.add_argument("--output-dir", default=default_output_dir, metavar="DIR")
     parser.add_argument("--grid", action="store_true", help="also write grid.png")
     parser.add_argument("--grid-columns", type=int, default=None)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
@@ -275,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"arpg-hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(commands.add_parser("generate", help="generate class-conditional images (PNG files)"))
+    add_inpaint_arguments(
+        commands.add_parser("inpaint", help="regenerate the masked part of an image, or outpaint it, for given classes")
+    )
     add_convert_arguments(
         commands.add_parser("convert", help="convert upstream ARPG + VQ checkpoints into a pipeline folder")
     )
@@ -288,9 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run():
-        if args.command == "generate":
+        if args.command in ("generate", "inpaint"):
             _check_generate_args(args)
-            return run_generate(args)
+            return run_generate(args) if args.command == "generate" else run_inpaint(args)
         if args.command == "convert":
             from .conversion import run_convert
 
