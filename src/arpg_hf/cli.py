@@ -215,7 +215,8 @@ def run_inpaint(args: argparse.Namespace) -> list[str]:
 
 
 def add_inpaint_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--image", required=True, help="the image to edit (PNG, JPEG, ...); sides multiples of 16")
+    parser.add_argument("--image", required=True,
+                        help="the image to edit (PNG, JPEG, ...); sides multiples of the VQ downsample factor (16 for VQ-16)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--mask", help="mask image of the same size: white = regenerate, black = keep")
     where.add_argument("--outpaint", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
