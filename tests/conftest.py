@@ -1,5 +1,6 @@
 """Shared fixtures: the parity fixtures live in ../shared/parity beside the checkout (never copied into the repo)."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,25 @@ def tiny_config(**overrides):
     )  # fmt: skip
     fields.update(overrides)
     return ARPGConfig(**fields)
+
+
+@contextlib.contextmanager
+def recording_calls(owner, name: str):
+    """Records every call of the method `owner.name` while the block runs: yields a list that receives one
+    `(args, kwargs, result)` per call. The wrapper is an instance attribute, deleted afterwards (back to the class's
+    method)."""
+    original, calls = getattr(owner, name), []
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+
+    setattr(owner, name, recording)
+    try:
+        yield calls
+    finally:
+        delattr(owner, name)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

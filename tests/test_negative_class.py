@@ -5,7 +5,7 @@ import torch
 
 from arpg_hf import ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel
 
-from .conftest import randomize_, tiny_config
+from .conftest import randomize_, recording_calls, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +38,11 @@ def test_scale_one_ignores_the_negative_class_and_scale_four_uses_it(pipe):
 
 def test_negative_guided_logits(pipe):
     """The step's logits are negative + scale * (conditional - negative), computed from the two halves."""
-    recorded = []
-    original = pipe.transformer.decode_step
-
-    def recording(*args, **kwargs):
-        recorded.append(original(*args, **kwargs))
-        return recorded[-1]
-
-    seen = []
-    original_step = pipe.scheduler.step
-
-    def recording_step(logits, *args, **kwargs):
-        seen.append(logits)
-        return original_step(logits, *args, **kwargs)
-
-    pipe.transformer.decode_step, pipe.scheduler.step = recording, recording_step
-    try:
+    with recording_calls(pipe.transformer, "decode_step") as steps, recording_calls(pipe.scheduler, "step") as draws:
         greedy(pipe, [2], 3.0, negative_class_labels=[1])
-    finally:
-        del pipe.transformer.decode_step, pipe.scheduler.step  # back to the class methods
-    conditional, negative = recorded[0].chunk(2)
-    torch.testing.assert_close(seen[0], negative + 3.0 * (conditional - negative))
+    conditional, negative = steps[0][2].chunk(2)  # the first step's logits
+    guided = draws[0][0][0]  # the logits the scheduler sampled from
+    torch.testing.assert_close(guided, negative + 3.0 * (conditional - negative))
 
 
 def test_inpainting_with_a_negative_class(pipe):

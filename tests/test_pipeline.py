@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
 
-from .conftest import randomize_, read_json, tiny_config
+from .conftest import randomize_, read_json, recording_calls, tiny_config
 
 CASES = read_json("cases.json")["generate"]["cases"]
 
@@ -44,26 +44,15 @@ def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixtu
 
 
 def test_first_step_logits_match_reference(reference, generate_fixture):
-    captured = []
-    model = reference.transformer
-    original = model.decode_step
-
-    def recording_decode_step(*args, **kwargs):
-        captured.append(original(*args, **kwargs))
-        return captured[-1]
-
     for case in CASES:
-        key, captured[:] = case["key"], []
-        model.decode_step = recording_decode_step
-        try:
+        key = case["key"]
+        with recording_calls(reference.transformer, "decode_step") as steps:
             with_schedule(reference, case)(
                 generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
                 guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
                 output_type="latent",
             )  # fmt: skip
-        finally:
-            del model.decode_step
-        conditional, unconditional = captured[0].chunk(2)
+        conditional, unconditional = steps[0][2].chunk(2)
         guided = unconditional + (conditional - unconditional) * case["cfg_scale_per_step"][0]
         torch.testing.assert_close(guided, generate_fixture[f"{key}.first_step_logits"], atol=1e-4, rtol=0)
 
@@ -253,23 +242,13 @@ def test_shared_order_is_drawn_as_the_published_sampler_draws_it(tiny_pipeline):
 # ------------------------------------------------------------------------------------------- larger canvases
 def test_larger_canvas_generation(tiny_pipeline):
     """height / width in pixels: a 4x8-token canvas (twice the trained width) on the 4x4-token model."""
-    calls = []
-    original = tiny_pipeline.transformer.decode_step
-
-    def recording_decode_step(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    tiny_pipeline.transformer.decode_step = recording_decode_step
-    try:
+    with recording_calls(tiny_pipeline.transformer, "decode_step") as calls:
         kwargs = dict(class_labels=[0, 3], num_inference_steps=6, height=8, width=16)
         tokens = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
         images = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    finally:
-        del tiny_pipeline.transformer.decode_step
     assert tokens.shape == (2, 32) and images.shape == (2, 3, 8, 16)
     assert tiny_pipeline.scheduler.num_tokens == 32 and sum(tiny_pipeline.scheduler.tokens_per_step) == 32
-    assert all(call["grid_size"] == (4, 8) and call["position_mode"] == "extrapolate" for call in calls)
+    assert all(kw["grid_size"] == (4, 8) and kw["position_mode"] == "extrapolate" for _, kw, _ in calls)
     expected = (tiny_pipeline.vqvae.decode(tokens.view(2, 4, 8)).sample / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(images, expected, atol=1e-6, rtol=0)
     pil = tiny_pipeline([1], num_inference_steps=4, height=12, width=6, generator=torch.Generator().manual_seed(0))
@@ -277,22 +256,11 @@ def test_larger_canvas_generation(tiny_pipeline):
 
 
 def test_position_modes_matter_only_off_the_trained_grid(tiny_pipeline):
-    logits = []
-    original = tiny_pipeline.transformer.decode_step
-
-    def recording_decode_step(*args, **kwargs):
-        logits.append(original(*args, **kwargs))
-        return logits[-1]
-
     def run(mode, **size):
-        logits.clear()
-        tiny_pipeline.transformer.decode_step = recording_decode_step
-        try:
+        with recording_calls(tiny_pipeline.transformer, "decode_step") as steps:
             tokens = tiny_pipeline([2], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                                    position_mode=mode, output_type="latent", **size).images  # fmt: skip
-        finally:
-            del tiny_pipeline.transformer.decode_step
-        return tokens, torch.cat(logits, dim=1)
+        return tokens, torch.cat([logits for _, _, logits in steps], dim=1)
 
     trained = run("extrapolate")
     for other in (run("interpolate"), run("extrapolate", height=8, width=8)):

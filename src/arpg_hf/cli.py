@@ -78,11 +78,15 @@ def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Seq
         labels += pipeline.get_label_ids(list(class_names))
     if not labels:
         raise ValueError("Pass at least one class: --class-labels 207 360 and/or --class-names \"tabby cat\".")
+    _check_class_range(pipeline, labels, "Class labels")
+    return labels
+
+
+def _check_class_range(pipeline, labels: Sequence[int], what: str) -> None:
     num_classes = pipeline.transformer.config.num_classes
     bad = [label for label in labels if not 0 <= label < num_classes]
     if bad:
-        raise ValueError(f"Class labels must lie in [0, {num_classes}), got {bad}.")
-    return labels
+        raise ValueError(f"{what} must lie in [0, {num_classes}), got {bad}.")
 
 
 def resolve_negative_class_labels(pipeline, args: argparse.Namespace, num_labels: int) -> list[int] | None:
@@ -94,10 +98,7 @@ def resolve_negative_class_labels(pipeline, args: argparse.Namespace, num_labels
         raise ValueError(
             f"Got {len(negatives)} --negative-class-labels for {num_labels} classes; pass one for all or one per class."
         )
-    num_classes = pipeline.transformer.config.num_classes
-    bad = [label for label in negatives if not 0 <= label < num_classes]
-    if bad:
-        raise ValueError(f"--negative-class-labels must lie in [0, {num_classes}), got {bad}.")
+    _check_class_range(pipeline, negatives, "--negative-class-labels")
     return negatives * num_labels if len(negatives) == 1 else negatives
 
 

@@ -490,16 +490,15 @@ class ARPGPipeline(DiffusionPipeline):
         labels = self._as_class_tensor(class_labels)
         device = self._execution_device
         negative_labels = self.prepare_negative_class_labels(negative_class_labels, labels.shape[0], device)
-        grid_height, grid_width = self.token_grid_size(height, width)
+        grid_size = self.token_grid_size(height, width)
+        num_tokens = grid_size[0] * grid_size[1]
         num_inference_steps, guidance_scale = self.default_sampling_settings(
-            num_inference_steps, guidance_scale, grid_height * grid_width
+            num_inference_steps, guidance_scale, num_tokens
         )
         self.check_inputs(labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
                           callback_on_step_end_tensor_inputs, height, width, position_mode)  # fmt: skip
         if isinstance(generator, list) and len(generator) != labels.shape[0]:
             raise ValueError(f"Got {len(generator)} generators for {labels.shape[0]} images; pass one per image.")
-        grid_size = self.token_grid_size(height, width)
-        num_tokens = grid_size[0] * grid_size[1]
         self.scheduler.set_timesteps(num_inference_steps, num_tokens, device=device)
         orders = self.prepare_orders(orders, labels.shape[0], generator, device, num_tokens=num_tokens)
         tokens = self.generate_tokens(
