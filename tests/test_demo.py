@@ -93,6 +93,20 @@ def test_inpainting_keeps_the_unmasked_tokens(model):
         next(model.stream_inpainting(None, [], "right half", 5, 4, 2.0, 0, "cosine"))
 
 
+def test_inpainting_can_guide_away_from_a_class(model):
+    image = model.generate(2, 4, 2.0, 1)
+    plain = list(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine"))[-1][-1][0]
+    away = list(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine", 2))[-1][-1][0]
+    expected = model.inpaint_pipe(image, model.inpaint_mask([], "right half"), [5], num_inference_steps=4,
+                                  guidance_scale=2.0, generator=[torch.Generator().manual_seed(0)],
+                                  negative_class_labels=[2]).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(away), np.asarray(expected))
+    assert not np.array_equal(np.asarray(away), np.asarray(plain))
+    for bad in (10, -2, 1.5, "2"):
+        with pytest.raises(ValueError, match="The class to guide away from must be -1"):
+            next(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine", bad))
+
+
 def test_space_folder_is_self_contained(tmp_path):
     import importlib.util
     import subprocess

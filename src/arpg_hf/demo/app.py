@@ -114,6 +114,11 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
             use_generated = gr.Button("Use the generated image", elem_id="use-generated")
             preset = gr.Radio(list(MASK_PRESETS), value=MASK_PRESETS[0], label="Mask", elem_id="mask-preset")
             class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "inpaint-")
+            negative_picker = gr.Dropdown(
+                [("nothing (plain guidance)", -1)] + model.class_choices, value=-1, filterable=True,
+                label="Guide away from (e.g. the class the image shows, when editing it into another)",
+                elem_id="inpaint-negative-class",
+            )  # fmt: skip
             button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
         with gr.Column():
             mask_view = gr.Image(label="Mask (white = regenerate)", type="pil", format="png", interactive=False)
@@ -122,11 +127,11 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
             result = gr.Image(label="Result (model resolution)", type="pil", format="png", interactive=False,
                               elem_id="inpaint-result", height=300)  # fmt: skip
 
-    def run(editor_value, preset_, class_index, steps_, guidance_, schedule_, seed_):
+    def run(editor_value, preset_, class_index, steps_, guidance_, schedule_, seed_, negative_index):
         editor_value, shown_mask = editor_value or {}, False
         for mask, live_image, order_image, images in model.stream_inpainting(
             editor_value.get("background"), editor_value.get("layers"), preset_, class_index, steps_, guidance_, seed_,
-            schedule_,
+            schedule_, negative_index,
         ):  # fmt: skip
             mask_update, shown_mask = (gr.skip() if shown_mask else _display(mask, model.scale)), True
             live_update = live_image if live_image is not None else gr.skip()
@@ -140,7 +145,7 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
         return {"background": image, "layers": [], "composite": image}
 
     use_generated.click(take_generated, [last_images], [editor], api_visibility="private")
-    button.click(_user_errors(run), [editor, preset, class_picker, steps, guidance, schedule, seed],
+    button.click(_user_errors(run), [editor, preset, class_picker, steps, guidance, schedule, seed, negative_picker],
                  [mask_view, live, order, result], api_name="inpaint", concurrency_id="model")  # fmt: skip
 
 

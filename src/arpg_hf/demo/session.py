@@ -82,6 +82,16 @@ class DemoModel:
             raise ValueError(f"The token schedule must be one of {TOKEN_SCHEDULES}, got {token_schedule!r}.")
         return int(class_index), int(steps), float(guidance_scale), int(seed), token_schedule, int(num_images)
 
+    def check_negative_class(self, negative_class_index) -> int:
+        """Validates the "guide away from" choice: -1 (the null class, plain guidance) or a class label index."""
+        high = self.pipe.transformer.config.num_classes - 1
+        if not isinstance(negative_class_index, numbers.Real) or negative_class_index != int(negative_class_index) \
+                or not -1 <= negative_class_index <= high:  # fmt: skip
+            raise ValueError(
+                f"The class to guide away from must be -1 (none) or an integer in [0, {high}], got {negative_class_index!r}."
+            )
+        return int(negative_class_index)
+
     def _generators(self, seed: int, count: int) -> list[torch.Generator]:
         """Image i draws from its own generator seeded with seed + i (so image 0 matches `generate`)."""
         return [torch.Generator().manual_seed(seed + i) for i in range(count)]  # CPU draws: the same on any device
@@ -140,14 +150,16 @@ class DemoModel:
         return Image.fromarray(mask.astype(np.uint8) * 255)
 
     def stream_inpainting(self, background, layers, preset, class_index, steps, guidance_scale, seed,
-                          token_schedule) -> Iterator:  # fmt: skip
+                          token_schedule, negative_class_index=-1) -> Iterator:  # fmt: skip
         """Like `stream_generation`, for regenerating the masked part of `background` (resized to the model's size);
-        the mask picture comes first."""
+        the mask picture comes first. `negative_class_index` >= 0 guides away from that class instead of the null
+        class (`negative_class_labels`), e.g. the class the image shows when editing it into another."""
         if background is None:
             raise ValueError("Load an image into the editor first (or press 'Use the generated image').")
         class_index, steps, guidance_scale, seed, token_schedule, _ = self.check(
             class_index, steps, guidance_scale, seed, token_schedule
         )
+        negative_class_index = self.check_negative_class(negative_class_index)
         height, width = self.image_size
         image = background.convert("RGB").resize((width, height), Image.BICUBIC)
         mask = self.inpaint_mask(layers, preset)
@@ -155,7 +167,8 @@ class DemoModel:
         kept = ~token_mask_from_pixel_mask(pixel_mask, self.pipe.vqvae.downsample_factor).flatten()  # (L,)
         self.inpaint_pipe.scheduler = self.schedulers[token_schedule]
         call = dict(image=image, mask_image=mask, class_labels=[class_index], num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=self._generators(seed, 1))  # fmt: skip
+                    guidance_scale=guidance_scale, generator=self._generators(seed, 1),
+                    negative_class_labels=None if negative_class_index < 0 else [negative_class_index])  # fmt: skip
         yield mask, None, None, None
         for live, order, images in self._stream(self.inpaint_pipe, call, steps, kept):
             yield mask, live, order, images
