@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
 
 from arpg_hf import ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel  # noqa: E402
+from arpg_hf.modeling_arpg import CPU_GEMMS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,13 +47,18 @@ def parse_args(argv=None):
     parser.add_argument("--raster", action="store_true", help="also decode in raster order, one token per step")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoding step at bucketed static shapes (pipe.enable_compiled_decoding)")
-    parser.add_argument("--cpu-packed-weights", action="store_true",
-                        help="fuse_projections(cpu_packed_weights=True): oneDNN pre-packed GEMM weights (float32, CPU; "
-                             "a second copy of the projection weights in memory)")
+    parser.add_argument("--cpu-gemm", default="blas", choices=CPU_GEMMS,
+                        help="fuse_projections(cpu_gemm=...), float32 on CPU: BLAS on transposed weights (default), "
+                             "oneDNN on the weights as stored, or oneDNN on a pre-packed second copy")
+    parser.add_argument("--cpu-packed-weights", dest="cpu_gemm", action="store_const", const="onednn-packed",
+                        help="the same as --cpu-gemm onednn-packed")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) or max-autotune")
     parser.add_argument("--compile-buckets", type=int, nargs="+", default=None,
                         help="padded step sizes with --compile (default: powers of two); fewer buckets, fewer graphs")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                        help="the decoder's attention: F.scaled_dot_product_attention (default) or plain matmul + "
+                             "softmax (which torch.compile fuses on its own)")
     parser.add_argument("--no-vq", action="store_true", help="skip the VQ decoding measurement")
     parser.add_argument("--gemm-bound", action="store_true",
                         help="also time the step's matrix products alone (same weights, same rows per step): the "
@@ -153,7 +159,8 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
         device=str(device), compiled=bool(args.compile), images_per_second=batch_size / seconds,
         seconds_per_batch=seconds, peak_memory_mb=memory, guidance_scale=args.guidance_scale,
         token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
-        cpu_packed_weights=bool(args.cpu_packed_weights), compile_mode=args.compile_mode if args.compile else None,
+        attn_implementation=pipe.transformer.config._attn_implementation,
+        cpu_gemm=args.cpu_gemm, cpu_packed_weights=args.cpu_gemm == "onednn-packed", compile_mode=args.compile_mode if args.compile else None,
         compile_buckets=args.compile_buckets if args.compile else None, generator_device=args.generator_device,
     )  # fmt: skip
 
@@ -183,23 +190,24 @@ def gemm_only_work(pipe, batch_size: int, steps: int, order: str, device) -> lis
 
 
 def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
-    """Seconds per batch of the decoding's matrix products alone, with the model's own (fused) weights: the time
-    no implementation with this BLAS can beat (attention, norms, RoPE, sampling and Python are left out)."""
-    from arpg_hf.fused_linear import fused_weight
+    """Seconds per batch of the decoding's matrix products alone, with the model's own (fused) weights and GEMM
+    (`--cpu-gemm`): the time no implementation with these kernels can beat (attention, norms, RoPE, sampling and
+    Python are left out)."""
+    from arpg_hf.fused_linear import fused_linear_outputs
 
     model = pipe.transformer
     model.fuse_projections()
-    pass_one, pass_two = model.projection_groups_by_pass()
-    weights = [fused_weight(*group) for group in pass_one], [fused_weight(*group) for group in pass_two]  # (K, N) each
+    groups = model.projection_groups_by_pass()  # (Pass 1 groups, Pass 2 groups)
     work = gemm_only_work(pipe, batch_size, steps, order, device)
-    inputs = {rows: torch.randn(rows, model.config.intermediate_size, device=device, dtype=model.dtype)
-              for pair in work for rows in pair}  # fmt: skip
+    widths = {group[0].in_features for pass_groups in groups for group in pass_groups}
+    inputs = {(rows, width): torch.randn(rows, width, device=device, dtype=model.dtype)
+              for pair in work for rows in pair for width in widths}  # fmt: skip
 
     def run():
         for rows_per_pass in work:  # (input rows, query rows)
-            for rows, pass_weights in zip(rows_per_pass, weights):
-                for weight in pass_weights:
-                    torch.mm(inputs[rows][:, : weight.shape[0]], weight)
+            for rows, pass_groups in zip(rows_per_pass, groups):
+                for group in pass_groups:
+                    fused_linear_outputs(inputs[rows, group[0].in_features], *group)
 
     with torch.inference_mode():
         seconds, _ = time_call(run, device, args.warmup, args.repeats)
@@ -243,8 +251,8 @@ def main(argv=None):
     records = []
     for dtype_name in args.dtype:
         pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed)
-        if args.cpu_packed_weights:
-            pipe.transformer.fuse_projections(cpu_packed_weights=True)
+        pipe.transformer.fuse_projections(cpu_gemm=args.cpu_gemm)  # the pipeline keeps this choice
+        pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(
                 buckets=args.compile_buckets, **({"mode": args.compile_mode} if args.compile_mode else {})

@@ -3,12 +3,17 @@
 #   1. check_device_tokens.py: float32 CUDA tokens == CPU tokens; compiled (CUDA graphs) == eager, inpainting too;
 #   2. ARPG-L, batch 64, bf16, 64 and 32 steps, raster order beside it, VQ decoding;
 #   3. ARPG-XL and ARPG-XXL, batch 64, bf16, 64 steps;
-#   4. ARPG-L with compiled decoding (torch.compile, mode reduce-overhead: CUDA graphs), 64 steps.
+#   4. ARPG-L with compiled decoding (torch.compile, mode reduce-overhead: CUDA graphs), 64 steps;
+#   5. the same with the matmul + softmax attention (--attn-implementation eager) instead of SDPA under a slot mask,
+#      64 and 32 steps, and with a CUDA generator (sampling without host round trips).
 # Each part writes OUT_DIR/<part>.json and runs under its own time limit, so a slow part cannot hide the others.
+# Name parts after OUT_DIR to run only those (all of them take about 10 minutes, more than one device call allows):
 #
-#     bash benchmarks/run_gpu_figures.sh OUT_DIR
+#     bash benchmarks/run_gpu_figures.sh OUT_DIR [check L XL XXL L_compiled L_compiled_matmul L_compiled_cuda_generator]
 set -u
 out=${1:-gpu-figures}
+shift $(( $# > 0 ? 1 : 0 ))
+selected=" $* "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -16,6 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 part() {  # part NAME SECONDS SCRIPT ARGS...
     local name=$1 limit=$2
     shift 2
+    if [ "$selected" != "  " ] && [[ "$selected" != *" $name "* ]]; then return; fi
     echo "== $name ($(date +%T)): python $*"
     timeout "$limit" python "$@" --json "$out/$name.json" 2>&1 | grep -vE "Warning|warnings.warn|^\s*$"
     echo "== $name: exit ${PIPESTATUS[0]}"
@@ -31,3 +37,7 @@ part XL 70 benchmarks/bench_sampling.py --preset ARPG-XL "${common[@]}" --num-in
 part XXL 80 benchmarks/bench_sampling.py --preset ARPG-XXL "${common[@]}" --num-inference-steps 64 --dtype bfloat16
 part L_compiled 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
     --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32
+part L_compiled_matmul 240 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 32 \
+    --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --attn-implementation eager
+part L_compiled_cuda_generator 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
+    --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --generator-device cuda

@@ -55,9 +55,12 @@ def test_bad_buckets_raise():
         CompiledDecoder(model, buckets=[0, 4])
 
 
-def test_padded_step_equals_the_eager_step():
-    """The static-shape step (inputs and queries padded, whole cache under a slot mask) gives the eager logits."""
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_padded_step_equals_the_eager_step(attn_implementation):
+    """The static-shape step (inputs and queries padded, whole cache under a slot mask) gives the eager logits, with
+    either attention (matmul + softmax is what a compiled step may fuse better than SDPA under a mask)."""
     model = randomize_(ARPGForImageGeneration(tiny_config()), seed=4).eval()
+    model.set_attn_implementation(attn_implementation)
     eager_cache, padded_cache = model.allocate_cache(2), model.allocate_cache(2, max_length=17 + 7)
     class_ids = model.class_token_ids(torch.tensor([1, -1]))[:, None]
     generator = torch.Generator().manual_seed(0)
