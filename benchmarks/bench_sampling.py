@@ -56,6 +56,9 @@ def parse_args(argv=None):
                         help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) or max-autotune")
     parser.add_argument("--compile-buckets", type=int, nargs="+", default=None,
                         help="padded step sizes with --compile (default: powers of two); fewer buckets, fewer graphs")
+    parser.add_argument("--compile-key-block", type=int, default=None,
+                        help="with --compile: attention reads the cache up to the filled slots rounded up to a "
+                             "multiple of this (e.g. 64) instead of the whole cache")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                         help="the decoder's attention: F.scaled_dot_product_attention (default) or plain matmul + "
                              "softmax (which torch.compile fuses on its own)")
@@ -161,7 +164,8 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
         token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
         attn_implementation=pipe.transformer.config._attn_implementation,
         cpu_gemm=args.cpu_gemm, cpu_packed_weights=args.cpu_gemm == "onednn-packed", compile_mode=args.compile_mode if args.compile else None,
-        compile_buckets=args.compile_buckets if args.compile else None, generator_device=args.generator_device,
+        compile_buckets=args.compile_buckets if args.compile else None,
+        compile_key_block=args.compile_key_block if args.compile else None, generator_device=args.generator_device,
     )  # fmt: skip
 
 
@@ -255,7 +259,8 @@ def main(argv=None):
         pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(
-                buckets=args.compile_buckets, **({"mode": args.compile_mode} if args.compile_mode else {})
+                buckets=args.compile_buckets, key_block=args.compile_key_block,
+                **({"mode": args.compile_mode} if args.compile_mode else {}),
             )  # fmt: skip
         for batch_size in args.batch_size:
             first = len(records)

@@ -5,11 +5,13 @@
 #   3. ARPG-XL and ARPG-XXL, batch 64, bf16, 64 steps;
 #   4. ARPG-L with compiled decoding (torch.compile, mode reduce-overhead: CUDA graphs), 64 steps;
 #   5. the same with the matmul + softmax attention (--attn-implementation eager) instead of SDPA under a slot mask,
-#      64 and 32 steps, and with a CUDA generator (sampling without host round trips).
+#      64 and 32 steps; with attention reading only the filled part of the cache in blocks of 64 slots
+#      (--compile-key-block 64), with either attention; and with a CUDA generator (no host round trips).
 # Each part writes OUT_DIR/<part>.json and runs under its own time limit, so a slow part cannot hide the others.
 # Name parts after OUT_DIR to run only those (all of them take about 10 minutes, more than one device call allows):
 #
-#     bash benchmarks/run_gpu_figures.sh OUT_DIR [check L XL XXL L_compiled L_compiled_matmul L_compiled_cuda_generator]
+#     bash benchmarks/run_gpu_figures.sh OUT_DIR [check L XL XXL L_compiled L_compiled_matmul L_compiled_key_block
+#         L_compiled_matmul_key_block L_compiled_cuda_generator]
 set -u
 out=${1:-gpu-figures}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -39,5 +41,10 @@ part L_compiled 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" 
     --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32
 part L_compiled_matmul 240 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 32 \
     --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --attn-implementation eager
+part L_compiled_key_block 240 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 32 \
+    --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --compile-key-block 64
+part L_compiled_matmul_key_block 240 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
+    32 --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --compile-key-block 64 \
+    --attn-implementation eager
 part L_compiled_cuda_generator 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
     --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --generator-device cuda

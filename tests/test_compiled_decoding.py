@@ -56,9 +56,11 @@ def test_bad_buckets_raise():
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_padded_step_equals_the_eager_step(attn_implementation):
-    """The static-shape step (inputs and queries padded, whole cache under a slot mask) gives the eager logits, with
-    either attention (matmul + softmax is what a compiled step may fuse better than SDPA under a mask)."""
+@pytest.mark.parametrize("key_block", [None, 4])
+def test_padded_step_equals_the_eager_step(attn_implementation, key_block):
+    """The static-shape step (inputs and queries padded, the whole cache or its first `attended_slots` slots under a
+    slot mask) gives the eager logits, with either attention (matmul + softmax is what a compiled step may fuse better
+    than SDPA under a mask)."""
     model = randomize_(ARPGForImageGeneration(tiny_config()), seed=4).eval()
     model.set_attn_implementation(attn_implementation)
     eager_cache, padded_cache = model.allocate_cache(2), model.allocate_cache(2, max_length=17 + 7)
@@ -72,6 +74,10 @@ def test_padded_step_equals_the_eager_step(attn_implementation):
             queries = order[:, start : start + count]
             expected = model.decode_step(inputs, positions, queries, eager_cache)
             pad = 8 - inputs.shape[1]
+            if key_block:  # the filled slots after this step, rounded up to the block
+                filled = padded_cache.seq_length + inputs.shape[1]
+                padded_cache.attended_slots = -(-filled // key_block) * key_block
+                assert padded_cache.read_length < padded_cache.max_length
             padded_logits = model.decode_step(
                 torch.cat([inputs, inputs[:, :1].expand(-1, pad)], 1),
                 torch.cat([positions, positions[:, :1].expand(-1, pad)], 1),
@@ -96,6 +102,36 @@ def test_compiled_pipeline_gives_the_eager_tokens_and_reuses_its_graphs(pipeline
     again = compiled(**kwargs, generator=torch.Generator().manual_seed(8)).images
     assert len(backend.graphs) == first_graphs  # a second call compiles nothing
     assert torch.equal(again, eager(**kwargs, generator=torch.Generator().manual_seed(8)).images)
+
+
+def test_key_blocks_give_the_eager_tokens_with_a_few_more_graphs(pipelines):
+    eager, compiled, _ = pipelines
+    blocked = ARPGPipeline(**compiled.components)
+    blocked.set_progress_bar_config(disable=True)
+    backend = CountingBackend()
+    blocked.enable_compiled_decoding(key_block=4, backend=backend)
+    decoder, read_lengths = blocked._compiled_decoder, []
+    step = decoder._step
+
+    def recording_step(*args):
+        cache = args[3]
+        read_lengths.append((cache.seq_length, cache.read_length, cache.max_length))
+        return step(*args)
+
+    decoder._step = recording_step
+    kwargs = dict(class_labels=[0, 3, 4], num_inference_steps=6, guidance_scale=3.0, output_type="latent")
+    expected = eager(**kwargs, generator=torch.Generator().manual_seed(7)).images
+    assert torch.equal(blocked(**kwargs, generator=torch.Generator().manual_seed(7)).images, expected)
+    # every step reads the filled slots rounded up to a multiple of 4 (capped at the cache), not the whole cache
+    assert len(read_lengths) == 6 and read_lengths[0][1] == 4 and read_lengths[0][2] > 16
+    assert all(length % 4 == 0 or length == total for _, length, total in read_lengths)
+    assert [length for _, length, _ in read_lengths] == sorted(length for _, length, _ in read_lengths)
+    first_graphs = len(backend.graphs)
+    assert 2 <= first_graphs <= 8  # one per (input bucket, query bucket, key block) in use
+    blocked(**kwargs, generator=torch.Generator().manual_seed(7))
+    assert len(backend.graphs) == first_graphs  # a second call compiles nothing
+    with pytest.raises(ValueError, match="key_block must be a positive integer"):
+        CompiledDecoder(eager.transformer, key_block=0)
 
 
 def test_compiled_decoding_serves_larger_canvases_and_inpainting(pipelines):

@@ -63,17 +63,27 @@ def test_forward_matches_reference_fixture(reference_pipeline, parity_dir):
     assert torch.equal(output.orders, fixture["orders"])
 
 
-def test_eager_and_sdpa_attention_agree(tiny_model):
+def test_eager_and_sdpa_attention_agree(tiny_model, monkeypatch):
+    """`set_attn_implementation` switches a built model (transformers' API), and both attentions agree."""
     input_ids = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 3, 4])
     orders = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(3)])
     with torch.no_grad():
         sdpa = tiny_model(input_ids, labels, orders=orders).logits
-        tiny_model.config._attn_implementation = "eager"
+        tiny_model.set_attn_implementation("eager")
         try:
+            assert tiny_model.config._attn_implementation == "eager"
+            sdpa_calls = []
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                                lambda *args, **kwargs: sdpa_calls.append(args))  # fmt: skip
             eager = tiny_model(input_ids, labels, orders=orders).logits
+            assert not sdpa_calls  # the plain matmul + softmax path ran
+            monkeypatch.undo()
+            with pytest.raises(ValueError, match="Flash Attention"):
+                tiny_model.set_attn_implementation("flash_attention_2")
         finally:
-            tiny_model.config._attn_implementation = "sdpa"
+            tiny_model.set_attn_implementation("sdpa")
+    assert tiny_model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=0)
 
 

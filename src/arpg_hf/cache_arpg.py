@@ -41,6 +41,8 @@ class ARPGStaticCache:
         self.batch_size = batch_size
         self.max_length = max_length
         self.seq_length = 0  # slots filled so far
+        # Static-shape steps read the first `attended_slots` slots (None: all `max_length`); see CompiledDecoder.
+        self.attended_slots: int | None = None
 
     def check_capacity(self, batch_size: int, num_new: int) -> None:
         if batch_size != self.batch_size:
@@ -68,18 +70,24 @@ class ARPGStaticCache:
         self.seq_length += key.shape[2]
         return keys, values
 
-    # Static shapes (compiled decoding): writes at a tensor offset, reads of the whole buffers under a slot mask.
-    @staticmethod
-    def _write_at(keys: torch.Tensor, values: torch.Tensor, key, value, start: torch.Tensor):
+    # Static shapes (compiled decoding): writes at a tensor offset, reads of the first `read_length` slots under a
+    # slot mask.
+    @property
+    def read_length(self) -> int:
+        """How many slots (filled or not) a static-shape step reads: `attended_slots`, or all of them."""
+        return self.max_length if self.attended_slots is None else self.attended_slots
+
+    def _write_at(self, keys: torch.Tensor, values: torch.Tensor, key, value, start: torch.Tensor):
         slots = start + torch.arange(key.shape[2], device=key.device)  # (n,)
         keys.index_copy_(2, slots, key)
         values.index_copy_(2, slots, value)
-        return keys, values  # (B, H, max_length, Dh): every slot, valid or not
+        length = self.read_length
+        return keys[:, :, :length], values[:, :, :length]  # (B, H, read_length, Dh): valid or not
 
     def update_self_at(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor):
         """Writes a Pass-1 layer's keys/values (B, H, n, Dh) at slots `start .. start + n - 1` (`start` a 0-dim
-        tensor, so that the traced shapes never depend on the fill) and returns the whole buffers. Does not advance
-        `seq_length`: with padded inputs only the caller knows how many of the n are real."""
+        tensor, so that the traced shapes never depend on the fill) and returns the first `read_length` slots of the
+        buffers. Does not advance `seq_length`: with padded inputs only the caller knows how many of the n are real."""
         return self._write_at(self.self_keys[layer_idx], self.self_values[layer_idx], key, value, start)
 
     def update_cross_at(self, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor):
@@ -89,3 +97,4 @@ class ARPGStaticCache:
     def reset(self) -> None:
         """Marks every slot free, so the same buffers serve another batch of the same size."""
         self.seq_length = 0
+        self.attended_slots = None

@@ -8,10 +8,12 @@ CUDA graphs cannot capture). [`CompiledDecoder`] instead
   first real entry, so every index stays in range), and drops the padded queries' logits;
 - writes the inputs into the preallocated cache at a slot offset given as a 0-dim tensor, and lets attention read
   the whole cache under a mask of the filled slots (see `slot_start` in [`ARPGModel.forward`]); padded inputs land
-  beyond the filled slots, so nothing attends to them, and the next step overwrites them.
+  beyond the filled slots, so nothing attends to them, and the next step overwrites them;
+- optionally (`key_block`), lets attention read only the cache slots up to the filled ones rounded up to a multiple
+  of `key_block`, instead of the whole cache: a few more shapes, and on average about half the keys and values read.
 
-Every step of a run therefore has one of a handful of shapes (a few pairs of buckets), each compiled once per batch
-size, grid and position mode and then reused by every later call. The results are those of the eager step up to
+Every step of a run therefore has one of a handful of shapes (a few pairs of buckets, times the key blocks in use),
+each compiled once per batch size, grid and position mode and then reused by every later call. The results are those of the eager step up to
 floating-point reassociation: the same tokens in practice (the tests check this on a tiny model).
 
 Steps that feed known tokens causally (the prefill of the editing pipelines) run eagerly, once per call.
@@ -53,16 +55,22 @@ class CompiledDecoder:
             layout, the compiler picks its own.
         buckets (`Sequence[int]`, *optional*): allowed padded sizes for the inputs and queries of a step; defaults to
             powers of two up to 4096.
+        key_block (`int`, *optional*): attention reads the cache slots up to the filled ones rounded up to a multiple
+            of this (e.g. 64) instead of the whole cache; None (default): the whole cache, one key length.
         **compile_kwargs: passed to `torch.compile` (defaults: `fullgraph=True`, `dynamic=False`); e.g.
             `mode="reduce-overhead"` for CUDA graphs, or `backend=...`.
     """
 
-    def __init__(self, transformer, buckets: Sequence[int] | None = None, **compile_kwargs):
+    def __init__(self, transformer, buckets: Sequence[int] | None = None, key_block: int | None = None,
+                 **compile_kwargs):  # fmt: skip
         buckets = sorted(set(DEFAULT_BUCKETS if buckets is None else buckets))
         if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets!r}.")
+        if key_block is not None and (not isinstance(key_block, int) or key_block < 1):
+            raise ValueError(f"key_block must be a positive integer or None, got {key_block!r}.")
         self.transformer = transformer
         self.buckets = tuple(buckets)
+        self.key_block = key_block
         self.compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         # One graph per (input bucket, query bucket, batch size, grid, position mode) in use: more than Dynamo's
         # default of 8 per function once several batch sizes or canvases are served.
@@ -98,6 +106,9 @@ class CompiledDecoder:
         device = input_ids.device
         rotary = self.transformer.model.rotary_emb
         rotary.table(tuple(grid_size or rotary.grid_size), position_mode, device)  # built eagerly: graphs only read it
+        if self.key_block is not None:  # a Python int on the cache: each value is its own (guarded) graph
+            filled = cache.seq_length + num_inputs
+            cache.attended_slots = min(cache.max_length, -(-filled // self.key_block) * self.key_block)
         logits = self._step(
             _pad_columns(input_ids, input_width),
             _pad_columns(input_position_ids, input_width),
@@ -109,4 +120,5 @@ class CompiledDecoder:
             position_mode,
         )  # (B, query_width, V)
         cache.seq_length += num_inputs
+        cache.attended_slots = None
         return logits[:, :num_queries]

@@ -147,7 +147,7 @@ class ARPGSelfAttention(nn.Module):
         key = apply_rotary_2d(self._heads(key), cos, sin)
         value = self._heads(value)
         if cache is not None and slot_start is not None:
-            key, value = cache.update_self_at(self.layer_idx, key, value, slot_start)  # (B, H, max_length, Dh)
+            key, value = cache.update_self_at(self.layer_idx, key, value, slot_start)  # (B, H, read_length, Dh)
         elif cache is not None:
             key, value = cache.update_self(self.layer_idx, key, value)  # (B, H, cached + N, Dh)
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -221,6 +221,12 @@ class ARPGPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ARPGSelfAttentionLayer", "ARPGCrossAttentionLayer"]
     _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """`set_attn_implementation("eager" | "sdpa")` works on a built model: every attention call reads
+        `config._attn_implementation` (transformers' source heuristic cannot see that)."""
+        return True
 
     def _init_weights(self, module):
         if module is getattr(self, "lm_head", None):
@@ -298,7 +304,8 @@ class ARPGModel(ARPGPreTrainedModel):
             slot_start (`torch.Tensor`, *optional*), num_valid_inputs (`torch.Tensor`, *optional*):
                 Static shapes for compiled decoding (see `arpg_hf.compiled_decoding`), both 0-dim integer tensors: the
                 inputs are written at cache slots `slot_start ..` and only the first `num_valid_inputs` of them are
-                real (the rest is padding). Attention then reads the whole cache under a mask of the slots below
+                real (the rest is padding). Attention then reads the first `cache.read_length` slots (the whole
+                cache unless `cache.attended_slots` is set) under a mask of the slots below
                 `slot_start + num_valid_inputs`, so no shape depends on the fill. The caller checks the capacity
                 (padding included) and advances `cache.seq_length`.
         """
@@ -310,7 +317,7 @@ class ARPGModel(ARPGPreTrainedModel):
         ):
             raise ValueError("With a cache the attention pattern is fixed: pass no masks and is_causal=False.")
         if padded:
-            slots = torch.arange(cache.max_length, device=input_ids.device)  # (S,)
+            slots = torch.arange(cache.read_length, device=input_ids.device)  # (S,)
             filled = (slots < slot_start + num_valid_inputs)[None, :]  # (1, S): the slots filled after this step
             self_attention_mask = cross_attention_mask = filled
         elif cache is not None:
@@ -341,7 +348,7 @@ class ARPGModel(ARPGPreTrainedModel):
         key = apply_rotary_2d(key.unflatten(-1, heads).transpose(1, 2), *input_rotary)  # (B, H, N, Dh)
         value = value.unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
         if padded:
-            key, value = cache.update_cross_at(key, value, slot_start)  # (B, H, max_length, Dh)
+            key, value = cache.update_cross_at(key, value, slot_start)  # (B, H, read_length, Dh)
         elif cache is not None:
             key, value = cache.update_cross(key, value)  # (B, H, cached + N, Dh)
 

@@ -198,7 +198,7 @@ class ARPGPipeline(DiffusionPipeline):
             )
 
     # ------------------------------------------------------------------------------------- compiled decoding
-    def enable_compiled_decoding(self, buckets=None, **compile_kwargs) -> None:
+    def enable_compiled_decoding(self, buckets=None, key_block=None, **compile_kwargs) -> None:
         """Opt-in: decoding steps run through `torch.compile` at bucketed static shapes ([`CompiledDecoder`]).
 
         The first calls compile a handful of shapes (per batch size, grid and position mode); later calls reuse them.
@@ -208,12 +208,15 @@ class ARPGPipeline(DiffusionPipeline):
         Args:
             buckets (`Sequence[int]`, *optional*): padded sizes for the inputs and queries of a step (default: powers
                 of two).
+            key_block (`int`, *optional*): attention reads the cache up to the filled slots rounded up to a multiple
+                of this (e.g. 64) instead of the whole cache (default): more shapes, fewer keys read per step.
             **compile_kwargs: for `torch.compile`, e.g. `mode="reduce-overhead"` (CUDA graphs) or `backend=...`.
         """
         from .compiled_decoding import CompiledDecoder
 
         self.transformer.unfuse_projections()
-        self._compiled_decoder = CompiledDecoder(self.transformer, buckets=buckets, **compile_kwargs)
+        self._compiled_decoder = CompiledDecoder(self.transformer, buckets=buckets, key_block=key_block,
+                                                 **compile_kwargs)  # fmt: skip
 
     def disable_compiled_decoding(self) -> None:
         """Back to eager decoding steps."""
