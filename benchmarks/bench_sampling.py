@@ -62,7 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                         help="the decoder's attention: F.scaled_dot_product_attention (default) or plain matmul + "
                              "softmax (which torch.compile fuses on its own)")
-    parser.add_argument("--no-vq", action="store_true", help="skip the VQ decoding measurement")
+    parser.add_argument("--no-vq", action="store_true",
+                        help="skip the VQ decoding measurement (the tokenizer is not even built)")
     parser.add_argument("--gemm-bound", action="store_true",
                         help="also time the step's matrix products alone (same weights, same rows per step): the "
                              "practical bound of this BLAS on this machine")
@@ -113,13 +114,16 @@ def synchronize(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build_pipeline(preset: str, dtype: torch.dtype, device: torch.device, seed: int) -> ARPGPipeline:
-    """The preset's decoder and the VQ-16 tokenizer with random weights (the head redrawn: it is zero at init)."""
+def build_pipeline(preset: str, dtype: torch.dtype, device: torch.device, seed: int, vq: bool = True) -> ARPGPipeline:
+    """The preset's decoder and the VQ-16 tokenizer with random weights (the head redrawn: it is zero at init). Without
+    `vq` the tokenizer is built on the meta device (no weights: token generation never touches it), so that the
+    peak memory of token generation is the decoder's own."""
     torch.manual_seed(seed)
     config = ARPGConfig.from_preset(preset)
     with torch.device(device):
         transformer = ARPGForImageGeneration(config).to(dtype).eval()
         torch.nn.init.normal_(transformer.lm_head.weight, std=config.initializer_range)
+    with torch.device(device if vq else "meta"):
         vqvae = ARPGVQModel(in_channels=3, out_channels=3).eval()
     pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler())
     pipe.set_progress_bar_config(disable=True)
@@ -254,7 +258,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     records = []
     for dtype_name in args.dtype:
-        pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed)
+        pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=not args.no_vq)
         pipe.transformer.fuse_projections(cpu_gemm=args.cpu_gemm)  # the pipeline keeps this choice
         pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
