@@ -13,7 +13,8 @@ CPU run of the eager step:
 
 Prints one JSON record and exits non-zero when an "identical" comparison is not.
 
-    python benchmarks/check_device_tokens.py --device cuda [--compile-mode reduce-overhead] [--json OUT.json]
+    python benchmarks/check_device_tokens.py --device cuda [--compile-mode reduce-overhead] [--compile-key-block 16]
+        [--attn-implementation eager] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode to check (e.g. reduce-overhead)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick dry run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decoding comparisons")
+    parser.add_argument("--compile-key-block", type=int, default=None,
+                        help="compiled attention reads the cache in blocks of this many slots (key_block)")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                        help="attention of every pipeline (set_attn_implementation)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-inference-steps", type=int, default=16)
     parser.add_argument("--json", dest="json_path", default=None)
@@ -52,9 +57,10 @@ def small_config() -> ARPGConfig:
     )  # fmt: skip
 
 
-def build(config: ARPGConfig, device, dtype=torch.float32, seed: int = 0) -> ARPGPipeline:
+def build(config: ARPGConfig, device, dtype=torch.float32, seed: int = 0, attn_implementation="sdpa") -> ARPGPipeline:
     torch.manual_seed(seed)
     transformer = ARPGForImageGeneration(config)
+    transformer.set_attn_implementation(attn_implementation)
     torch.nn.init.normal_(transformer.lm_head.weight, std=0.5)  # zero at init: a flat head samples uniformly
     for name, parameter in transformer.named_parameters():
         if "embed" in name:
@@ -99,7 +105,9 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False
     config = small_config()
     labels = torch.arange(args.batch_size) % config.num_classes
-    record, failures = {"device": str(device), "torch": torch.__version__}, []
+    record = {"device": str(device), "torch": torch.__version__, "attn_implementation": args.attn_implementation,
+              "compile_key_block": args.compile_key_block}  # fmt: skip
+    failures = []
 
     def compare(name, a, b, must_match):
         record[name] = agreement(a, b)
@@ -107,12 +115,13 @@ def main(argv=None):
             failures.append(name)
         print(f"{name}: {record[name]:.4f}", flush=True)
 
-    reference = generate(build(config, "cpu"), args, labels)
-    eager = build(config, device)
+    attention = args.attn_implementation
+    reference = generate(build(config, "cpu", attn_implementation=attention), args, labels)
+    eager = build(config, device, attn_implementation=attention)
     eager_tokens = generate(eager, args, labels)
     compare("float32_device_vs_cpu", eager_tokens, reference, must_match=True)
-    compare("bfloat16_device_vs_float32_cpu", generate(build(config, device, torch.bfloat16), args, labels),
-            reference, must_match=False)  # fmt: skip
+    compare("bfloat16_device_vs_float32_cpu", generate(build(config, device, torch.bfloat16, attn_implementation=attention),
+            args, labels), reference, must_match=False)  # fmt: skip
 
     # Inpainting on a 16x32-token-pixel canvas (2x the trained width): right half regenerated.
     factor = 2 ** (len(eager.vqvae.config.channel_multipliers) - 1)
@@ -125,8 +134,9 @@ def main(argv=None):
     modes = [] if args.no_compile else [args.compile_mode]
     for mode in modes:
         name = mode or "default"
-        compiled = build(config, device)
-        compile_kwargs = dict(backend=args.compile_backend, **({"mode": mode} if mode else {}))
+        compiled = build(config, device, attn_implementation=attention)
+        compile_kwargs = dict(backend=args.compile_backend, key_block=args.compile_key_block,
+                              **({"mode": mode} if mode else {}))  # fmt: skip
         compiled.enable_compiled_decoding(**compile_kwargs)
         start = time.perf_counter()
         first = generate(compiled, args, labels)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of the fast-sampling issue, in one run of about 8 minutes on one H100/H200:
+# The GPU figures of the fast-sampling issue on one H100/H200:
 #   1. check_device_tokens.py: float32 CUDA tokens == CPU tokens; compiled (CUDA graphs) == eager, inpainting too;
+#      again with the matmul attention and key blocks (check_matmul_key_block);
 #   2. ARPG-L, batch 64, bf16, 64 and 32 steps, raster order beside it, VQ decoding;
 #   3. ARPG-XL and ARPG-XXL, batch 64, bf16, 64 steps;
 #   4. ARPG-L with compiled decoding (torch.compile, mode reduce-overhead: CUDA graphs), 64 steps;
@@ -8,10 +9,11 @@
 #      64 and 32 steps; with attention reading only the filled part of the cache in blocks of 64 slots
 #      (--compile-key-block 64), with either attention; and with a CUDA generator (no host round trips).
 # Each part writes OUT_DIR/<part>.json and runs under its own time limit, so a slow part cannot hide the others.
-# Name parts after OUT_DIR to run only those (all of them take about 10 minutes, more than one device call allows):
+# Parts 1-4 took about 6 minutes on an H200; all of them together need about 15, more than one device call allows, so
+# name parts after OUT_DIR to run only those:
 #
-#     bash benchmarks/run_gpu_figures.sh OUT_DIR [check L XL XXL L_compiled L_compiled_matmul L_compiled_key_block
-#         L_compiled_matmul_key_block L_compiled_cuda_generator]
+#     bash benchmarks/run_gpu_figures.sh OUT_DIR [check check_matmul_key_block L XL XXL L_compiled L_compiled_matmul
+#         L_compiled_key_block L_compiled_matmul_key_block L_compiled_cuda_generator]
 set -u
 out=${1:-gpu-figures}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -34,6 +36,8 @@ python -c "import torch, transformers, diffusers; print('torch', torch.__version
 
 common=(--batch-size 64 --guidance-scale 4 --device cuda --warmup 2 --repeats 5)
 part check 120 benchmarks/check_device_tokens.py --device cuda --compile-mode reduce-overhead
+part check_matmul_key_block 120 benchmarks/check_device_tokens.py --device cuda --compile-mode reduce-overhead \
+    --compile-key-block 16 --attn-implementation eager
 part L 100 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 32 --dtype bfloat16 --raster
 part XL 70 benchmarks/bench_sampling.py --preset ARPG-XL "${common[@]}" --num-inference-steps 64 --dtype bfloat16
 part XXL 80 benchmarks/bench_sampling.py --preset ARPG-XXL "${common[@]}" --num-inference-steps 64 --dtype bfloat16
