@@ -7,6 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
+from arpg_hf.modeling_arpg import CPU_GEMMS
 
 from .conftest import randomize_, read_json, recording_calls, tiny_config
 
@@ -31,13 +32,21 @@ def reference(reference_pipeline):
     return ARPGPipeline(**reference_pipeline.components)
 
 
+@pytest.mark.parametrize("cpu_gemm", CPU_GEMMS)
 @pytest.mark.parametrize("case", CASES, ids=[case["key"] for case in CASES])
-def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixture, case):
+def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixture, case, cpu_gemm):
+    """Exact tokens with every CPU weight layout of fuse_projections (the pipeline keeps the chosen one)."""
     key = case["key"]
-    tokens = with_schedule(reference, case)(
-        generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
-        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"], output_type="latent",
-    ).images  # fmt: skip
+    reference.transformer.fuse_projections(cpu_gemm=cpu_gemm)
+    try:
+        tokens = with_schedule(reference, case)(
+            generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
+            guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
+            output_type="latent",
+        ).images  # fmt: skip
+        assert reference.transformer._cpu_gemm == cpu_gemm
+    finally:
+        reference.transformer.fuse_projections(cpu_gemm="blas")  # the session's pipeline shares this transformer
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, generate_fixture[f"{key}.tokens"])
     assert reference.scheduler.tokens_per_step == generate_fixture[f"{key}.num_pred_per_step"].tolist()
