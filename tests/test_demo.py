@@ -93,7 +93,14 @@ def test_inpainting_keeps_the_unmasked_tokens(model):
         next(model.stream_inpainting(None, [], "right half", 5, 4, 2.0, 0, "cosine"))
 
 
-def test_inpainting_can_guide_away_from_a_class(model):
+def test_generation_and_inpainting_can_guide_away_from_a_class(model):
+    images = list(model.stream_generation(7, 4, 2.0, 5, "cosine", 2, 1))[-1][-1]
+    expected = model.pipe([7, 7], 4, 2.0, generator=[torch.Generator().manual_seed(5 + i) for i in range(2)],
+                          negative_class_labels=[1, 1]).images  # fmt: skip
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
+    with pytest.raises(ValueError, match="The class to guide away from must be -1"):
+        next(model.stream_generation(7, 4, 2.0, 5, "cosine", 2, 10))
+
     image = model.generate(2, 4, 2.0, 1)
     plain = list(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine"))[-1][-1][0]
     away = list(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine", 2))[-1][-1][0]

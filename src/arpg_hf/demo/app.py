@@ -73,10 +73,17 @@ def _sampling_controls(model: DemoModel, prefix: str) -> tuple:
     return class_picker, steps, guidance, schedule, seed
 
 
+def _negative_class_picker(model: DemoModel, prefix: str, label: str) -> gr.Dropdown:
+    """The class of the guidance's second half (`negative_class_labels`); -1: the null class (plain guidance)."""
+    return gr.Dropdown([("nothing (plain guidance)", -1)] + model.class_choices, value=-1, filterable=True,
+                       label=label, elem_id=f"{prefix}negative-class")  # fmt: skip
+
+
 def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
     with gr.Row():
         with gr.Column():
             class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "")
+            negative_picker = _negative_class_picker(model, "", "Guide away from (optional)")
             num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images (seeds seed, seed + 1, ...)")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column():
@@ -87,9 +94,9 @@ def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
     gallery = gr.Gallery(label="Samples (model resolution)", columns=MAX_IMAGES // 2, format="png", type="pil",
                          elem_id="gallery", interactive=False)  # fmt: skip
 
-    def run(class_index, steps_, guidance_, schedule_, seed_, count):
+    def run(class_index, steps_, guidance_, schedule_, seed_, count, negative_index):
         for live_image, order_image, images in model.stream_generation(class_index, steps_, guidance_, seed_,
-                                                                       schedule_, count):  # fmt: skip
+                                                                       schedule_, count, negative_index):  # fmt: skip
             if images is None:
                 yield live_image, gr.skip(), gr.skip(), gr.skip()
             else:
@@ -98,7 +105,7 @@ def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
                 captions = [(image, f"{name} · seed {int(seed_) + i}") for i, image in enumerate(images)]
                 yield live_image, order_image, captions, images
 
-    button.click(_user_errors(run), [class_picker, steps, guidance, schedule, seed, num_images],
+    button.click(_user_errors(run), [class_picker, steps, guidance, schedule, seed, num_images, negative_picker],
                  [live, order, gallery, last_images], api_name="generate_live", concurrency_id="model")  # fmt: skip
 
 
@@ -114,11 +121,9 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
             use_generated = gr.Button("Use the generated image", elem_id="use-generated")
             preset = gr.Radio(list(MASK_PRESETS), value=MASK_PRESETS[0], label="Mask", elem_id="mask-preset")
             class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "inpaint-")
-            negative_picker = gr.Dropdown(
-                [("nothing (plain guidance)", -1)] + model.class_choices, value=-1, filterable=True,
-                label="Guide away from (e.g. the class the image shows, when editing it into another)",
-                elem_id="inpaint-negative-class",
-            )  # fmt: skip
+            negative_picker = _negative_class_picker(
+                model, "inpaint-", "Guide away from (e.g. the class the image shows, when editing it into another)"
+            )
             button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
         with gr.Column():
             mask_view = gr.Image(label="Mask (white = regenerate)", type="pil", format="png", interactive=False)

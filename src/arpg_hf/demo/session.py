@@ -82,15 +82,16 @@ class DemoModel:
             raise ValueError(f"The token schedule must be one of {TOKEN_SCHEDULES}, got {token_schedule!r}.")
         return int(class_index), int(steps), float(guidance_scale), int(seed), token_schedule, int(num_images)
 
-    def check_negative_class(self, negative_class_index) -> int:
-        """Validates the "guide away from" choice: -1 (the null class, plain guidance) or a class label index."""
+    def _negative_labels(self, negative_class_index, count: int) -> list[int] | None:
+        """`negative_class_labels` for `count` images from the "guide away from" choice: -1 (the null class, plain
+        guidance: None) or a class label index."""
         high = self.pipe.transformer.config.num_classes - 1
         if not isinstance(negative_class_index, numbers.Real) or negative_class_index != int(negative_class_index) \
                 or not -1 <= negative_class_index <= high:  # fmt: skip
             raise ValueError(
                 f"The class to guide away from must be -1 (none) or an integer in [0, {high}], got {negative_class_index!r}."
             )
-        return int(negative_class_index)
+        return None if negative_class_index < 0 else [int(negative_class_index)] * count
 
     def _generators(self, seed: int, count: int) -> list[torch.Generator]:
         """Image i draws from its own generator seeded with seed + i (so image 0 matches `generate`)."""
@@ -103,17 +104,20 @@ class DemoModel:
         self.pipe.scheduler = self.schedulers[self.default_token_schedule]
         return self.pipe([class_index], steps, guidance_scale, generator=self._generators(seed, 1)).images[0]
 
-    def stream_generation(self, class_index, steps, guidance_scale, seed, token_schedule, num_images) -> Iterator:
+    def stream_generation(self, class_index, steps, guidance_scale, seed, token_schedule, num_images,
+                          negative_class_index=-1) -> Iterator:  # fmt: skip
         """Yields `(live picture, order map or None, images or None)` after every step, then the final images.
 
         The live picture shows image 0's token grid: grey where not decoded yet, tinted where decoded this step.
+        `negative_class_index` >= 0 guides away from that class instead of the null class (`negative_class_labels`).
         """
         class_index, steps, guidance_scale, seed, token_schedule, num_images = self.check(
             class_index, steps, guidance_scale, seed, token_schedule, num_images
         )
+        negative = self._negative_labels(negative_class_index, num_images)
         self.pipe.scheduler = self.schedulers[token_schedule]
         call = dict(class_labels=[class_index] * num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    generator=self._generators(seed, num_images))  # fmt: skip
+                    generator=self._generators(seed, num_images), negative_class_labels=negative)  # fmt: skip
         yield from self._stream(self.pipe, call, steps)
 
     def _stream(self, pipe, call: dict, steps: int, kept: torch.Tensor | None = None) -> Iterator:
@@ -159,7 +163,7 @@ class DemoModel:
         class_index, steps, guidance_scale, seed, token_schedule, _ = self.check(
             class_index, steps, guidance_scale, seed, token_schedule
         )
-        negative_class_index = self.check_negative_class(negative_class_index)
+        negative = self._negative_labels(negative_class_index, 1)
         height, width = self.image_size
         image = background.convert("RGB").resize((width, height), Image.BICUBIC)
         mask = self.inpaint_mask(layers, preset)
@@ -168,7 +172,7 @@ class DemoModel:
         self.inpaint_pipe.scheduler = self.schedulers[token_schedule]
         call = dict(image=image, mask_image=mask, class_labels=[class_index], num_inference_steps=steps,
                     guidance_scale=guidance_scale, generator=self._generators(seed, 1),
-                    negative_class_labels=None if negative_class_index < 0 else [negative_class_index])  # fmt: skip
+                    negative_class_labels=negative)  # fmt: skip
         yield mask, None, None, None
         for live, order, images in self._stream(self.inpaint_pipe, call, steps, kept):
             yield mask, live, order, images
