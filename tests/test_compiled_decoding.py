@@ -130,6 +130,14 @@ def test_key_blocks_give_the_eager_tokens_with_a_few_more_graphs(pipelines):
     assert 2 <= first_graphs <= 8  # one per (input bucket, query bucket, key block) in use
     blocked(**kwargs, generator=torch.Generator().manual_seed(7))
     assert len(backend.graphs) == first_graphs  # a second call compiles nothing
+    # inpainting: the known tokens are prefilled eagerly, then the blocked steps read past them
+    image, mask = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(4)), torch.zeros(1, 1, 8, 8)
+    mask[..., :, 4:] = 1
+    inpaint_eager, inpaint_blocked = ARPGInpaintPipeline(**eager.components), ARPGInpaintPipeline(**blocked.components)
+    inpaint_blocked.enable_compiled_decoding(key_block=4, backend=CountingBackend())
+    call = dict(image=image, mask_image=mask, class_labels=[2], num_inference_steps=3, output_type="latent")
+    assert torch.equal(inpaint_blocked(**call, generator=torch.Generator().manual_seed(3)).images,
+                       inpaint_eager(**call, generator=torch.Generator().manual_seed(3)).images)  # fmt: skip
     with pytest.raises(ValueError, match="key_block must be a positive integer"):
         CompiledDecoder(eager.transformer, key_block=0)
 
