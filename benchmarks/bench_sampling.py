@@ -167,7 +167,8 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
         seconds_per_batch=seconds, peak_memory_mb=memory, guidance_scale=args.guidance_scale,
         token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
         attn_implementation=pipe.transformer.config._attn_implementation,
-        cpu_gemm=args.cpu_gemm, cpu_packed_weights=args.cpu_gemm == "onednn-packed", compile_mode=args.compile_mode if args.compile else None,
+        cpu_gemm=args.cpu_gemm, cpu_packed_weights=args.cpu_gemm == "onednn-packed",
+        compile_mode=args.compile_mode if args.compile else None,
         compile_buckets=args.compile_buckets if args.compile else None,
         compile_key_block=args.compile_key_block if args.compile else None, generator_device=args.generator_device,
     )  # fmt: skip

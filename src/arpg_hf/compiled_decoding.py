@@ -13,8 +13,9 @@ CUDA graphs cannot capture). [`CompiledDecoder`] instead
   of `key_block`, instead of the whole cache: a few more shapes, and on average about half the keys and values read.
 
 Every step of a run therefore has one of a handful of shapes (a few pairs of buckets, times the key blocks in use),
-each compiled once per batch size, grid and position mode and then reused by every later call. The results are those of the eager step up to
-floating-point reassociation: the same tokens in practice (the tests check this on a tiny model).
+each compiled once per batch size, grid and position mode and then reused by every later call. The results are those
+of the eager step up to floating-point reassociation: the same tokens in practice (the tests check this on a tiny
+model).
 
 Steps that feed known tokens causally (the prefill of the editing pipelines) run eagerly, once per call.
 """

@@ -68,20 +68,7 @@ def unfuse_linears(*linears: nn.Linear) -> None:
 def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
     """The `(in_features, sum out_features)` matrix that `fuse_linears(layout="columns")` made of `linears`, or None
     when their weights are not (or no longer) laid out that way."""
-    first = linears[0].weight
-    total = sum(linear.out_features for linear in linears)
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for linear in linears:
-        weight = linear.weight
-        if (
-            weight.stride() != (1, total)
-            or weight.dtype != first.dtype
-            or weight.untyped_storage().data_ptr() != storage
-            or weight.storage_offset() != offset
-        ):
-            return None
-        offset += linear.out_features
-    return first.as_strided((first.shape[1], total), (total, 1), first.storage_offset())  # (K, sum N)
+    return _fused_matrix(linears, rows=False)
 
 
 def fused_rows(*linears: nn.Linear) -> torch.Tensor | None:
@@ -89,20 +76,27 @@ def fused_rows(*linears: nn.Linear) -> torch.Tensor | None:
     they were not fused that way or their weights no longer lie consecutively in one storage."""
     if not linears[0].__dict__.get("_fused_rows"):
         return None
+    return _fused_matrix(linears, rows=True)
+
+
+def _fused_matrix(linears, rows: bool) -> torch.Tensor | None:
+    """The matrix whose consecutive row blocks (`rows`) or column blocks are the weights of `linears`, or None."""
     first = linears[0].weight
+    in_features, total = first.shape[1], sum(linear.out_features for linear in linears)
+    strides = (in_features, 1) if rows else (1, total)  # of every (N, K) weight inside that matrix
     storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
     for linear in linears:
         weight = linear.weight
         if (
-            not weight.is_contiguous()
+            weight.stride() != strides
             or weight.dtype != first.dtype
             or weight.untyped_storage().data_ptr() != storage
             or weight.storage_offset() != offset
         ):
             return None
-        offset += weight.numel()
-    total = sum(linear.out_features for linear in linears)
-    return first.as_strided((total, first.shape[1]), (first.shape[1], 1), first.storage_offset())  # (sum N, K)
+        offset += linear.out_features * strides[0]
+    shape = (total, in_features) if rows else (in_features, total)
+    return first.as_strided(shape, (shape[1], 1), first.storage_offset())
 
 
 def is_fused(*linears: nn.Linear) -> bool:
