@@ -37,6 +37,12 @@ def preset_mask(preset: str, height: int, width: int) -> np.ndarray:
     return mask
 
 
+def _check_integer(value, low: int, high: int, name: str) -> None:
+    """A UI/API value must be an integral number in [low, high]."""
+    if not isinstance(value, numbers.Real) or value != int(value) or not low <= value <= high:
+        raise ValueError(f"The {name} must be an integer in [{low}, {high}], got {value!r}.")
+
+
 class DemoModel:
     """The demo's model calls. `pipe` is an [`ARPGPipeline`]; the inpainting pipeline shares its components."""
 
@@ -74,8 +80,7 @@ class DemoModel:
             (seed, 0, 2**63 - 1, "seed"), (num_images, 1, MAX_IMAGES, "number of images"),
         ]  # fmt: skip
         for value, low, high, name in checks:
-            if not isinstance(value, numbers.Real) or value != int(value) or not low <= value <= high:
-                raise ValueError(f"The {name} must be an integer in [{low}, {high}], got {value!r}.")
+            _check_integer(value, low, high, name)
         if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:
             raise ValueError(f"The guidance scale must be a number >= 0, got {guidance_scale!r}.")
         if token_schedule not in TOKEN_SCHEDULES:
@@ -85,12 +90,8 @@ class DemoModel:
     def _negative_labels(self, negative_class_index, count: int) -> list[int] | None:
         """`negative_class_labels` for `count` images from the "guide away from" choice: -1 (the null class, plain
         guidance: None) or a class label index."""
-        high = self.pipe.transformer.config.num_classes - 1
-        if not isinstance(negative_class_index, numbers.Real) or negative_class_index != int(negative_class_index) \
-                or not -1 <= negative_class_index <= high:  # fmt: skip
-            raise ValueError(
-                f"The class to guide away from must be -1 (none) or an integer in [0, {high}], got {negative_class_index!r}."
-            )
+        num_classes = self.pipe.transformer.config.num_classes
+        _check_integer(negative_class_index, -1, num_classes - 1, "class to guide away from (-1: none)")
         return None if negative_class_index < 0 else [int(negative_class_index)] * count
 
     def _generators(self, seed: int, count: int) -> list[torch.Generator]:
