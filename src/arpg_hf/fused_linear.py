@@ -10,7 +10,7 @@ projections run as one GEMM (`fused_linear_outputs`) instead of several small on
   for the few rows of a decoding step.
 - "rows": one `(sum of out_features, in_features)` matrix, every weight a contiguous row block (its checkpoint
   layout). Float32 inputs on CPU then run through oneDNN's linear kernel on the weights as stored: on CPUs where MKL is
-  slow for decoding row counts (an AVX2 EPYC) it is about 1.4x faster, with no extra memory.
+  slow for decoding row counts (an AVX2 EPYC) it is about 1.5x faster, with no extra memory.
 
 `pack_linears` adds a third option on top of "columns": a copy in oneDNN's pre-packed layout (faster still, at the
 price of the memory of a second copy). Nothing else is copied twice: the old storage is released. The layout is

@@ -527,10 +527,10 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
 
                 - "blas" (default): every weight stored transposed, `x @ W` through torch's BLAS (MKL); no extra memory.
                 - "onednn": every weight in its checkpoint layout, fused by rows, multiplied by oneDNN's linear
-                  kernel; no extra memory. About 1.4x faster than "blas" on CPUs where MKL is slow at decoding row
+                  kernel; no extra memory. About 1.5x faster than "blas" on CPUs where MKL is slow at decoding row
                   counts (measured on an AVX2 EPYC).
                 - "onednn-packed": "blas" plus a copy of every fused matrix in oneDNN's pre-packed layout, used for
-                  the GEMMs: the fastest there (about 1.6x), at the price of a second copy of the projection weights
+                  the GEMMs: the fastest there (about 1.7x), at the price of a second copy of the projection weights
                   in memory. The copies are dropped as soon as the weights move or change, and by
                   [`~ARPGForImageGeneration.unfuse_projections`].
 
