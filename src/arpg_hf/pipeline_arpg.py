@@ -218,6 +218,16 @@ class ARPGPipeline(DiffusionPipeline):
         self._compiled_decoder = CompiledDecoder(self.transformer, buckets=buckets, key_block=key_block,
                                                  **compile_kwargs)  # fmt: skip
 
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        """Not supported: decoding reads weights outside the calls of the modules that own them (fused projections,
+        the [MASK] embedding, the VQ codebook), where per-module offload hooks cannot bring them in. Use
+        `enable_model_cpu_offload()`, which moves each whole model to the accelerator while it runs."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support enable_sequential_cpu_offload(): decoding reads weights outside "
+            "the calls of the modules that own them. Use enable_model_cpu_offload() instead (each model moves to the "
+            "accelerator as a whole while it runs)."
+        )
+
     def disable_compiled_decoding(self) -> None:
         """Back to eager decoding steps."""
         self._compiled_decoder = None

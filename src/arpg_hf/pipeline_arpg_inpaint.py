@@ -142,7 +142,9 @@ class ARPGInpaintPipeline(ARPGPipeline):
     @torch.no_grad()
     def encode_image(self, pixels: torch.FloatTensor) -> torch.LongTensor:
         """VQ token ids of `(B, 3, H, W)` images in [-1, 1]: `(B, (H / f) * (W / f))`, raster order."""
-        return self.vqvae.encode(pixels.to(self.vqvae.device)).indices.flatten(1)  # (B, L)
+        hook = getattr(self.vqvae, "_hf_hook", None)  # enable_model_cpu_offload: encode() moves the model there
+        device = getattr(hook, "execution_device", None) or self.vqvae.device
+        return self.vqvae.encode(pixels.to(device)).indices.flatten(1)  # (B, L)
 
     # ------------------------------------------------------------------------------------------- decoding
     def prepare_inpaint_orders(self, orders, unknown_positions, generator, device) -> torch.LongTensor:

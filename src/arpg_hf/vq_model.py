@@ -20,6 +20,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from torch.func import functional_call
 
@@ -246,6 +247,7 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------ encode / decode
 
+    @apply_forward_hook
     def encode(self, images: torch.Tensor, return_dict: bool = True) -> ARPGVQEncoderOutput | tuple:
         """Encodes images into quantized latents and code indices.
 
@@ -263,6 +265,7 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
             return latents, indices, pre_quant
         return ARPGVQEncoderOutput(latents=latents, indices=indices, pre_quant_latents=pre_quant)
 
+    @apply_forward_hook
     def decode(
         self, x: torch.Tensor, return_dict: bool = True, shape: tuple[int, int] | None = None
     ) -> DecoderOutput | tuple:

@@ -1,0 +1,105 @@
+"""diffusers' enable_model_cpu_offload: the accelerate hooks run before decoding and VQ coding use the weights.
+
+Decoding calls `decode_step` (and the tokenizer `encode` / `decode`), not `forward`, so the offload hooks, which wrap
+`forward`, must be run by those methods themselves. On this CPU-only machine the execution device is the CPU: the hooks
+move nothing, but the order in which they run against the models' use is what a GPU needs.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arpg_hf import ARPGInpaintPipeline, load_bundled_pipeline
+
+from .test_compiled_decoding import CountingBackend
+
+
+def recorded_use(pipe) -> list[str]:
+    """Events in order: "hook:<component>" when a component's offload hook runs, "use:<component>" when one of its
+    weight-bearing submodules computes. Hooks are re-created after each call (`maybe_free_model_hooks`): wrap again
+    before every call."""
+    events = []
+    for name, submodules in (("transformer", ("model",)), ("vqvae", ("encoder", "decoder"))):
+        component = getattr(pipe, name)
+        hook, run = component._hf_hook, component._hf_hook.pre_forward
+
+        def pre_forward(module, *args, _run=run, _name=name, **kwargs):
+            events.append(f"hook:{_name}")
+            return _run(module, *args, **kwargs)
+
+        hook.pre_forward = pre_forward
+        for submodule in submodules:
+            getattr(component, submodule).register_forward_pre_hook(
+                lambda *_, _name=name: events.append(f"use:{_name}") if events[-1:] != [f"use:{_name}"] else None
+            )
+    return events
+
+
+def first_use_follows_its_hook(events, name) -> bool:
+    return f"use:{name}" in events and f"hook:{name}" in events[: events.index(f"use:{name}")]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    pipe = load_bundled_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def offloaded():
+    pipe = load_bundled_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    return pipe
+
+
+def test_generation_runs_the_hooks_before_the_models_and_keeps_the_tokens(reference):
+    kwargs = dict(class_labels=[3, 8], num_inference_steps=8, output_type="np")
+    expected = reference(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe = offloaded()
+    events = recorded_use(pipe)
+    got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(got, expected)
+    assert first_use_follows_its_hook(events, "transformer") and first_use_follows_its_hook(events, "vqvae")
+    assert events.count("hook:transformer") >= 8  # every decoding step (one hook run per step, as with forward)
+    assert pipe._execution_device == torch.device("cpu", 0)
+
+
+def test_inpainting_runs_the_hooks_before_encoding_decoding_and_vq_decoding(reference):
+    source = reference(class_labels=[5], generator=torch.Generator().manual_seed(1), output_type="pil").images[0]
+    mask = np.zeros((source.height, source.width), dtype=np.uint8)
+    mask[source.height // 2 :] = 255
+    kwargs = dict(image=source, mask_image=Image.fromarray(mask), class_labels=[5, 6], output_type="latent")
+    expected = ARPGInpaintPipeline(**reference.components)(**kwargs, generator=torch.Generator().manual_seed(2))
+    pipe = ARPGInpaintPipeline(**load_bundled_pipeline().components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    events = recorded_use(pipe)
+    got = pipe(**kwargs, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(got.images, expected.images)
+    assert events[:2] == ["hook:vqvae", "use:vqvae"]  # encoding the canvas comes first
+    assert first_use_follows_its_hook(events, "transformer")
+
+
+def test_compiled_decoding_runs_the_hook_outside_the_graph(reference):
+    kwargs = dict(class_labels=[0, 7], num_inference_steps=3, output_type="latent")
+    expected = reference(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    pipe = offloaded()
+    backend = CountingBackend()
+    pipe.enable_compiled_decoding(backend=backend)
+    try:
+        events = recorded_use(pipe)
+        got = pipe(**kwargs, generator=torch.Generator().manual_seed(3)).images
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)
+    assert backend.graphs  # the steps did run compiled, with the hook traced out of them
+    assert first_use_follows_its_hook(events, "transformer") and events.count("hook:transformer") >= 3
+
+
+def test_sequential_cpu_offload_is_refused_with_the_alternative():
+    pipe = load_bundled_pipeline()
+    with pytest.raises(NotImplementedError, match=r"enable_model_cpu_offload\(\)"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+    assert not hasattr(pipe.transformer, "_hf_hook")
