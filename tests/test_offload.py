@@ -98,8 +98,17 @@ def test_compiled_decoding_runs_the_hook_outside_the_graph(reference):
     assert first_use_follows_its_hook(events, "transformer") and events.count("hook:transformer") >= 3
 
 
-def test_sequential_cpu_offload_is_refused_with_the_alternative():
+@pytest.mark.parametrize(
+    "method, kwargs",
+    [("enable_sequential_cpu_offload", dict(device="cpu")), ("enable_group_offload", dict(onload_device="cpu"))],
+)
+def test_per_module_offloading_is_refused_with_the_alternative(method, kwargs):
+    """Per-module hooks would leave the weights read outside module calls unloaded: refused before any hook is set
+    (group offloading from disk gave NaN images before)."""
     pipe = load_bundled_pipeline()
-    with pytest.raises(NotImplementedError, match=r"enable_model_cpu_offload\(\)"):
-        pipe.enable_sequential_cpu_offload(device="cpu")
-    assert not hasattr(pipe.transformer, "_hf_hook")
+    with pytest.raises(NotImplementedError, match=rf"{method}\(\).*enable_model_cpu_offload\(\)"):
+        getattr(pipe, method)(**kwargs)
+    with pytest.raises(ValueError, match="does not support group offloading"):
+        pipe.vqvae.enable_group_offload(onload_device="cpu")
+    assert not any(hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
+                   for component in (pipe.transformer, pipe.vqvae) for module in component.modules())  # fmt: skip

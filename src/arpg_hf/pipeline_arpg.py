@@ -98,6 +98,14 @@ def known_token_prefix(tokens: torch.LongTensor) -> tuple[torch.LongTensor, torc
     return tokens.gather(1, positions), positions
 
 
+def _per_module_offload_refusal(pipe, method: str) -> str:
+    return (
+        f"{type(pipe).__name__} does not support {method}(): decoding reads weights outside the calls of the modules "
+        "that own them, where per-module offload hooks cannot bring them in. Use enable_model_cpu_offload() instead "
+        "(each model moves to the accelerator as a whole while it runs)."
+    )
+
+
 class ARPGPipeline(DiffusionPipeline):
     r"""
     Class-conditional image generation with ARPG: image tokens are predicted in a random order, several per step, by a
@@ -219,14 +227,15 @@ class ARPGPipeline(DiffusionPipeline):
                                                  **compile_kwargs)  # fmt: skip
 
     def enable_sequential_cpu_offload(self, *args, **kwargs):
-        """Not supported: decoding reads weights outside the calls of the modules that own them (fused projections,
-        the [MASK] embedding, the VQ codebook), where per-module offload hooks cannot bring them in. Use
-        `enable_model_cpu_offload()`, which moves each whole model to the accelerator while it runs."""
-        raise NotImplementedError(
-            f"{type(self).__name__} does not support enable_sequential_cpu_offload(): decoding reads weights outside "
-            "the calls of the modules that own them. Use enable_model_cpu_offload() instead (each model moves to the "
-            "accelerator as a whole while it runs)."
-        )
+        """Not supported, see [`~ARPGPipeline.enable_group_offload`]; `enable_model_cpu_offload()` is."""
+        raise NotImplementedError(_per_module_offload_refusal(self, "enable_sequential_cpu_offload"))
+
+    def enable_group_offload(self, *args, **kwargs):
+        """Not supported: like `enable_sequential_cpu_offload`, it brings weights in only for the calls of the modules
+        that own them, and decoding also reads weights outside those calls (fused projections, the [MASK] and position
+        embeddings, the VQ codebook). Use `enable_model_cpu_offload()`, which moves each whole model to the
+        accelerator while it runs."""
+        raise NotImplementedError(_per_module_offload_refusal(self, "enable_group_offload"))
 
     def disable_compiled_decoding(self) -> None:
         """Back to eager decoding steps."""

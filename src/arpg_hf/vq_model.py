@@ -109,6 +109,7 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["codebook"]
+    _supports_group_offloading = False  # the codebook is read outside module calls, where group hooks cannot load it
 
     @register_to_config
     def __init__(
