@@ -6,12 +6,14 @@ seconds per batch (median of --repeats runs after --warmup runs), images per sec
 high-water mark on CPU, max allocated on GPU). `--raster` adds the same model decoding in raster order, one token
 per step, through the very same code path (orders = 0..L-1, L steps). `--gemm-bound` also times the decoding's
 matrix products alone (the model's own fused weights, the same rows per step), the practical bound of the BLAS on this
-machine, and reports the share of the time they take. `--compile` runs the decoding steps through torch.compile at
+machine, and reports the share of the time they take; `--arithmetic-bound` measures the device's peak GEMM rate and
+memory bandwidth and reports the run's arithmetic bound (FLOPs counted from the model / peak, or bytes moved /
+bandwidth, whichever is larger) and the share of it reached. `--compile` runs the decoding steps through torch.compile at
 bucketed static shapes (`pipe.enable_compiled_decoding()`, `--compile-mode reduce-overhead` for CUDA graphs); the
 warm-up runs compile every shape the timed runs use. Prints a markdown table and writes JSON.
 
     python benchmarks/bench_sampling.py --preset ARPG-L --batch-size 4 --num-inference-steps 64 \
-        --guidance-scale 4 --dtype float32 --device cpu --json OUT.json [--raster] [--compile] [--gemm-bound]
+        --guidance-scale 4 --dtype float32 --device cpu --json OUT.json [--raster] [--compile] [--gemm-bound] [--arithmetic-bound]
 
 Lists are allowed: `--batch-size 1 4 16 --num-inference-steps 32 64 --dtype float32 bfloat16`.
 """
@@ -67,6 +69,10 @@ def parse_args(argv=None):
     parser.add_argument("--gemm-bound", action="store_true",
                         help="also time the step's matrix products alone (same weights, same rows per step): the "
                              "practical bound of this BLAS on this machine")
+    parser.add_argument("--arithmetic-bound", action="store_true",
+                        help="also measure this device's peak GEMM rate and memory bandwidth and report the run's "
+                             "arithmetic bound (FLOPs / peak or bytes moved / bandwidth, whichever is larger) and the "
+                             "share of it reached")
     parser.add_argument("--generator-device", default="cpu",
                         help="device of the torch.Generator that draws the order and the tokens (cpu: the same draws "
                              "on every device; cuda: no host-to-device copy of the uniforms per step)")
@@ -225,6 +231,63 @@ def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
     return seconds
 
 
+def arithmetic_work(pipe, batch_size: int, steps: int, order: str, device) -> tuple[float, float]:
+    """(FLOPs, bytes) of one batch's decoding, counted from the model: every projection (the head included) on the
+    rows that go through it, attention over the keys each row sees, and per step one read of every projection weight
+    plus one read of the key/value cache per layer (the weights dominate)."""
+    model, config = pipe.transformer, pipe.transformer.config
+    element = torch.finfo(model.dtype).bits // 8
+    pass_one, pass_two = model.projection_groups_by_pass()
+    weights_one = sum(linear.weight.numel() for group in pass_one for linear in group)
+    weights_two = sum(linear.weight.numel() for group in pass_two for linear in group)
+    width, rows_per_image = config.hidden_size, 2 * batch_size  # classifier-free guidance doubles the rows
+    flops = weight_bytes = cache_bytes = 0.0
+    filled = 0  # cache slots per row (the class token included)
+    for input_rows, query_rows in gemm_only_work(pipe, batch_size, steps, order, device):
+        new = input_rows // rows_per_image
+        keys_one = filled + (new + 1) / 2  # on average over the new inputs (each sees the cache and those before it)
+        filled += new
+        flops += 2 * (input_rows * weights_one + query_rows * weights_two)
+        flops += 4 * width * (input_rows * keys_one * config.num_self_attention_layers
+                              + query_rows * filled * config.num_cross_attention_layers)  # fmt: skip
+        weight_bytes += (weights_one + weights_two) * element
+        layers = config.num_self_attention_layers + config.num_cross_attention_layers
+        cache_bytes += 2 * rows_per_image * filled * width * element * layers
+    return flops, weight_bytes + cache_bytes
+
+
+def device_peaks(device, dtype: torch.dtype, repeats: int = 10) -> tuple[float, float]:
+    """(FLOP/s, bytes/s) this device reaches at best (fastest of `repeats` runs after a warm-up): a large square GEMM
+    in `dtype`, and a large copy (read + write)."""
+    size = 2048 if device.type == "cpu" else 8192
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    source = torch.empty(64 * 2**20, device=device, dtype=torch.float32).normal_()  # 256 MB
+    target = torch.empty_like(source)
+
+    def fastest(function) -> float:
+        function()
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        gemm, copy = fastest(lambda: torch.matmul(a, b)), fastest(lambda: target.copy_(source))
+    return 2 * size**3 / gemm, 2 * source.numel() * 4 / copy
+
+
+def arithmetic_bound(pipe, batch_size, steps, order, device, peaks) -> dict:
+    flops, moved = arithmetic_work(pipe, batch_size, steps, order, device)
+    peak_flops, bandwidth = peaks
+    bound = max(flops / peak_flops, moved / bandwidth)
+    return dict(tflop_per_batch=flops / 1e12, gb_moved_per_batch=moved / 1e9, peak_gemm_gflops=peak_flops / 1e9,
+                memory_gb_per_second=bandwidth / 1e9, arithmetic_bound_seconds_per_batch=bound)  # fmt: skip
+
+
 def measure_vq(pipe, args, batch_size, device):
     """VQ decoding of a batch of token grids: (seconds per batch, images per second, peak memory MB)."""
     config = pipe.transformer.config
@@ -237,17 +300,20 @@ def measure_vq(pipe, args, batch_size, device):
 
 def markdown_table(records):
     header = ("| preset | order | batch | steps | dtype | device | compiled | tokens: s / batch | tokens: img / s "
-              "| peak MB | VQ decode: s / batch | VQ decode: img / s | GEMMs alone: s / batch (share) |")  # fmt: skip
+              "| peak MB | VQ decode: s / batch | VQ decode: img / s | GEMMs alone: s / batch (share) "
+              "| arithmetic bound: s / batch (share) |")  # fmt: skip
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in records:
         vq_seconds, vq_rate = r.get("vq_decode_seconds_per_batch"), r.get("vq_decode_images_per_second")
         vq = f"{vq_seconds:.3f} | {vq_rate:.3f}" if vq_seconds else "- | -"
         bound = r.get("gemm_only_seconds_per_batch")
         bound = f"{bound:.3f} ({100 * r['share_of_gemm_bound']:.0f} %)" if bound else "-"
+        limit = r.get("arithmetic_bound_seconds_per_batch")
+        limit = f"{limit:.3f} ({100 * r['share_of_arithmetic_bound']:.0f} %)" if limit else "-"
         lines.append(
             f"| {r['preset']} | {r['order']} | {r['batch_size']} | {r['num_inference_steps']} | {r['dtype']} "
             f"| {r['device']} | {r['compiled']} | {r['seconds_per_batch']:.3f} | {r['images_per_second']:.3f} "
-            f"| {r['peak_memory_mb']:.0f} | {vq} | {bound} |"
+            f"| {r['peak_memory_mb']:.0f} | {vq} | {bound} | {limit} |"
         )
     return "\n".join(lines)
 
@@ -267,6 +333,7 @@ def main(argv=None):
                 buckets=args.compile_buckets, key_block=args.compile_key_block,
                 **({"mode": args.compile_mode} if args.compile_mode else {}),
             )  # fmt: skip
+        peaks = device_peaks(device, DTYPES[dtype_name]) if args.arithmetic_bound else None
         for batch_size in args.batch_size:
             first = len(records)
             orders = ["random"] * len(args.num_inference_steps) + (["raster"] if args.raster else [])
@@ -275,6 +342,10 @@ def main(argv=None):
                 if args.gemm_bound:
                     bound = gemm_only_seconds(pipe, args, batch_size, record["num_inference_steps"], order, device)
                     record.update(gemm_only_seconds_per_batch=bound, share_of_gemm_bound=bound / record["seconds_per_batch"])
+                if peaks:
+                    record.update(arithmetic_bound(pipe, batch_size, record["num_inference_steps"], order, device, peaks))
+                    record["share_of_arithmetic_bound"] = record["arithmetic_bound_seconds_per_batch"] / record[
+                        "seconds_per_batch"]  # fmt: skip
                 records.append(record)
             # VQ decoding last: its large activations would stay in the process and inflate the RSS of token generation.
             vq = {} if args.no_vq else measure_vq(pipe, args, batch_size, device)
