@@ -40,24 +40,25 @@ def first_use_follows_its_hook(events, name) -> bool:
     return f"use:{name}" in events and f"hook:{name}" in events[: events.index(f"use:{name}")]
 
 
+def fresh(pipeline_class=None, offload: bool = False):
+    """A bundled pipeline of its own (offloading hooks its modules), optionally as another pipeline class."""
+    pipe = load_bundled_pipeline()
+    pipe = pipe if pipeline_class is None else pipeline_class(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    if offload:
+        pipe.enable_model_cpu_offload(device="cpu")
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def reference():
-    pipe = load_bundled_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def offloaded():
-    pipe = load_bundled_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    pipe.enable_model_cpu_offload(device="cpu")
-    return pipe
+    return fresh()
 
 
 def test_generation_runs_the_hooks_before_the_models_and_keeps_the_tokens(reference):
     kwargs = dict(class_labels=[3, 8], num_inference_steps=8, output_type="np")
     expected = reference(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    pipe = offloaded()
+    pipe = fresh(offload=True)
     events = recorded_use(pipe)
     got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     np.testing.assert_array_equal(got, expected)
@@ -72,9 +73,7 @@ def test_inpainting_runs_the_hooks_before_encoding_decoding_and_vq_decoding(refe
     mask[source.height // 2 :] = 255
     kwargs = dict(image=source, mask_image=Image.fromarray(mask), class_labels=[5, 6], output_type="latent")
     expected = ARPGInpaintPipeline(**reference.components)(**kwargs, generator=torch.Generator().manual_seed(2))
-    pipe = ARPGInpaintPipeline(**load_bundled_pipeline().components)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.enable_model_cpu_offload(device="cpu")
+    pipe = fresh(ARPGInpaintPipeline, offload=True)
     events = recorded_use(pipe)
     got = pipe(**kwargs, generator=torch.Generator().manual_seed(2))
     assert torch.equal(got.images, expected.images)
@@ -85,7 +84,7 @@ def test_inpainting_runs_the_hooks_before_encoding_decoding_and_vq_decoding(refe
 def test_compiled_decoding_runs_the_hook_outside_the_graph(reference):
     kwargs = dict(class_labels=[0, 7], num_inference_steps=3, output_type="latent")
     expected = reference(**kwargs, generator=torch.Generator().manual_seed(3)).images
-    pipe = offloaded()
+    pipe = fresh(offload=True)
     backend = CountingBackend()
     pipe.enable_compiled_decoding(backend=backend)
     try:
