@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from arpg_hf.cli import main
@@ -127,3 +128,17 @@ def test_cpu_gemm_lays_out_the_weights_and_stays_for_the_calls(first_run, model_
     assert all(rows) if cpu_gemm == "onednn" else not any(rows)
     assert generate(model_dir, tmp_path, "--cpu-gemm", cpu_gemm) == 0
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(first_run))
+
+
+def test_model_cpu_offload_gives_the_same_images_with_hooks_on_the_models(first_run, model_dir, tmp_path):
+    from arpg_hf.cli import build_parser, prepare_pipeline
+
+    args = build_parser().parse_args(["generate", "--model", str(model_dir), "--class-labels", "1", "--device", "cpu",
+                                      "--model-cpu-offload", "--quiet"])  # fmt: skip
+    pipeline = prepare_pipeline(args)
+    assert all(hasattr(model, "_hf_hook") for model in (pipeline.transformer, pipeline.vqvae))
+    assert pipeline._execution_device == torch.device("cpu", 0)
+    assert generate(model_dir, tmp_path, "--device", "cpu", "--model-cpu-offload") == 0
+    files = sorted(os.listdir(first_run))
+    assert sorted(os.listdir(tmp_path)) == files
+    assert [digest(first_run / f) for f in files] == [digest(tmp_path / f) for f in files]

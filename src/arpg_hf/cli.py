@@ -49,8 +49,9 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(model: str | None, device: str, dtype_name: str | None):
-    """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None)."""
+def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_cpu_offload: bool = False):
+    """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None) onto `device`, or, with
+    `model_cpu_offload`, onto the CPU with diffusers' offload hooks that move each model to `device` while it runs."""
     import torch
 
     from .pipeline_arpg import ARPGPipeline
@@ -70,6 +71,9 @@ def load_pipeline(model: str | None, device: str, dtype_name: str | None):
         elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/", "~")):
             raise FileNotFoundError(f"--model {model!r} is neither a pipeline folder nor a Hub id 'owner/name'.")
         pipeline = ARPGPipeline.from_pretrained(model, dtype=dtype)
+    if model_cpu_offload:
+        pipeline.enable_model_cpu_offload(device=device)
+        return pipeline
     return pipeline.to(device)
 
 
@@ -112,7 +116,7 @@ def prepare_pipeline(args: argparse.Namespace):
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipeline = load_pipeline(args.model, device, args.dtype)
+    pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload)
     pipeline.set_progress_bar_config(disable=args.quiet)
     if args.token_schedule or args.guidance_schedule:
         from .scheduling_arpg import ARPGScheduler
@@ -264,6 +268,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser, default_output_dir: 
                         help="float32 on CPU: how decoding multiplies by the weights (see fuse_projections); "
                              "onednn is faster than the default blas on some CPUs at no memory cost, onednn-packed "
                              "faster still with a second copy of the weights")
+    parser.add_argument("--model-cpu-offload", action="store_true",
+                        help="keep each model on the CPU until it runs on --device (diffusers' "
+                             "enable_model_cpu_offload): for GPUs short of memory; the images are the same")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
     return parser
 
