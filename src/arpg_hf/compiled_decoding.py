@@ -27,7 +27,6 @@ from collections.abc import Sequence
 import torch
 
 from .cache_arpg import ARPGStaticCache
-from .modeling_arpg import run_offload_hook
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 RECOMPILE_LIMIT = 64
@@ -102,7 +101,6 @@ class CompiledDecoder:
                 input_ids, input_position_ids, query_position_ids, cache, grid_size=grid_size,
                 position_mode=position_mode, causal_inputs=True,
             )  # fmt: skip
-        run_offload_hook(self.transformer)  # the compiled step itself does not
         num_inputs, num_queries = input_ids.shape[1], query_position_ids.shape[1]
         input_width, query_width = bucket_size(num_inputs, self.buckets), bucket_size(num_queries, self.buckets)
         cache.check_capacity(input_ids.shape[0], input_width)

@@ -8,7 +8,6 @@ any set of positions can be predicted at once, in any order.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -39,23 +38,11 @@ CPU_GEMMS = ("blas", "onednn", "onednn-packed")  # fuse_projections(cpu_gemm=...
 
 def run_offload_hook(module: nn.Module) -> None:
     """Runs the `pre_forward` of an accelerate offload hook on `module`, if it has one (diffusers'
-    `enable_model_cpu_offload`): it moves the model to its execution device, as calling the model would."""
+    `enable_model_cpu_offload`): it moves the model to its execution device, as calling the model would. Decoding
+    calls [`~ARPGForImageGeneration.decode_step`], not `forward`, so the pipelines run it once per decoding."""
     hook = getattr(module, "_hf_hook", None)
     if hook is not None and hasattr(hook, "pre_forward"):
         hook.pre_forward(module)
-
-
-def runs_offload_hook(method):
-    """For methods other than `forward` that use the weights: the offload hook runs first (eagerly only; compiled
-    callers run it themselves before entering the graph)."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if not torch.compiler.is_compiling():
-            run_offload_hook(self)
-        return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 @dataclass
@@ -536,7 +523,6 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         pass_one, pass_two = self.projection_groups_by_pass()
         return pass_one + pass_two
 
-    @runs_offload_hook
     def fuse_projections(self, cpu_gemm: str | None = None) -> None:
         """Lays the weights out for fast decoding: q/k/v, gate/up and the Pass-2 key/value projections fused into one
         GEMM each (see `arpg_hf.fused_linear`). Parameter names, shapes and values are unchanged, so state dicts,
@@ -608,7 +594,6 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             device=device if device is not None else self.device,
         )
 
-    @runs_offload_hook
     def decode_step(
         self,
         input_ids: torch.LongTensor,

@@ -15,7 +15,7 @@ from diffusers.utils import logging
 
 from .configuration_arpg import ARPGConfig
 from .labels import build_label2id, get_label_ids, imagenet_id2label
-from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders
+from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders, run_offload_hook
 from .random_utils import draw_uniform
 from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
@@ -371,6 +371,7 @@ class ARPGPipeline(DiffusionPipeline):
                 half; None: the null class (plain classifier-free guidance).
         """
         transformer, scheduler = self.transformer, self.scheduler
+        run_offload_hook(transformer)  # enable_model_cpu_offload hooks forward, which decoding does not call
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
         compiled = self._compiled_decoder
         if compiled is None:
