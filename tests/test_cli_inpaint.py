@@ -90,3 +90,14 @@ def test_mask_or_outpaint_is_required(files, capsys):
         main(["inpaint", "--image", str(files / "digit.png"), "--class-labels", "3"])
     assert exit_info.value.code == 2
     assert "one of the arguments --mask --outpaint is required" in capsys.readouterr().err
+
+
+def test_model_cpu_offload_hooks_the_inpainting_pipeline_itself(files):
+    """The pipeline that runs holds the hooks, so diffusers offloads the models again after each of its calls."""
+    from arpg_hf.cli import build_parser, prepare_pipeline
+
+    args = build_parser().parse_args(["inpaint", "--image", str(files / "digit.png"), "--mask", str(files / "mask.png"),
+                                      "--class-labels", "3", "--device", "cpu", "--model-cpu-offload"])  # fmt: skip
+    pipeline = prepare_pipeline(args, ARPGInpaintPipeline)
+    assert isinstance(pipeline, ARPGInpaintPipeline) and len(pipeline._all_hooks) == 2
+    assert all(hasattr(model, "_hf_hook") for model in (pipeline.transformer, pipeline.vqvae))

@@ -49,9 +49,11 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_cpu_offload: bool = False):
-    """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None) onto `device`, or, with
-    `model_cpu_offload`, onto the CPU with diffusers' offload hooks that move each model to `device` while it runs."""
+def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_cpu_offload: bool = False,
+                  pipeline_class=None):  # fmt: skip
+    """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None), as `pipeline_class`
+    (e.g. ARPGInpaintPipeline) when given, onto `device`, or, with `model_cpu_offload`, onto the CPU with diffusers'
+    offload hooks that move each model to `device` while it runs."""
     import torch
 
     from .pipeline_arpg import ARPGPipeline
@@ -71,7 +73,9 @@ def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_
         elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/", "~")):
             raise FileNotFoundError(f"--model {model!r} is neither a pipeline folder nor a Hub id 'owner/name'.")
         pipeline = ARPGPipeline.from_pretrained(model, dtype=dtype)
-    if model_cpu_offload:
+    if pipeline_class is not None:
+        pipeline = pipeline_class(**pipeline.components)
+    if model_cpu_offload:  # on the pipeline that runs, so that it offloads again after every call
         pipeline.enable_model_cpu_offload(device=device)
         return pipeline
     return pipeline.to(device)
@@ -107,8 +111,9 @@ def resolve_negative_class_labels(pipeline, args: argparse.Namespace, num_labels
     return negatives * num_labels if len(negatives) == 1 else negatives
 
 
-def prepare_pipeline(args: argparse.Namespace):
-    """The pipeline of `--model` on `--device` / `--dtype`, with the schedule overrides and progress bar settings."""
+def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
+    """The pipeline of `--model` (as `pipeline_class` when given) on `--device` / `--dtype`, with the schedule
+    overrides and progress bar settings."""
     device = args.device or _default_device()
     if args.quiet:
         import diffusers
@@ -116,7 +121,7 @@ def prepare_pipeline(args: argparse.Namespace):
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload)
+    pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload, pipeline_class)
     pipeline.set_progress_bar_config(disable=args.quiet)
     if args.token_schedule or args.guidance_schedule:
         from .scheduling_arpg import ARPGScheduler
@@ -211,8 +216,7 @@ def run_inpaint(args: argparse.Namespace) -> list[str]:
                                            fill=args.outpaint_fill)  # fmt: skip
     else:
         mask = _open_image(args.mask, "--mask")
-    pipeline = ARPGInpaintPipeline(**prepare_pipeline(args).components)
-    pipeline.set_progress_bar_config(disable=args.quiet)
+    pipeline = prepare_pipeline(args, ARPGInpaintPipeline)
 
     def make_images(labels, generators, negatives):
         return pipeline(image, mask, labels, generator=generators, negative_class_labels=negatives,
