@@ -280,12 +280,14 @@ def device_peaks(device, dtype: torch.dtype, repeats: int = 10) -> tuple[float, 
     return 2 * size**3 / gemm, 2 * source.numel() * 4 / copy
 
 
-def arithmetic_bound(pipe, batch_size, steps, order, device, peaks) -> dict:
-    flops, moved = arithmetic_work(pipe, batch_size, steps, order, device)
+def arithmetic_bound(pipe, record: dict, device, peaks) -> dict:
+    """The bound of a measured `record` and the share of it the run reached, as record fields."""
+    flops, moved = arithmetic_work(pipe, record["batch_size"], record["num_inference_steps"], record["order"], device)
     peak_flops, bandwidth = peaks
     bound = max(flops / peak_flops, moved / bandwidth)
     return dict(tflop_per_batch=flops / 1e12, gb_moved_per_batch=moved / 1e9, peak_gemm_gflops=peak_flops / 1e9,
-                memory_gb_per_second=bandwidth / 1e9, arithmetic_bound_seconds_per_batch=bound)  # fmt: skip
+                memory_gb_per_second=bandwidth / 1e9, arithmetic_bound_seconds_per_batch=bound,
+                share_of_arithmetic_bound=bound / record["seconds_per_batch"])  # fmt: skip
 
 
 def measure_vq(pipe, args, batch_size, device):
@@ -343,9 +345,7 @@ def main(argv=None):
                     bound = gemm_only_seconds(pipe, args, batch_size, record["num_inference_steps"], order, device)
                     record.update(gemm_only_seconds_per_batch=bound, share_of_gemm_bound=bound / record["seconds_per_batch"])
                 if peaks:
-                    record.update(arithmetic_bound(pipe, batch_size, record["num_inference_steps"], order, device, peaks))
-                    record["share_of_arithmetic_bound"] = record["arithmetic_bound_seconds_per_batch"] / record[
-                        "seconds_per_batch"]  # fmt: skip
+                    record.update(arithmetic_bound(pipe, record, device, peaks))
                 records.append(record)
             # VQ decoding last: its large activations would stay in the process and inflate the RSS of token generation.
             vq = {} if args.no_vq else measure_vq(pipe, args, batch_size, device)

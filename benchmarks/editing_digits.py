@@ -98,7 +98,8 @@ def real_bottom_references(classifier, train, test_pixels, other_labels, kept_ro
         composites = np.repeat(pixels[None], len(candidates), axis=0)
         composites[:, kept_rows:] = candidates[:, kept_rows:]
         follows = classifier.predict(composites.reshape(len(candidates), -1) / 16.0) == label
-        by_distance = np.argsort(((candidates[:, :kept_rows] - pixels[:kept_rows]) ** 2).sum(axis=(1, 2)), kind="stable")
+        distances = ((candidates[:, :kept_rows] - pixels[:kept_rows]) ** 2).sum(axis=(1, 2))
+        by_distance = np.argsort(distances, kind="stable")
         nearest_hits += bool(follows[by_distance[0]])
         k_nearest_hits += follows[by_distance[:k]].mean()
         any_hits += bool(follows.any())
