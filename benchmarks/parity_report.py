@@ -1,6 +1,6 @@
 """Prints how closely arpg_hf reproduces the upstream reference on a parity fixture set.
 
-    python benchmarks/parity_report.py [--parity-dir ../shared/parity]
+    python benchmarks/parity_report.py [--parity-dir tests/fixtures/parity]
 
 Every number is a max absolute difference (or an exact-match flag) between our output and the stored reference output.
 """
@@ -17,7 +17,7 @@ from arpg_hf import ARPGPipeline, ARPGScheduler
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = Path(__file__).resolve().parents[2] / "shared" / "parity"
+    default = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "parity"
     parser.add_argument("--parity-dir", type=Path, default=default, help="folder with the fixtures (default: %(default)s)")
     return parser.parse_args()
 

@@ -63,9 +63,10 @@ def test_generate_images_do_not_depend_on_batching_and_grid(first_run, model_dir
         assert grid.size == (3 * 128, 128)
 
 
-def test_info_summarizes_a_folder(model_dir, capsys):
+def test_info_summarizes_a_folder(model_dir, parity_dir, capsys):
     assert main(["info", str(model_dir)]) == 0
     out = capsys.readouterr().out
+    assert "pipeline class: ARPGPipeline (diffusers" in out
     assert "2 + 2 layers, width 64, 4 heads, grid 8x8" in out
     assert "codebook 512 x 8, downsample 16, images 128x128 px" in out
     assert "F32" in out and "model card: README.md" in out
@@ -73,8 +74,7 @@ def test_info_summarizes_a_folder(model_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     import torch
 
-    state = torch.load(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "parity", "arpg_ref.pt"),
-                       weights_only=True)["model"]  # fmt: skip
+    state = torch.load(parity_dir / "arpg_ref.pt", weights_only=True)["model"]
     assert info["components"]["transformer"]["num_parameters"] == sum(t.numel() for t in state.values())
 
 

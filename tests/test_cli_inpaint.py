@@ -39,10 +39,13 @@ def test_inpaint_matches_the_pipeline_and_keeps_the_unmasked_pixels(pipe, files,
     written = capsys.readouterr().out.split()
     assert [p.rsplit("/", 1)[-1] for p in written] == ["000_3_3.png", "001_8_8.png"]
     digit, mask = Image.open(files / "digit.png"), Image.open(files / "mask.png")
-    for index, label in enumerate((3, 8)):
-        expected = pipe(digit, mask, [label], num_inference_steps=4, paste_back=True, negative_class_labels=[3],
-                        generator=[torch.Generator().manual_seed(index)]).images[0]  # fmt: skip
-        assert np.array_equal(pixels(written[index]), np.asarray(expected))
+    # The CLI decodes both images as one batch, seeded seed + index; so does the expectation (the VQ decoder's float
+    # rounding may depend on the batch size on some CPUs, which can move a pixel by one level).
+    generators = [torch.Generator().manual_seed(index) for index in range(2)]
+    expected = pipe(digit, mask, [3, 8], num_inference_steps=4, paste_back=True, negative_class_labels=[3],
+                    generator=generators).images  # fmt: skip
+    for index in range(2):
+        assert np.array_equal(pixels(written[index]), np.asarray(expected[index]))
         assert np.array_equal(pixels(written[index])[:16], pixels(files / "digit.png")[:16])  # kept rows pasted back
     assert not np.array_equal(pixels(written[0]), pixels(written[1]))
 
