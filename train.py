@@ -26,6 +26,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
 from arpg_hf import ARPG_PRESETS, ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler
+from arpg_hf.optional_dependencies import require
 from arpg_hf.token_dataset import (
     ShuffledBatchSampler,
     check_token_dataset,
@@ -36,7 +37,11 @@ from arpg_hf.token_dataset import (
 )
 from arpg_hf.training_utils import (
     arpg_loss,
+    check_world_size,
+    describe_distributed,
+    enable_fsdp_on_cpu,
     exit_with_launcher,
+    local_parameters,
     load_torch_state,
     read_training_state,
     remove_incomplete_checkpoints,
@@ -138,13 +143,16 @@ def check_args(parser, args) -> None:
         parser.error("--checkpoints_total_limit must be >= 1.")
     if args.push_to_hub and args.hub_model_id is None:
         parser.error("--push_to_hub needs --hub_model_id.")
+    try:  # the token dataset loads with `datasets` (the training extra): say so before anything starts
+        require("datasets", "training", "train.py")
+    except ImportError as error:
+        parser.error(str(error))
     trackers = {"all": (), "none": ()}.get(args.report_to, (args.report_to,))  # "all": whichever is installed
     for tracker in trackers:
         try:
-            __import__({"tensorboard": "tensorboard", "wandb": "wandb"}.get(tracker, tracker))
-        except ImportError:
-            parser.error(f"--report_to {args.report_to} needs the {tracker} package: pip install {tracker} "
-                         "(or pip install 'arpg-hf[training]'), or pass --report_to none.")  # fmt: skip
+            require(tracker, "training" if tracker == "tensorboard" else None, f"--report_to {args.report_to}")
+        except ImportError as error:
+            parser.error(f"{error}, or pass --report_to none.")
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -229,7 +237,7 @@ def validate_data(accelerator, dataset, info, config, vqvae, source) -> None:
     """Every process scans its share of the rows; a problem anywhere stops every process before training."""
     try:
         check_token_dataset(
-            dataset, info, config, codebook_size=vqvae.config.codebook_size if vqvae is not None else None,
+            dataset, info, config, codebook_size=vqvae.config.num_vq_embeddings if vqvae is not None else None,
             source=source, shard=(accelerator.process_index, accelerator.num_processes),
         )  # fmt: skip
         problem = None
@@ -267,35 +275,79 @@ def make_dataloader(dataset, args, accelerator, start_micro_step: int, num_micro
 
 
 def check_distributed_support(args, accelerator) -> bool:
-    """Returns whether the full model lives on the main process (validation sampling possible)."""
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+    """Checks the options against the parallelism in use. Returns whether the weights are sharded (FSDP, DeepSpeed
+    ZeRO-3): the full weights then exist only when gathered, which validation and the final save do."""
+    zero3 = (
         accelerator.distributed_type == DistributedType.DEEPSPEED
         and accelerator.state.deepspeed_plugin.zero_stage == 3
     )
-    if sharded and args.use_ema:
-        raise ValueError("--use_ema keeps a full copy of the weights on each process; it is not supported with FSDP or "
-                         "DeepSpeed ZeRO-3. Use DDP or ZeRO-1/2, or drop --use_ema.")  # fmt: skip
+    if zero3 and args.use_ema:
+        raise ValueError("--use_ema is not supported with DeepSpeed ZeRO-3 (its partitioned parameters are not torch "
+                         "tensors the EMA can follow). Use FSDP, DDP or ZeRO-1/2, or drop --use_ema.")  # fmt: skip
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+            raise ValueError(
+                "FSDP1 needs `fsdp_use_orig_params: true` with train.py: the optimizer and its weight-decay groups are "
+                "built on the original parameters before wrapping, and FSDP1 replaces them otherwise (the optimizer "
+                "would update nothing). Set it, or use `fsdp_version: 2` (configs/accelerate/fsdp.yaml)."
+            )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    return not sharded
+        if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its engine (else at 1.0)
+            ds_config["gradient_clipping"] = args.max_grad_norm or 0.0
+    return accelerator.distributed_type == DistributedType.FSDP or zero3
+
+
+def ema_parameters(accelerator, model) -> list[torch.Tensor]:
+    """The tensors the EMA follows: this process's shards under FSDP (the EMA is sharded too), the parameters
+    otherwise."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return local_parameters(model)
+    return list(accelerator.unwrap_model(model).parameters())
+
+
+def prepare_model(accelerator, model, optimizer):
+    """`accelerator.prepare` for the transformer and its optimizer (built beforehand, on the original parameters)."""
+    if getattr(accelerator, "is_fsdp2", False):
+        # accelerate gives the input embedding its own FSDP2 unit, resharded right after its forward; ARPG also reads
+        # `embed_tokens.weight` (the mask-token queries) after that call, so the embedding stays in the root unit.
+        model.get_input_embeddings = lambda: None
+    try:
+        return accelerator.prepare(model, optimizer)
+    finally:
+        model.__dict__.pop("get_input_embeddings", None)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
+def ema_file(accelerator) -> str:
+    """`ema.pt`, or under FSDP (a sharded EMA) one `ema_rank{i}.pt` per process."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return f"ema_rank{accelerator.process_index}.pt"
+    return "ema.pt"
+
+
 def write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema) -> None:
+    sharded_ema = ema is not None and accelerator.distributed_type == DistributedType.FSDP
+
     def write_extra(directory):
         save_torch_state(lr_scheduler.state_dict(), os.path.join(directory, "lr_scheduler.pt"))
-        if ema is not None:
+        if ema is not None and not sharded_ema:
             save_torch_state(ema.state_dict(), os.path.join(directory, "ema.pt"))
+
+    def write_local(directory):  # every process: its shard of the EMA
+        save_torch_state(ema.state_dict(), os.path.join(directory, ema_file(accelerator)))
 
     state = dict(
         global_step=global_step, micro_step=global_step * args.gradient_accumulation_steps,
         train_batch_size=args.train_batch_size, num_processes=accelerator.num_processes,
         gradient_accumulation_steps=args.gradient_accumulation_steps, **plan,
     )  # fmt: skip
-    path = save_checkpoint(accelerator, args.output_dir, global_step, state, write_extra, args.checkpoints_total_limit)
+    path = save_checkpoint(accelerator, args.output_dir, global_step, state, write_extra, args.checkpoints_total_limit,
+                           write_local=write_local if sharded_ema else None)  # fmt: skip
     logger.info(f"Saved {path}")
 
 
@@ -312,11 +364,21 @@ def resume(args, accelerator, plan, lr_scheduler, ema) -> int:
                 f"The checkpoint was written with {key}={state.get(key)}; this run uses {plan.get(key)}: the data "
                 "order will not continue exactly."
             )
+    if (
+        ema is not None
+        and accelerator.distributed_type == DistributedType.FSDP
+        and state.get("num_processes") != accelerator.num_processes
+    ):
+        raise ValueError(
+            f"{checkpoint} holds an EMA sharded over {state.get('num_processes')} processes; this run has "
+            f"{accelerator.num_processes}. Resume FSDP with --use_ema on the same number of processes."
+        )
     accelerator.load_state(checkpoint)
     lr_scheduler.load_state_dict(load_torch_state(os.path.join(checkpoint, "lr_scheduler.pt")))
     if ema is not None:
-        ema.load_state_dict(load_torch_state(os.path.join(checkpoint, "ema.pt")))
-        ema.to(accelerator.device)  # loaded on the CPU
+        device = ema.shadow_params[0].device if ema.shadow_params else accelerator.device  # the parameters' device
+        ema.load_state_dict(load_torch_state(os.path.join(checkpoint, ema_file(accelerator))))
+        ema.to(device)  # loaded on the CPU
     logger.info(f"Resumed from {checkpoint} at step {state['global_step']}.")
     return int(state["global_step"])
 
@@ -376,15 +438,33 @@ def log_validation(args, accelerator, model, vqvae, scheduler, ema, step: int) -
 # ---------------------------------------------------------------------------------------------------- final save
 
 
-def save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary) -> None:
-    """Writes the output pipeline (EMA weights when used) with its model card; pushes it when asked."""
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards: every process calls it
+def full_transformer(accelerator, model, ema, sharded: bool) -> ARPGForImageGeneration | None:
+    """A plain copy of the transformer with the full weights (the EMA ones when used) on the main process, None on the
+    others. Every process must call it: under FSDP / ZeRO-3 it gathers the shards."""
+    if sharded and ema is not None:  # a sharded EMA: swap it into the shards, gather, swap the raw weights back
+        parameters = ema_parameters(accelerator, model)
+        ema.store(parameters)
+        ema.copy_to(parameters)
+        try:
+            state_dict = {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
+        finally:
+            ema.restore(parameters)
+    else:
+        state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
-        return
+        return None
     transformer = ARPGForImageGeneration(accelerator.unwrap_model(model).config)
     transformer.load_state_dict(state_dict)
-    if ema is not None:
+    if ema is not None and not sharded:
         ema.copy_to(transformer.parameters())
+    return transformer
+
+
+def save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary, sharded) -> None:
+    """Writes the output pipeline (EMA weights when used) with its model card; pushes it when asked."""
+    transformer = full_transformer(accelerator, model, ema, sharded)
+    if transformer is None:
+        return
     pipeline = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae.to("cpu"), scheduler=scheduler)
     pipeline.save_pretrained(args.output_dir)
     write_model_card(args, transformer, scheduler, plan, summary)
@@ -458,7 +538,7 @@ def train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan,
         if not accelerator.optimizer_step_was_skipped:
             lr_scheduler.step()
         if ema is not None:
-            ema.step(model.parameters())
+            ema.step(ema_parameters(accelerator, model))
         global_step += 1
         window_steps += 1
         progress.update(1)
@@ -478,8 +558,8 @@ def train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan,
             window_micro, window_steps, window_start = 0, 0, time.perf_counter()
         if global_step % args.checkpointing_steps == 0:
             write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema)
-        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            validate(global_step)
+        if args.validation_steps and global_step % args.validation_steps == 0:
+            validate(global_step)  # every process: a sharded model is gathered first
         if global_step >= max_steps:
             break
     progress.close()
@@ -495,6 +575,9 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to, project_config=project,
     )  # fmt: skip
+    enable_fsdp_on_cpu(accelerator)  # accelerate runs an FSDP config as DDP on CPU otherwise
+    check_world_size(accelerator)
+    logger.info(f"Parallelism: {describe_distributed(accelerator)}")
     if accelerator.is_main_process:
         os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
         removed = remove_incomplete_checkpoints(args.output_dir)
@@ -502,7 +585,7 @@ def main(args):
             logger.info(f"Removed unfinished checkpoint folders {removed}")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    sampling_ok = check_distributed_support(args, accelerator)
+    sharded = check_distributed_support(args, accelerator)
 
     dataset, info, class_names = prepare_data(args, accelerator)
     set_seed(args.seed)  # the initial weights
@@ -522,12 +605,13 @@ def main(args):
     from transformers import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, plan["warmup_steps"], plan["max_train_steps"])
-    model, optimizer = accelerator.prepare(model, optimizer)
+    num_parameters = model.num_parameters()  # before any sharding
+    model, optimizer = prepare_model(accelerator, model, optimizer)
     ema = None
     if args.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=args.ema_decay)
+        ema = EMAModel(ema_parameters(accelerator, model), decay=args.ema_decay)
     start_step = resume(args, accelerator, plan, lr_scheduler, ema) if args.resume_from_checkpoint else 0
     if accelerator.is_main_process:
         hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -535,21 +619,26 @@ def main(args):
     logger.info(
         f"{len(dataset)} images, {plan['steps_per_epoch']} steps per epoch, {plan['max_train_steps']} steps, global "
         f"batch {plan['global_batch_size']}, lr {plan['learning_rate']:.3g}, {accelerator.num_processes} process(es), "
-        f"{accelerator.unwrap_model(model).num_parameters():,} parameters"
+        f"{num_parameters:,} parameters"
     )
 
-    def validate(step):
-        if sampling_ok:
-            log_validation(args, accelerator, model, vqvae, scheduler, ema, step)
+    def validate(step):  # called on every process
+        if not sharded:
+            if accelerator.is_main_process:
+                log_validation(args, accelerator, model, vqvae, scheduler, ema, step)
+            return
+        transformer = full_transformer(accelerator, model, ema, sharded)  # EMA weights already in
+        if transformer is not None:
+            log_validation(args, accelerator, transformer.to(accelerator.device), vqvae, scheduler, None, step)
 
     last_loss = None
     if start_step < plan["max_train_steps"]:
         last_loss = train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan, start_step, validate)
     accelerator.wait_for_everyone()
-    if args.validation_steps and plan["max_train_steps"] % args.validation_steps and accelerator.is_main_process:
+    if args.validation_steps and plan["max_train_steps"] % args.validation_steps:
         validate(plan["max_train_steps"])  # the last step, unless the loop just sampled it
     summary = dict(steps=plan["max_train_steps"], final_loss=last_loss, mixed_precision=accelerator.mixed_precision)
-    save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary)
+    save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary, sharded)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

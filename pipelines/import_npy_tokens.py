@@ -19,6 +19,7 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from arpg_hf.optional_dependencies import require
 from arpg_hf.token_dataset import DATA_SUBDIR, TokenDatasetInfo, shard_path, token_features
 
 
@@ -102,7 +103,7 @@ def grid_of(num_tokens: int, height: int | None, width: int | None) -> tuple[int
 
 
 def main(args) -> None:
-    import datasets
+    datasets = require("datasets", "training", "pipelines/import_npy_tokens.py")
 
     classes = list_classes(args.npy_dir)
     items = [(path, label) for label, _, files in classes for path in files]
@@ -112,7 +113,7 @@ def main(args) -> None:
     if codebook_size is None and args.vqvae is not None:
         from arpg_hf.token_dataset import load_vq_model
 
-        codebook_size = load_vq_model(args.vqvae).config.codebook_size
+        codebook_size = load_vq_model(args.vqvae).config.num_vq_embeddings
     codebook_size = codebook_size or 16384
     names = resolve_class_names(args.class_names, classes)
     height, width = grid_of(num_tokens, args.grid_height, args.grid_width)

@@ -22,6 +22,7 @@ import sys
 import numpy as np
 import torch
 
+from arpg_hf.optional_dependencies import require
 from arpg_hf.token_dataset import (
     DATA_SUBDIR,
     DEFAULT_CROP_RANGE,
@@ -77,7 +78,7 @@ def parse_args(argv=None):
 
 def load_image_dataset(args):
     """The source rows with an image column and integer labels, and the class names."""
-    import datasets
+    datasets = require("datasets", "training", "pipelines/tokenize_dataset.py")
 
     if args.image_dir is not None:
         if not os.path.isdir(args.image_dir):
@@ -103,7 +104,7 @@ def load_image_dataset(args):
 
 def class_labels(dataset, label_column: str):
     """Returns (dataset with an integer `label` column, class names), whatever the source's label type."""
-    import datasets
+    datasets = require("datasets", "training", "pipelines/tokenize_dataset.py")
 
     if label_column not in dataset.column_names:
         print(f"No label column {label_column!r}: every image gets class 0 ('image').", file=sys.stderr)
@@ -160,7 +161,7 @@ def encode_shard(vqvae, images: AugmentedImages, args, progress) -> tuple[np.nda
 
 def write_shard(codes, labels, features, path: str) -> None:
     """Writes one parquet shard atomically (temporary name, then rename)."""
-    import datasets
+    datasets = require("datasets", "training", "pipelines/tokenize_dataset.py")
 
     columns = {"codes": codes.astype(features["codes"].dtype), "label": labels}
     rows = datasets.Dataset.from_dict(columns, features=features)
@@ -190,7 +191,7 @@ def tokenize(args) -> None:
         dataset, names = load_image_dataset(args)
     flip = not args.no_flip
     n_crops, grid = num_views(args.ten_crop, flip), args.resolution // factor
-    features = token_features(n_crops, grid * grid, names, vqvae.config.codebook_size)
+    features = token_features(n_crops, grid * grid, names, vqvae.config.num_vq_embeddings)
     num_shards = math.ceil(len(dataset) / args.shard_size)
     os.makedirs(os.path.join(args.output_dir, DATA_SUBDIR), exist_ok=True)
     mine = range(accelerator.process_index, num_shards, accelerator.num_processes)
@@ -213,7 +214,7 @@ def tokenize(args) -> None:
             raise RuntimeError(f"Shards {missing} are missing after tokenization; rerun the command to finish them.")
         source = os.path.abspath(args.vqvae) if os.path.isdir(args.vqvae) else args.vqvae
         info = TokenDatasetInfo(
-            grid_height=grid, grid_width=grid, codebook_size=vqvae.config.codebook_size, n_crops=n_crops,
+            grid_height=grid, grid_width=grid, codebook_size=vqvae.config.num_vq_embeddings, n_crops=n_crops,
             resolution=args.resolution, class_names=features["label"].names, vqvae=source,
             augmentation=augmentation_name(args.ten_crop, flip), num_samples=len(dataset),
         )  # fmt: skip

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): sampling subprocesses, ~20 s
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

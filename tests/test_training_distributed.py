@@ -19,6 +19,8 @@ from arpg_hf.training_utils import list_checkpoints
 from .conftest import tiny_config
 from .test_training import TINY_PIPELINE, write_tokens
 
+pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): multi-process training launches
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [
     sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -35,6 +37,18 @@ def launch_command(tokens, config, output_dir, *extra):
 
 def launch_env():
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def kill_once_checkpointed(command, output_dir: Path, checkpoint: str = "checkpoint-4") -> None:
+    """Starts `command` (a launch of train.py) and SIGKILLs the launcher as soon as `output_dir/checkpoint` exists."""
+    process = subprocess.Popen(command, env=launch_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not (output_dir / checkpoint).is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # the launcher; its workers follow it (exit_with_launcher)
+    process.wait()
+    time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +82,7 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(inputs, tmp_path):
     assert full.returncode == 0, full.stderr[-4000:]
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(launch_command(tokens, config, out, *extra), env=launch_env(), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while not (out / "checkpoint-4").is_dir() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # the launcher; its workers follow it (exit_with_launcher)
-    process.wait()
-    time.sleep(2)
+    kill_once_checkpointed(launch_command(tokens, config, out, *extra), out)
     assert not (out / "model_index.json").exists()
     resumed = subprocess.run(launch_command(tokens, config, out, *extra, "--resume_from_checkpoint", "latest"),
                              env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .optional_dependencies import require
+
 # The split is part of the bundled model's contract: the benchmark's "real test" images were never trained on.
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_SPLIT_SEED = 0
@@ -76,11 +78,8 @@ def load_digits_split(
     test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = DEFAULT_SPLIT_SEED
 ) -> tuple[DigitsSplit, DigitsSplit]:
     """The fixed split of the bundled model: (train, test) with 1,437 and 360 images for the defaults."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("The digits dataset needs scikit-learn: pip install scikit-learn") from error
-    data = load_digits()
+    sklearn_datasets = require("sklearn.datasets", "digits", "arpg_hf.digits.load_digits_split", package="scikit-learn")
+    data = sklearn_datasets.load_digits()
     pixels, labels = data.images.astype(np.float64), data.target.astype(np.int64)
     train_indices, test_indices = stratified_split_indices(labels, test_fraction, seed)
     return tuple(DigitsSplit(pixels[rows], labels[rows], rows) for rows in (train_indices, test_indices))

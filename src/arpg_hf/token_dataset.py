@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .optional_dependencies import require
 from .training_utils import derive_seed
 
 TOKENIZER_INFO_NAME = "tokenizer_info.json"
@@ -96,7 +97,7 @@ def unique_class_names(class_names: Sequence[str]) -> list[str]:
 def token_features(n_crops: int, num_tokens: int, class_names: Sequence[str], codebook_size: int):
     """The `datasets.Features` of a token dataset: codes `(n_crops, num_tokens)` and a `ClassLabel` (names made
     distinct with [`unique_class_names`])."""
-    import datasets
+    datasets = require("datasets", "training", "arpg_hf.token_dataset.token_features")
 
     return datasets.Features(
         {
@@ -228,7 +229,7 @@ def load_token_dataset(name_or_path: str | os.PathLike, split: str = "train", ca
     Returns:
         `tuple(datasets.Dataset, TokenDatasetInfo | None)`: the rows and the recorded info (None when absent).
     """
-    import datasets
+    datasets = require("datasets", "training", "arpg_hf.load_token_dataset")
 
     name_or_path = str(name_or_path)
     info = None
@@ -290,7 +291,7 @@ def _hub_token_info(repo_id: str) -> TokenDatasetInfo | None:
 
 def class_names_of(dataset, info: TokenDatasetInfo | None = None) -> list[str] | None:
     """Class names from the `label` ClassLabel feature, else from the info file, else None."""
-    import datasets
+    datasets = require("datasets", "training", "arpg_hf.token_dataset.class_names_of")
 
     feature = dataset.features.get("label")
     if isinstance(feature, datasets.ClassLabel):

@@ -71,6 +71,84 @@ def exit_with_launcher() -> bool:
     return True
 
 
+def enable_fsdp_on_cpu(accelerator) -> bool:
+    """Makes a CPU launch with an FSDP config really use FSDP. Call right after creating the `Accelerator`, before
+    `prepare`; returns whether it switched.
+
+    accelerate (1.16 at least) turns `ACCELERATE_USE_FSDP=true` into `DistributedType.FSDP` only on accelerators: a
+    multi-process CPU run (`ACCELERATE_USE_CPU=1`, gloo) stays `MULTI_CPU` and `prepare` wraps the model in DDP
+    without a word. torch's FSDP2 (`fully_shard`) trains on CPU over gloo, so when the launcher asked for FSDP and
+    accelerate set up `MULTI_CPU`, this installs the FSDP plugin (built from the launcher's `FSDP_*` settings) in its
+    place. FSDP1 is refused on CPU (see the error).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not requested or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state = accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise RuntimeError(
+            "FSDP1 does not run on CPU here: with torch 2.13 its full state dict gather with offload_to_cpu=True "
+            "(what accelerate's get_state_dict and FULL_STATE_DICT checkpoints use) kills rank 0 with SIGSEGV, and "
+            "accelerate's device_id 'cpu:0' fails FSDP1's device check. Use fsdp_version: 2 on CPU "
+            "(configs/accelerate/fsdp_cpu.yaml)."
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def check_world_size(accelerator) -> None:
+    """Stops a run whose processes do not form one group: `accelerate launch --multi_gpu` / `--use_fsdp` without a GPU
+    and without `ACCELERATE_USE_CPU=1` starts N processes that each set up a single-process run, and every one of
+    them would train alone and write the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise RuntimeError(
+            f"The launcher started {launched} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type.value}, device {accelerator.device}). Without a GPU, launch with "
+            "ACCELERATE_USE_CPU=1 (gloo) or run a single process."
+        )
+
+
+def describe_distributed(accelerator) -> str:
+    """A short description of the parallelism in use, e.g. `FSDP2 (SHARDED_STATE_DICT), 2 processes`."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        state_dict_type = getattr(plugin.state_dict_type, "name", plugin.state_dict_type)
+        name = f"FSDP{getattr(plugin, 'fsdp_version', 1)} ({state_dict_type})"
+    elif kind == DistributedType.DEEPSPEED:
+        name = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    elif kind == DistributedType.NO:
+        name = "single process"
+    elif kind.value.startswith("MULTI_"):
+        name = f"DDP ({kind.value})"
+    else:
+        name = kind.value
+    return f"{name}, {accelerator.num_processes} process(es) on {accelerator.device.type}"
+
+
+def local_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """This process's share of every parameter of a prepared model, as plain tensors that share storage with the
+    parameters: the local shard of each FSDP2 `DTensor`, FSDP1's (flat or original, sharded) parameters as they are,
+    and the whole parameters under DDP. Elementwise state kept on them (an EMA) follows the sharding."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4: no FSDP2
+        return list(model.parameters())
+    # to_local() with autograd on keeps `requires_grad`, which diffusers' EMAModel reads to decide between lerp and copy
+    with torch.enable_grad():
+        return [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+
+
 def _parent_is_accelerate_launch() -> bool:
     """Whether the parent process is `accelerate launch` (its single-process launcher starts a plain child)."""
     try:
@@ -224,11 +302,13 @@ def save_checkpoint(
     training_state: dict,
     write_extra: Callable[[str], None] | None = None,
     total_limit: int | None = None,
+    write_local: Callable[[str], None] | None = None,
 ) -> str:
     """Writes `output_dir/checkpoint-{step}` atomically and rotates old checkpoints. Call on every process.
 
-    Every process writes its part of `accelerator.save_state` into `.tmp-checkpoint-{step}`; the main process then
-    adds `write_extra(tmp_dir)` (EMA, lr schedule, ...) and `training_state.json` last, and renames the folder.
+    Every process writes its part of `accelerator.save_state` into `.tmp-checkpoint-{step}` (and `write_local(tmp_dir)`,
+    e.g. its shard of a sharded EMA); the main process then adds `write_extra(tmp_dir)` (EMA, lr schedule, ...) and
+    `training_state.json` last, and renames the folder.
     A run killed at any moment leaves either the complete checkpoint or no `checkpoint-{step}` at all.
     """
     final_dir = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
@@ -237,6 +317,8 @@ def save_checkpoint(
         shutil.rmtree(temp_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(temp_dir)
+    if write_local is not None:
+        write_local(temp_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if write_extra is not None:

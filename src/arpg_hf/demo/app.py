@@ -16,8 +16,11 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
-import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from ..optional_dependencies import require  # noqa: E402
+
+gr = require("gradio", "demo", "arpg_hf.demo")
 
 from .session import MASK_PRESETS, MAX_IMAGES, TOKEN_SCHEDULES, DemoModel  # noqa: E402
 

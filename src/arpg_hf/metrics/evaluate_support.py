@@ -12,10 +12,12 @@ Configurations (`evaluate.load(path, config_name=...)`):
 
 from __future__ import annotations
 
-import datasets
-
+from ..optional_dependencies import require
 from .features import DEFAULT_BATCH_SIZE, build_feature_extractor, extract_features
 from .inputs import as_feature_matrix
+
+# The module scripts run inside `evaluate`, which brings `datasets`; the check covers a direct import.
+datasets = require("datasets", "metrics", "arpg_hf.metrics.evaluate_support")
 
 IMAGE_CONFIGS = ("default", "images")
 CONFIGS_BY_METRIC = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ..optional_dependencies import require
+
 METRIC_NAMES = ("fid", "inception_score", "precision_recall")
 EVALUATE_MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_modules")
 
@@ -37,6 +39,6 @@ def load_metric(name: str, config_name: str | None = None, **kwargs):
         >>> fid.compute(predictions=generated_images, references=reference_images)["fid"]
         ```
     """
-    import evaluate
+    evaluate = require("evaluate", "metrics", "arpg_hf.load_metric")
 
     return evaluate.load(metric_module_path(name), config_name=config_name, **kwargs)
