@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 
 from arpg_hf import (  # noqa: E402
     ARPGConfig, ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel,
+    llamagen_vq_config,
 )  # fmt: skip
 
 
@@ -65,7 +66,8 @@ def build(config: ARPGConfig, device, dtype=torch.float32, seed: int = 0, attn_i
     for name, parameter in transformer.named_parameters():
         if "embed" in name:
             torch.nn.init.normal_(parameter, std=0.5)
-    vqvae = ARPGVQModel(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=config.vocab_size)
+    vqvae = ARPGVQModel(**llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32,
+                                             codebook_size=config.vocab_size))  # fmt: skip
     pipe = ARPGPipeline(transformer=transformer.to(device, dtype).eval(), vqvae=vqvae.to(device).eval(),
                         scheduler=ARPGScheduler())  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
@@ -124,7 +126,7 @@ def main(argv=None):
             args, labels), reference, must_match=False)  # fmt: skip
 
     # Inpainting on a 16x32-token-pixel canvas (2x the trained width): right half regenerated.
-    factor = 2 ** (len(eager.vqvae.config.channel_multipliers) - 1)
+    factor = eager.vqvae.downsample_factor
     height, width = config.grid_height * factor, 2 * config.grid_width * factor
     canvas = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(3))  # [0, 1]
     mask = torch.zeros(2, 1, height, width)

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from arpg_hf.token_dataset import IMAGE_EXTENSIONS, images_to_tensor, resize_and_center_crop
-from arpg_hf.vq_model import ARPGVQModel
+from arpg_hf.vq_model import ARPGVQModel, llamagen_vq_config
 from arpg_hf.vq_training import (
     DEFAULT_COMMITMENT_BETA,
     RECONSTRUCTION_LOSSES,
@@ -38,6 +38,8 @@ from arpg_hf.vq_training import (
     init_codebook_from_latents,
     normalized_latents,
     psnr,
+    register_codebook_normalization,
+    remove_codebook_normalization,
     restart_dead_codes,
     vq_training_loss,
 )
@@ -111,12 +113,12 @@ def load_images(directory: str, resolution: int) -> torch.Tensor:
 def build_model(args) -> ARPGVQModel:
     if args.vq_config:
         return ARPGVQModel.from_config(ARPGVQModel.load_config(args.vq_config))
-    return ARPGVQModel(
+    return ARPGVQModel(**llamagen_vq_config(
         base_channels=args.base_channels, channel_multipliers=tuple(args.channel_multipliers),
         layers_per_block=args.layers_per_block, z_channels=args.z_channels, codebook_size=args.codebook_size,
         codebook_embed_dim=args.codebook_embed_dim, norm_num_groups=args.norm_num_groups,
         attention=not args.no_attention,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def batch_rows(step: int, num_images: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -178,12 +180,12 @@ def resume_step(accelerator, args) -> int:
 def evaluate(vq: ARPGVQModel, images: torch.Tensor, batch_size: int = 256) -> dict:
     """Mean PSNR (dB) and codebook use of `vq` on `images` `(n, 3, R, R)` in [-1, 1]."""
     vq.eval()
-    values, counts = [], torch.zeros(vq.config.codebook_size, dtype=torch.long)
+    values, counts = [], torch.zeros(vq.config.num_vq_embeddings, dtype=torch.long)
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(vq.device)
         encoded = vq.encode(batch)
         values.append(psnr(vq.decode(encoded.latents).sample, batch).cpu())
-        counts += codebook_usage(encoded.indices.cpu(), vq.config.codebook_size)
+        counts += codebook_usage(encoded.indices.cpu(), vq.config.num_vq_embeddings)
     vq.train()
     return {"psnr": float(torch.cat(values).mean()), "codes_used": int((counts > 0).sum()),
             "perplexity": codebook_perplexity(counts)}  # fmt: skip
@@ -209,6 +211,7 @@ def main(args):
     images = load_images(args.image_dir, args.resolution)
     logger.info(f"{len(images)} training images of {args.resolution}x{args.resolution} from {args.image_dir}")
     vq = build_model(args)
+    register_codebook_normalization(vq)  # free rows for the optimizer, seen normalised by the model
     vq.train()
     logger.info(f"ARPGVQModel with {sum(p.numel() for p in vq.parameters()):,} parameters, downsample {vq.downsample_factor}")
     optimizer = torch.optim.AdamW(vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.adam_weight_decay)
@@ -223,7 +226,7 @@ def main(args):
         with torch.no_grad():
             first = images[batch_rows(0, len(images), args.train_batch_size, args.seed)].to(accelerator.device)
             init_codebook_from_latents(model, normalized_latents(model, model.quant_conv(model.encoder(first))), generator)
-    usage = torch.zeros(model.config.codebook_size, dtype=torch.long)
+    usage = torch.zeros(model.config.num_vq_embeddings, dtype=torch.long)
     progress = tqdm(range(args.max_train_steps), initial=start, desc="steps", disable=not accelerator.is_local_main_process)
     window, window_start, history = [], time.perf_counter(), []
     for step in range(start, args.max_train_steps):
@@ -251,6 +254,7 @@ def main(args):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        remove_codebook_normalization(model)  # the folder stores the normalised rows
         model.eval().save_pretrained(args.output_dir)
         summary = {"train": evaluate(model, images), "history": history}
         if args.eval_image_dir:

@@ -35,13 +35,28 @@ def test_bundled_pipeline_configuration(pipe):
     assert isinstance(pipe, ARPGPipeline)
     config = pipe.transformer.config
     assert (config.num_classes, config.grid_height, config.grid_width) == (10, 8, 8)
-    assert config.vocab_size == pipe.vqvae.config.codebook_size
+    assert config.vocab_size == pipe.vqvae.config.num_vq_embeddings
     assert pipe.vqvae.downsample_factor == 4
     assert pipe.id2label == {digit: str(digit) for digit in range(10)}
     assert pipe.get_label_ids(["3", "7"]) == [3, 7]
     scheduler = pipe.scheduler.config
     assert scheduler.recommended_num_inference_steps == 16 and scheduler.recommended_guidance_scale > 1
     assert pipe.transformer.dtype == torch.float32 and not pipe.transformer.training
+
+
+def test_the_bundled_folder_loads_generically(pipe):
+    from diffusers import DiffusionPipeline, VQModel
+
+    generic = DiffusionPipeline.from_pretrained(bundled_pipeline_path(), trust_remote_code=True)
+    generic.set_progress_bar_config(disable=True)
+    assert type(generic) is ARPGPipeline
+    tokens = [p([3, 8], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
+              for p in (pipe, generic)]  # fmt: skip
+    assert torch.equal(*tokens)
+    stock = VQModel.from_pretrained(bundled_pipeline_path(), subfolder="vqvae")
+    with torch.no_grad():
+        decoded = stock.decode(tokens[0].view(2, 8, 8), force_not_quantize=True, shape=(2, 8, 8, 8)).sample
+        assert torch.equal(decoded, pipe.vqvae.decode(tokens[0].view(2, 8, 8)).sample)
 
 
 def test_bundled_pipeline_loads_in_another_dtype():

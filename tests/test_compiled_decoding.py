@@ -9,11 +9,14 @@ import torch
 
 from arpg_hf import (
     ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel, CompiledDecoder,
+    llamagen_vq_config,
 )  # fmt: skip
 from arpg_hf.compiled_decoding import bucket_size
 from arpg_hf.rotary_2d import CLASS_POSITION
 
 from .conftest import randomize_, tiny_config
+
+pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): torch.compile builds, ~35 s
 
 
 class CountingBackend:
@@ -33,7 +36,8 @@ def pipelines():
     path of the step)."""
     torch._dynamo.reset()
     transformer = randomize_(ARPGForImageGeneration(tiny_config(absolute_position_embeddings=True)), seed=2)
-    vqvae = ARPGVQModel(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32).eval()
+    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
+    vqvae = ARPGVQModel(**sizes).eval()
     eager = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae, scheduler=ARPGScheduler())
     compiled_transformer = ARPGForImageGeneration(transformer.config).eval()
     compiled_transformer.load_state_dict(transformer.state_dict())

@@ -65,7 +65,7 @@ def test_script_converts_raw_layout_and_folder_is_complete(parity_dir, raw_check
     result = run_script(*convert_args(parity_dir, tmp_path / "out", arpg=raw_checkpoint))
     assert result.returncode == 0, result.stderr
     names = sorted(os.listdir(tmp_path / "out"))
-    assert names == ["README.md", "model_index.json", "scheduler", "transformer", "vqvae"]
+    assert names == ["README.md", "model_index.json", "pipeline_arpg.py", "scheduler", "transformer", "vqvae"]
     assert (tmp_path / "out" / "transformer" / "model.safetensors").is_file()
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder left
 
@@ -304,7 +304,8 @@ def test_push_to_hub_uploads_the_finished_folder(parity_dir, tmp_path, monkeypat
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert main(convert_args(parity_dir, tmp_path / "out", None, None, "--push-to-hub", "me/arpg-tiny", "--private")) == 0
     assert calls["create"] == ("me/arpg-tiny", True, True)
-    assert calls["upload"] == ("me/arpg-tiny", ["README.md", "model_index.json", "scheduler", "transformer", "vqvae"])
+    assert calls["upload"] == ("me/arpg-tiny", ["README.md", "model_index.json", "pipeline_arpg.py", "scheduler",
+                                                "transformer", "vqvae"])  # fmt: skip
     assert 'from_pretrained("me/arpg-tiny")' in (tmp_path / "out" / "README.md").read_text()
 
 
@@ -338,7 +339,7 @@ def test_pipe_push_to_hub_goes_through_diffusers_with_the_folder_card(converted_
     assert pipe.push_to_hub("me/arpg-tiny", private=True) == "https://hf.co/commit"
     repo_id, files, readme = uploads[0]
     assert repo_id == "me/arpg-tiny"
-    assert files == ["README.md", "model_index.json", "scheduler", "transformer", "vqvae"]
+    assert files == ["README.md", "model_index.json", "pipeline_arpg.py", "scheduler", "transformer", "vqvae"]
     assert readme == (converted_dir / "README.md").read_text()  # keeps the conversion provenance
     fresh = ARPGPipeline(**pipe.components)  # not loaded from a folder: a new card
     fresh.push_to_hub("me/other")

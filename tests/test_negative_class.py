@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from arpg_hf import ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel
+from arpg_hf import (
+    ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel, llamagen_vq_config,
+)  # fmt: skip
 
 from .conftest import randomize_, recording_calls, tiny_config
 
@@ -12,7 +14,8 @@ from .conftest import randomize_, recording_calls, tiny_config
 def pipe():
     """A tiny pipeline with a constant guidance schedule (the scale is the same at every step)."""
     transformer = randomize_(ARPGForImageGeneration(tiny_config()), seed=3).eval()
-    vqvae = ARPGVQModel(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32).eval()
+    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
+    vqvae = ARPGVQModel(**sizes).eval()
     pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler(guidance_schedule="constant"))
     pipe.set_progress_bar_config(disable=True)
     return pipe

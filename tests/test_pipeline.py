@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
+from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel, llamagen_vq_config
 from arpg_hf.modeling_arpg import CPU_GEMMS
 
 from .conftest import randomize_, read_json, recording_calls, tiny_config
@@ -88,7 +88,8 @@ def test_end_to_end_images_match_reference(reference, generate_fixture, parity_d
 def tiny_pipeline():
     torch.manual_seed(0)
     transformer = randomize_(ARPGForImageGeneration(tiny_config()), seed=1).eval()
-    vqvae = ARPGVQModel(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32).eval()
+    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
+    vqvae = ARPGVQModel(**sizes).eval()
     pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -235,7 +236,7 @@ def test_reference_loader_rejects_mismatched_checkpoints(parity_dir):
         ARPGPipeline.from_reference_checkpoints(state, vq, {**config, "num_classes": 11}, read_json("vq_config.json"))
     odd = ARPGPipeline.from_reference_checkpoints(state, vq, {**config, "n_layer": 5}, read_json("vq_config.json"))
     assert odd.transformer.config.num_self_attention_layers == odd.transformer.config.num_cross_attention_layers == 2
-    with pytest.raises(ValueError, match="codebook"):
+    with pytest.raises(ValueError, match=r"quantize\.embedding\.weight: checkpoint \(512, 8\) vs model \(1024, 8\)"):
         ARPGPipeline.from_reference_checkpoints(state, vq, config, {**read_json("vq_config.json"), "codebook_size": 1024})
 
 

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from arpg_hf import ARPGForImageGeneration, ARPGPipeline
@@ -212,10 +213,15 @@ def test_final_folder_is_a_pipeline_and_the_loss_falls(tiny_run_inputs, tmp_path
     assert sorted(os.listdir(out / "validation")) == ["step-00000005.png", "step-00000010.png", "step-00000012.png"]
     pipe = ARPGPipeline.from_pretrained(out)
     assert pipe.transformer.config.id2label[2] == "class 2"
-    assert pipe.vqvae.config.codebook_size == 16
+    assert pipe.vqvae.config.num_vq_embeddings == 16
     generator = torch.Generator().manual_seed(0)
     tokens_out = pipe([0, 2], num_inference_steps=4, generator=generator, output_type="latent").images
     assert tokens_out.shape == (2, 16)
+    generic = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)  # the final folder, generically
+    generator = torch.Generator().manual_seed(0)
+    assert type(generic) is ARPGPipeline
+    generic_tokens = generic([0, 2], num_inference_steps=4, generator=generator, output_type="latent").images
+    assert torch.equal(generic_tokens, tokens_out)
     card = (out / "README.md").read_text()
     assert "## Training" in card and "| steps | 12 |" in card
 
@@ -286,7 +292,7 @@ def test_fine_tuning_a_pipeline_keeps_its_tokenizer_and_names_the_classes(tmp_pa
     base, tuned = ARPGPipeline.from_pretrained(TINY_PIPELINE), ARPGPipeline.from_pretrained(out)
     assert tuned.transformer.config.num_classes == 3
     assert tuned.id2label == {0: "class 0", 1: "class 1", 2: "2"} and tuned.get_label_ids(["class 1"]) == [1]
-    assert torch.equal(tuned.vqvae.codebook.weight, base.vqvae.codebook.weight)
+    assert torch.equal(tuned.vqvae.quantize.embedding.weight, base.vqvae.quantize.embedding.weight)
     assert tuned.scheduler.config.token_schedule == base.scheduler.config.token_schedule == "cosine"
     assert not torch.equal(tuned.transformer.lm_head.weight, base.transformer.lm_head.weight)
 

@@ -7,12 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arpg_hf.vq_model import VQ_REFERENCE_KEY_MAP, ARPGVQModel, vq_config_from_reference
+from arpg_hf.vq_model import VQ_REFERENCE_KEY_MAP, ARPGVQModel, llamagen_vq_config, vq_config_from_reference
 
 from .conftest import PARITY_DIR
-
-if not (PARITY_DIR / "vq_ref.pt").is_file():
-    raise FileNotFoundError(f"Parity fixtures not found under {PARITY_DIR}; CI keeps ../shared/parity beside the checkout.")
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +48,16 @@ def tiny_model(seed=0, **overrides):
     config = dict(
         base_channels=32, channel_multipliers=(1, 2), z_channels=8, codebook_size=16, codebook_embed_dim=4
     )
-    return ARPGVQModel(**{**config, **overrides}).eval()
+    return ARPGVQModel(**llamagen_vq_config(**{**config, **overrides})).eval()
 
 
 # ------------------------------------------------------------------------------------------------- parity
 
 
 def test_config_matches_fixture(model):
-    assert model.config.base_channels == 32
-    assert list(model.config.channel_multipliers) == [1, 1, 2, 2, 4]
-    assert model.config.z_channels == 64 and model.config.codebook_size == 512
-    assert model.config.layers_per_block == 2
+    assert list(model.config.block_out_channels) == [32, 32, 64, 64, 128]  # ch 32 x (1, 1, 2, 2, 4)
+    assert model.config.latent_channels == 64 and model.config.num_vq_embeddings == 512
+    assert model.config.vq_embed_dim == 8 and model.config.layers_per_block == 2
     assert model.downsample_factor == 16
     assert not model.training
 
@@ -75,8 +71,14 @@ def test_encode_matches_reference(encoded, vq_fixture):
     torch.testing.assert_close(encoded.latents, vq_fixture["quant"], atol=1e-5, rtol=0)
 
 
+def test_codebook_holds_the_reference_rows_normalised(model, reference_state_dict):
+    raw = reference_state_dict["quantize.embedding.weight"]
+    expected = torch.nn.functional.normalize(raw, p=2, dim=-1, eps=1e-12)  # what the reference uses
+    assert torch.equal(model.quantize.embedding.weight.detach(), expected)
+
+
 def test_latents_are_normalized_codebook_rows(model, encoded):
-    rows = torch.nn.functional.normalize(model.codebook.weight.detach(), dim=-1)
+    rows = model.quantize.embedding.weight.detach()
     expected = rows[encoded.indices].permute(0, 3, 1, 2)  # (B, D, h, w)
     assert torch.equal(encoded.latents, expected)
 
@@ -112,21 +114,21 @@ def test_forward_is_decode_of_encode(model, vq_fixture, encoded):
     assert torch.equal(reconstruction, expected)
 
 
-def test_every_conv_sees_standard_layout(model, vq_fixture):
-    """diffusers' attention returns a channels-last view; the model restores the standard layout after it."""
-    layouts = []
-    hooks = [
-        module.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
-        for module in model.modules()
-        if isinstance(module, torch.nn.Conv2d)
-    ]
-    try:
-        with torch.no_grad():
-            model.decode(vq_fixture["indices"][:1, :2, :2])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert layouts and all(layouts)
+def test_a_saved_folder_is_a_stock_diffusers_vq_model(model, vq_fixture, e2e_fixture, tmp_path):
+    """`diffusers.VQModel` loads the folder and decodes indices to the same images, bit for bit; its own quantizer
+    (nearest stored row, no normalisation) picks the same indices."""
+    from diffusers import VQModel
+
+    model.save_pretrained(tmp_path)
+    stock = VQModel.from_pretrained(tmp_path).eval()
+    assert type(stock) is VQModel
+    tokens = e2e_fixture["tokens"].reshape(4, 8, 8)
+    with torch.no_grad():
+        ours = model.decode(tokens).sample
+        theirs = stock.decode(tokens, force_not_quantize=True, shape=(4, 8, 8, 8)).sample
+        stock_indices = stock.quantize(stock.encode(vq_fixture["x"]).latents)[2][2].reshape(2, 8, 8)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(stock_indices, vq_fixture["indices"])
 
 
 # ------------------------------------------------------------------------------------------------ quantizer
@@ -134,13 +136,13 @@ def test_every_conv_sees_standard_layout(model, vq_fixture):
 
 def test_quantizer_first_index_wins_ties():
     model = tiny_model()
+    rows = model.quantize.embedding.weight
     with torch.no_grad():
-        model.codebook.weight[3] = model.codebook.weight[7] * 2.0  # same direction: equal after normalisation
-        latents = model.codebook.weight[7].reshape(1, 4, 1, 1).repeat(2, 1, 3, 5)  # (B, D, h, w)
-        codes, indices = model.quantize(latents)
+        rows[3] = rows[7]  # two equal codes
+        latents = 2.0 * rows[7].reshape(1, 4, 1, 1).repeat(2, 1, 3, 5)  # (B, D, h, w), normalised by the search
+        codes, indices = model.quantize_latents(latents)
     assert torch.equal(indices, torch.full((2, 3, 5), 3))
-    rows = torch.nn.functional.normalize(model.codebook.weight.detach(), dim=-1)
-    assert torch.equal(codes[0, :, 0, 0], rows[3])
+    assert torch.equal(codes[0, :, 0, 0], rows[3].detach())
 
 
 def test_half_precision_model_decodes_in_float32():
@@ -188,11 +190,15 @@ def test_bad_decode_input_raises(model):
 
 def test_bad_config_raises(reference_config):
     with pytest.raises(ValueError, match="divisible by norm_num_groups=32"):
-        ARPGVQModel(base_channels=24, channel_multipliers=(1,))
-    with pytest.raises(ValueError, match="channel_multipliers"):
-        ARPGVQModel(channel_multipliers=())
-    with pytest.raises(ValueError, match="codebook_size"):
-        ARPGVQModel(codebook_size=0)
+        ARPGVQModel(**llamagen_vq_config(base_channels=24, channel_multipliers=(1,)))
+    with pytest.raises(ValueError, match="block_out_channels"):
+        ARPGVQModel(block_out_channels=())
+    with pytest.raises(ValueError, match="down_block_types must name one block per level"):
+        ARPGVQModel(block_out_channels=(128, 256))
+    with pytest.raises(ValueError, match="num_vq_embeddings"):
+        ARPGVQModel(num_vq_embeddings=0)
+    with pytest.raises(ValueError, match="codebook_l2_norm"):
+        vq_config_from_reference({**reference_config, "codebook_l2_norm": False})
     with pytest.raises(ValueError, match="decoder_ch_mult"):
         vq_config_from_reference({**reference_config, "decoder_ch_mult": [1, 2, 2, 4]})
     with pytest.raises(ValueError, match="norm_type"):
@@ -204,13 +210,14 @@ def test_bad_config_raises(reference_config):
 def test_config_from_reference():
     published = vq_config_from_reference(None)
     assert published == dict(
-        in_channels=3, out_channels=3, base_channels=128, channel_multipliers=(1, 1, 2, 2, 4), layers_per_block=2,
-        z_channels=256, codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, norm_num_groups=32,
-        attention=True,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4, block_out_channels=(128, 128, 256, 256, 512),
+        layers_per_block=2, latent_channels=256, num_vq_embeddings=16384, vq_embed_dim=8, norm_num_groups=32,
+        mid_block_add_attention=True,
     )
     parameters = inspect.signature(ARPGVQModel.__init__).parameters
     defaults = {name: p.default for name, p in parameters.items() if name != "self"}
-    assert published == defaults
+    assert published == {name: defaults[name] for name in published}  # the defaults are VQ-16
     # num_res_blocks is never used upstream; training-only fields are ignored.
     assert vq_config_from_reference({"num_res_blocks": 4, "commit_loss_beta": 0.5}) == published
 
@@ -228,7 +235,7 @@ def test_unknown_or_missing_key_is_named(reference_state_dict):
 
 
 def test_wrong_config_shapes_are_named(reference_state_dict):
-    with pytest.raises(ValueError, match="codebook.weight"):
+    with pytest.raises(ValueError, match="quantize.embedding.weight"):
         ARPGVQModel.from_reference_checkpoint(reference_state_dict, {"ch": 32, "z_channels": 64})
 
 
@@ -257,8 +264,10 @@ def test_save_pretrained_round_trip(model, vq_fixture, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     reloaded = ARPGVQModel.from_pretrained(tmp_path).eval()
-    saved_config = {k: v for k, v in reloaded.config.items() if k != "_name_or_path"}
-    assert {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()} == saved_config
+    def plain(config):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+    assert plain(model.config) == plain(reloaded.config)
     with torch.no_grad():
         indices = vq_fixture["indices"][:1, :4, :4]
         assert torch.equal(reloaded.decode(indices).sample, model.decode(indices).sample)
@@ -271,10 +280,10 @@ def test_attention_free_tokenizer():
 
     config = dict(base_channels=8, channel_multipliers=(1, 1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
                   norm_num_groups=4)  # fmt: skip
-    local = ARPGVQModel(**config, attention=False).eval()
+    local = ARPGVQModel(**llamagen_vq_config(**config, attention=False)).eval()
     assert not any(isinstance(module, Attention) for module in local.modules())
-    assert any(isinstance(module, Attention) for module in ARPGVQModel(**config).modules())
-    assert local.config.attention is False
+    assert any(isinstance(module, Attention) for module in ARPGVQModel(**llamagen_vq_config(**config)).modules())
+    assert local.config.mid_block_add_attention is False
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         indices = local.encode(images).indices  # (2, 8, 8)

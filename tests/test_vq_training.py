@@ -6,31 +6,47 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arpg_hf import ARPGVQModel
+from arpg_hf import ARPGVQModel, llamagen_vq_config
 from arpg_hf.vq_training import (
     codebook_perplexity,
+    codebook_rows,
     codebook_usage,
     init_codebook_from_latents,
     psnr,
     quantize_with_losses,
+    register_codebook_normalization,
+    remove_codebook_normalization,
     restart_dead_codes,
     vq_training_loss,
 )
 
 
 def tiny_vq(**overrides) -> ARPGVQModel:
+    """A tokenizer set up for training: free codebook rows that the model sees l2-normalised."""
     torch.manual_seed(0)
     fields = dict(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
                   codebook_embed_dim=4, norm_num_groups=4)  # fmt: skip
     fields.update(overrides)
-    return ARPGVQModel(**fields)
+    vq = ARPGVQModel(**llamagen_vq_config(**fields))
+    register_codebook_normalization(vq)
+    return vq
 
 
 def two_code_vq() -> ARPGVQModel:
     vq = tiny_vq(codebook_size=2, codebook_embed_dim=2)
     with torch.no_grad():
-        vq.codebook.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))  # normalised at use: e0 = (1, 0), e1 = (0, 1)
+        codebook_rows(vq).copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))  # seen normalised: e0 = (1, 0), e1 = (0, 1)
     return vq
+
+
+def test_the_model_sees_the_free_rows_normalised_and_keeps_them_so():
+    vq = two_code_vq()
+    assert vq.quantize.embedding.weight.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert codebook_rows(vq).tolist() == [[2.0, 0.0], [0.0, 1.0]]
+    assert "quantize.embedding.parametrizations.weight.original" in vq.state_dict()
+    remove_codebook_normalization(vq)
+    assert list(vq.state_dict()).count("quantize.embedding.weight") == 1
+    assert vq.quantize.embedding.weight.tolist() == [[1.0, 0.0], [0.0, 1.0]] == codebook_rows(vq).tolist()
 
 
 def test_losses_match_a_hand_computation():
@@ -50,12 +66,13 @@ def test_codebook_loss_moves_only_the_codebook_and_commitment_only_the_encoder()
     out = quantize_with_losses(vq, pre_quant)
     out.codebook_loss.backward()
     assert pre_quant.grad is None or pre_quant.grad.abs().max() == 0
-    assert vq.codebook.weight.grad[0].abs().max() > 0 and vq.codebook.weight.grad[1].abs().max() == 0  # chosen row
-    vq.codebook.weight.grad = None
+    rows = codebook_rows(vq)
+    assert rows.grad[0].abs().max() > 0 and rows.grad[1].abs().max() == 0  # the chosen row
+    rows.grad = None
     out = quantize_with_losses(vq, pre_quant)
     out.commitment_loss.backward()
     assert pre_quant.grad.abs().max() > 0
-    assert vq.codebook.weight.grad is None or vq.codebook.weight.grad.abs().max() == 0
+    assert rows.grad is None or rows.grad.abs().max() == 0
 
 
 def test_straight_through_gradient_is_the_normalisation_gradient():
@@ -63,7 +80,7 @@ def test_straight_through_gradient_is_the_normalisation_gradient():
     pre_quant = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
     upstream = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
     out = quantize_with_losses(vq, pre_quant)
-    torch.testing.assert_close(out.quantized, vq.quantize(pre_quant.detach())[0])
+    torch.testing.assert_close(out.quantized, vq.quantize_latents(pre_quant.detach())[0])
     (out.quantized * upstream).sum().backward()
     expected = torch.autograd.grad((F.normalize(pre_quant, dim=1) * upstream).sum(), pre_quant)[0]
     torch.testing.assert_close(pre_quant.grad, expected)
@@ -112,14 +129,15 @@ def test_codebook_upkeep():
     latents = torch.tensor([[[[1.0], [0.0]], [[0.0], [1.0]]]])  # (1, D=2, h=2, w=1): latents (1, 0) and (0, 1)
     rows = {tuple(r) for r in latents.permute(0, 2, 3, 1).reshape(-1, 2).tolist()}
     init_codebook_from_latents(vq, latents, torch.Generator().manual_seed(0))
-    assert all(tuple(r) in rows for r in vq.codebook.weight.tolist())
+    codebook = codebook_rows(vq)
+    assert all(tuple(r) in rows for r in codebook.tolist())
     with torch.no_grad():
-        vq.codebook.weight.fill_(5.0)
+        codebook.fill_(5.0)
     usage = codebook_usage(torch.tensor([[0, 0, 2]]), 4)
     assert usage.tolist() == [2, 0, 1, 0]
     assert restart_dead_codes(vq, usage, latents, torch.Generator().manual_seed(0)) == 2
-    assert vq.codebook.weight[0].tolist() == [5.0, 5.0] and vq.codebook.weight[2].tolist() == [5.0, 5.0]
-    assert all(tuple(vq.codebook.weight[i].tolist()) in rows for i in (1, 3))
+    assert codebook[0].tolist() == [5.0, 5.0] and codebook[2].tolist() == [5.0, 5.0]
+    assert all(tuple(codebook[i].tolist()) in rows for i in (1, 3))
     assert codebook_perplexity(torch.tensor([5, 5, 0, 0])) == pytest.approx(2.0)
 
 

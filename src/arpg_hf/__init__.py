@@ -6,9 +6,10 @@ such as `arpg_hf.labels`) do not pay for importing torch, transformers and diffu
 
 from typing import TYPE_CHECKING
 
+from .auto_classes import register_when_transformers_loads
 from .lazy_exports import lazy_exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "configuration_arpg": ["ARPG_PRESETS", "ARPGConfig"],
@@ -16,7 +17,7 @@ _EXPORTS = {
     "cache_arpg": ["ARPGStaticCache"],
     "compiled_decoding": ["CompiledDecoder"],
     "scheduling_arpg": ["ARPGScheduler", "ARPGSchedulerOutput"],
-    "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput"],
+    "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput", "llamagen_vq_config"],
     "pipeline_arpg": ["ARPGPipeline"],
     "pipeline_arpg_inpaint": ["ARPGInpaintPipeline"],
     "editing_utils": [
@@ -28,12 +29,18 @@ _EXPORTS = {
     "token_dataset": ["ShuffledBatchSampler", "TokenDatasetInfo", "check_token_dataset", "load_token_dataset", "load_vq_model"],
     "training_utils": ["arpg_loss", "save_checkpoint", "weight_decay_param_groups"],
     "bundled": ["bundled_pipeline_path", "load_bundled_pipeline"],
+    "auto_classes": ["register_auto_classes"],
     "metrics.loading": ["load_metric"],
 }
 # `arpg_hf.metrics` is reachable as an attribute: `arpg_hf.metrics.frechet_distance(...)` after `import arpg_hf`.
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, globals(), subpackages=("metrics",))
 
+# transformers' AutoConfig / AutoModel / AutoModelForCausalLM know the ARPG classes once transformers' auto module
+# loads (at once if it already has), without importing torch or transformers here.
+register_when_transformers_loads()
+
 if TYPE_CHECKING:  # pragma: no cover
+    from .auto_classes import register_auto_classes
     from .bundled import bundled_pipeline_path, load_bundled_pipeline
     from .cache_arpg import ARPGStaticCache
     from .configuration_arpg import ARPG_PRESETS, ARPGConfig
@@ -60,5 +67,5 @@ if TYPE_CHECKING:  # pragma: no cover
         load_vq_model,
     )
     from .training_utils import arpg_loss, save_checkpoint, weight_decay_param_groups
-    from .vq_model import ARPGVQEncoderOutput, ARPGVQModel
+    from .vq_model import ARPGVQEncoderOutput, ARPGVQModel, llamagen_vq_config
 

@@ -328,7 +328,9 @@ def folder_info(folder: str) -> dict:
 def _format_info(info: dict) -> str:
     lines = [f"pipeline folder: {info['folder']}"]
     index = info["model_index"] or {}
-    lines.append(f"pipeline class: {index.get('_class_name')} (diffusers {index.get('_diffusers_version')})")
+    class_name = index.get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name  # [shim module, class]
+    lines.append(f"pipeline class: {class_name} (diffusers {index.get('_diffusers_version')})")
     components = info["components"]
     transformer = components["transformer"]
     config = transformer.get("config") or {}
@@ -343,10 +345,12 @@ def _format_info(info: dict) -> str:
         )
     vq = (components["vqvae"].get("config")) or {}
     if vq:
-        factor = 2 ** (len(vq.get("channel_multipliers", [])) - 1)
+        levels = vq.get("block_out_channels") or vq.get("channel_multipliers", [])  # or a 0.1 config
+        factor = 2 ** (len(levels) - 1)
         size = f"{config.get('grid_height', 0) * factor}x{config.get('grid_width', 0) * factor}" if config else "?"
         lines.append(
-            f"vqvae: ARPGVQModel, codebook {vq.get('codebook_size')} x {vq.get('codebook_embed_dim')}, "
+            f"vqvae: ARPGVQModel, codebook {vq.get('num_vq_embeddings', vq.get('codebook_size'))} x "
+            f"{vq.get('vq_embed_dim', vq.get('codebook_embed_dim'))}, "
             f"downsample {factor}, images {size} px"
         )
     scheduler = components["scheduler"].get("config") or {}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from transformers import PretrainedConfig
 from transformers.utils import logging
+
+from .saved_folders import write_import_shims
 
 logger = logging.get_logger(__name__)
 
@@ -12,6 +16,15 @@ ARPG_PRESETS = {
     "ARPG-L": dict(hidden_size=1024, num_attention_heads=16, num_self_attention_layers=12, num_cross_attention_layers=12),
     "ARPG-XL": dict(hidden_size=1280, num_attention_heads=20, num_self_attention_layers=18, num_cross_attention_layers=18),
     "ARPG-XXL": dict(hidden_size=1536, num_attention_heads=24, num_self_attention_layers=24, num_cross_attention_layers=24),
+}
+
+
+# Where transformers' Auto classes find the ARPG classes in a saved folder with `trust_remote_code=True`: the import
+# shims written beside config.json (see arpg_hf.saved_folders). `import arpg_hf` registers the same classes locally.
+AUTO_MAP = {
+    "AutoConfig": "configuration_arpg.ARPGConfig",
+    "AutoModel": "modeling_arpg.ARPGForImageGeneration",
+    "AutoModelForCausalLM": "modeling_arpg.ARPGForImageGeneration",
 }
 
 
@@ -132,7 +145,22 @@ class ARPGConfig(PretrainedConfig):
         self._validate_arpg_fields()
         if self.intermediate_size is None:
             self.intermediate_size = swiglu_intermediate_size(hidden_size, multiple_of, ffn_dim_multiplier)
+        kwargs["auto_map"] = dict(AUTO_MAP)  # today's shims, also for folders saved before they existed
         super().__init__(**kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """`PretrainedConfig.save_pretrained`, plus the import shim that `AutoConfig.from_pretrained(folder,
+        trust_remote_code=True)` loads (`configuration_arpg.py`, see `arpg_hf.saved_folders`). With `push_to_hub`,
+        the folder is then uploaded through `push_to_hub` (`repo_id` defaults to the folder's name)."""
+        super().save_pretrained(save_directory, **({} if push_to_hub else kwargs))
+        write_import_shims(save_directory, [type(self)])
+        if push_to_hub:
+            return self.push_to_hub(kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))), **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
+        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
 
     def _validate_arpg_fields(self) -> None:
         positive = (

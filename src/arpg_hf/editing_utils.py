@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from diffusers.image_processor import VaeImageProcessor
 
 MASK_THRESHOLD = 0.5  # mask values >= 0.5 (after scaling to [0, 1]) mean "regenerate", as diffusers binarizes masks
 _RANGE_TOLERANCE = 1e-4
@@ -53,54 +54,55 @@ def _mask_array_to_unit(values: np.ndarray | torch.Tensor, source: str) -> torch
     return tensor
 
 
-def _single_mask(mask: Any) -> torch.Tensor:
-    """One mask (or a batch as one array) -> float32 (B, H, W) in [0, 1]."""
+def _mask_values(mask: Any) -> PIL.Image.Image | torch.Tensor:
+    """One mask (or a batch as one array), checked, for the mask processor: PIL images as they are (the processor
+    converts them to grayscale in [0, 1]); arrays as float32 `(B, 1, H, W)` in [0, 1]."""
     if isinstance(mask, PIL.Image.Image):
-        if mask.mode == "1":
-            return torch.from_numpy(np.array(mask, dtype=bool))[None].float()
-        if mask.mode in ("L", "P", "LA", "RGB", "RGBA"):
-            return torch.from_numpy(np.array(mask.convert("L"), dtype=np.uint8))[None].float() / 255.0
-        mask = np.array(mask)  # "I", "I;16", "F": numbers that must lie in [0, 1]
-        if mask.ndim != 2:
-            raise ValueError(f"Cannot interpret a PIL mask of shape {mask.shape}; expected {_MASK_FORMATS}.")
-        return _mask_array_to_unit(mask, "PIL image")[None]
-    if isinstance(mask, np.ndarray):
-        shape = mask.shape
-        if mask.ndim == 2:
-            mask = mask[None]  # (1, H, W)
-        elif mask.ndim == 3 and shape[-1] == 1:
-            mask = mask[None, ..., 0]  # (H, W, 1) -> (1, H, W)
-        elif mask.ndim == 4 and shape[-1] == 1:
-            mask = mask[..., 0]  # (B, H, W, 1) -> (B, H, W)
-        else:
+        if mask.mode in ("1", "L", "P", "LA", "RGB", "RGBA"):
+            return mask
+        values = np.array(mask)  # "I", "I;16", "F": numbers that must lie in [0, 1]
+        if values.ndim != 2:
+            raise ValueError(f"Cannot interpret a PIL mask of shape {values.shape}; expected {_MASK_FORMATS}.")
+        return _mask_array_to_unit(values, "PIL image")[None, None]
+    if isinstance(mask, (np.ndarray, torch.Tensor)):
+        shape = tuple(mask.shape)
+        if isinstance(mask, np.ndarray):  # channels last: (H, W), (H, W, 1), (B, H, W, 1)
+            layouts = {2: lambda m: m[None], 3: lambda m: m[None, ..., 0], 4: lambda m: m[..., 0]}
+            one_channel = mask.ndim == 2 or (mask.ndim in (3, 4) and shape[-1] == 1)
+        else:  # channels first: (H, W), (1, H, W), (B, H, W), (B, 1, H, W)
+            layouts = {2: lambda m: m[None], 3: lambda m: m, 4: lambda m: m[:, 0]}
+            one_channel = mask.ndim in (2, 3) or (mask.ndim == 4 and shape[1] == 1)
+        if not one_channel:
             raise ValueError(
-                f"Cannot interpret a numpy mask of shape {shape}: it must have one channel. Expected {_MASK_FORMATS}. "
+                f"Cannot interpret a mask of shape {shape}: it must have one channel. Expected {_MASK_FORMATS}. "
                 "Convert colour masks to grayscale first."
             )
-        return _mask_array_to_unit(mask, f"numpy array of shape {shape}")
-    if isinstance(mask, torch.Tensor):
-        shape = tuple(mask.shape)
-        if mask.ndim == 2:
-            mask = mask[None]  # (1, H, W)
-        elif mask.ndim == 4 and shape[1] == 1:
-            mask = mask[:, 0]  # (B, 1, H, W) -> (B, H, W)
-        elif mask.ndim != 3:  # (1, H, W) or (B, H, W) stay as they are
-            raise ValueError(
-                f"Cannot interpret a torch mask of shape {shape}: it must have one channel. Expected {_MASK_FORMATS}."
-            )
-        return _mask_array_to_unit(mask.cpu(), f"tensor of shape {shape}")
+        values = layouts[mask.ndim](mask)  # (B, H, W)
+        values = values.cpu() if isinstance(values, torch.Tensor) else values
+        return _mask_array_to_unit(values, f"{type(mask).__name__} of shape {shape}")[:, None]  # (B, 1, H, W)
     raise ValueError(f"Cannot interpret a mask of type {type(mask).__name__}; expected {_MASK_FORMATS}.")
 
 
-def preprocess_mask(mask_image: Any) -> torch.BoolTensor:
+def mask_processor(downsample_factor: int = 1) -> VaeImageProcessor:
+    """diffusers' mask processor, as its inpainting pipelines configure it: grayscale, binarised at 0.5 (>= 0.5 is
+    white = regenerate), not resized, not normalised."""
+    return VaeImageProcessor(
+        vae_scale_factor=downsample_factor, do_resize=False, do_normalize=False, do_binarize=True,
+        do_convert_grayscale=True,
+    )  # fmt: skip
+
+
+def preprocess_mask(mask_image: Any, processor: VaeImageProcessor | None = None) -> torch.BoolTensor:
     """Turns a mask in any supported format into a boolean pixel mask, True = regenerate.
 
-    Values are scaled to [0, 1] (uint8 / 255, PIL images via grayscale) and thresholded at 0.5 (>= 0.5 is white).
+    Values are checked and scaled to [0, 1] (uint8 / 255, PIL images via grayscale), then binarised at 0.5 (>= 0.5 is
+    white) by the mask processor (`processor`, default [`mask_processor`]).
 
     Args:
         mask_image: a PIL image (mode "1", "L", "P", "LA", "RGB" or "RGBA"), a numpy array `(H, W)`, `(H, W, 1)` or
             `(B, H, W, 1)`, a torch tensor `(H, W)`, `(1, H, W)`, `(B, H, W)` or `(B, 1, H, W)`, or a list of single
             masks of one size. bool, uint8 in [0, 255], or other numbers in [0, 1].
+        processor ([`~diffusers.image_processor.VaeImageProcessor`], *optional*): the pipeline's mask processor.
 
     Returns:
         `torch.BoolTensor` of shape `(B, H, W)` on the CPU.
@@ -109,16 +111,15 @@ def preprocess_mask(mask_image: Any) -> torch.BoolTensor:
         ValueError: for shapes with several channels, NaN / infinite values, numbers outside the allowed range, an
             empty list or masks of different sizes.
     """
-    if isinstance(mask_image, (list, tuple)):
-        if len(mask_image) == 0:
-            raise ValueError(f"mask_image is an empty list; expected {_MASK_FORMATS}.")
-        masks = [_single_mask(mask) for mask in mask_image]
-        sizes = {tuple(mask.shape[-2:]) for mask in masks}
-        if len(sizes) > 1:
-            raise ValueError(f"The masks of a list must share one size, got (height, width) {sorted(sizes)}.")
-        unit = torch.cat(masks)  # (B, H, W)
-    else:
-        unit = _single_mask(mask_image)  # (B, H, W)
+    processor = processor or mask_processor()
+    items = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
+    if len(items) == 0:
+        raise ValueError(f"mask_image is an empty list; expected {_MASK_FORMATS}.")
+    masks = [processor.preprocess(_mask_values(item)) for item in items]  # (b, 1, H, W) each, binarised
+    sizes = {tuple(mask.shape[-2:]) for mask in masks}
+    if len(sizes) > 1:
+        raise ValueError(f"The masks of a list must share one size, got (height, width) {sorted(sizes)}.")
+    unit = torch.cat(masks)[:, 0]  # (B, H, W)
     if unit.shape[-1] == 0 or unit.shape[-2] == 0 or unit.shape[0] == 0:
         raise ValueError(f"mask_image is empty (shape {tuple(unit.shape)}).")
     return unit >= MASK_THRESHOLD

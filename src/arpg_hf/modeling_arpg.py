@@ -9,6 +9,7 @@ any set of positions can be predicted at once, in any order.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from .fused_linear import (
 )  # fmt: skip
 from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
+from .saved_folders import VARIANT_DTYPES, variant_state_dict, write_import_shims
 
 logger = logging.get_logger(__name__)
 
@@ -566,14 +568,40 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             unpack_linears(*group)
             unfuse_linears(*group)
 
-    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
-        """`PreTrainedModel.save_pretrained`, writing weights laid out by `fuse_projections` as plain tensors with
-        storage of their own (the checkpoint layout)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        variant: str | None = None,
+        **kwargs,
+    ):
+        """`PreTrainedModel.save_pretrained` (`variant`, `max_shard_size` and the rest as there; a variant named "fp16"
+        or "bf16" is written in that dtype), writing weights laid out by `fuse_projections` as plain tensors with
+        storage of their own (the checkpoint layout), plus the import shims that `AutoModel.from_pretrained(folder,
+        trust_remote_code=True)` loads (see `arpg_hf.saved_folders`). With `push_to_hub`, the folder is then uploaded
+        through `push_to_hub` (`repo_id` defaults to its name)."""
         if state_dict is None and any(is_fused(*group) for group in self._projection_groups()):
             state_dict = {name: tensor.clone(memory_format=torch.contiguous_format)
                           if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() else tensor
                           for name, tensor in self.state_dict().items()}  # fmt: skip
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if variant in VARIANT_DTYPES:
+            state_dict = variant_state_dict(self.state_dict() if state_dict is None else state_dict, variant)
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                max_shard_size=max_shard_size, variant=variant,
+                                **({} if push_to_hub else kwargs))  # fmt: skip
+        if is_main_process:
+            write_import_shims(save_directory, [type(self)])
+        if push_to_hub and is_main_process:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            return self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
+        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
 
     @property
     def projections_fused(self) -> bool:
@@ -670,3 +698,9 @@ def check_orders(orders: torch.Tensor, batch_size: int | None, seq_len: int) -> 
         raise ValueError(
             f"Each row of orders must be a permutation of 0..{seq_len - 1} (every raster position exactly once)."
         )
+
+
+# Registering with transformers' Auto classes waits while this module is imported (see arpg_hf.auto_classes).
+from .auto_classes import register_with_loaded_auto_classes  # noqa: E402
+
+register_with_loaded_auto_classes()

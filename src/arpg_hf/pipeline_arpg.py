@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
@@ -19,6 +20,10 @@ from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_ord
 from .random_utils import draw_uniform
 from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
+from .saved_folders import (
+    config_json, download_pipeline_folder, is_package_class, package_module_names, shim_module_names,
+    write_import_shims,
+)  # fmt: skip
 from .scheduling_arpg import ARPGScheduler
 from .vq_model import ARPGVQModel
 
@@ -120,11 +125,40 @@ class ARPGPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vqvae"
     _callback_tensor_inputs = ["tokens"]
     _compiled_decoder = None  # set by enable_compiled_decoding
+    _guidance_scale = None  # the running call's settings (the guidance_scale / num_timesteps / interrupt properties)
+    _num_timesteps = None
+    _interrupt = False
 
     def __init__(self, transformer: ARPGForImageGeneration, vqvae: ARPGVQModel, scheduler: ARPGScheduler):
         super().__init__()
         self.register_modules(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
         self.image_processor = VaeImageProcessor(vae_scale_factor=vqvae.downsample_factor, do_normalize=True)
+
+    # ------------------------------------------------------------------------------------ the running call
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the running (or last) call, as given or defaulted."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of decoding steps of the running (or last) call, as planned."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` in a step-end callback to stop early: the next step then decodes every token
+        not decoded yet, at once, and is the last (the call returns complete images or tokens)."""
+        return self._interrupt
+
+    def _start_call(self, guidance_scale: float, num_inference_steps: int, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs) -> list[str]:  # fmt: skip
+        """Records the call's settings for the properties above; returns the tensors to pass to the callback (those a
+        diffusers `PipelineCallback` asks for)."""
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_inference_steps, False
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            return list(callback_on_step_end.tensor_inputs)
+        return list(callback_on_step_end_tensor_inputs)
 
     # ------------------------------------------------------------------------------------------ class names
     @property
@@ -169,12 +203,62 @@ class ARPGPipeline(DiffusionPipeline):
         """
         transformer = load_reference_arpg(arpg_checkpoint, _read_json_if_path(reference_config))
         vqvae = ARPGVQModel.from_reference_checkpoint(vq_checkpoint, _read_json_if_path(vq_config))
-        if vqvae.config.codebook_size != transformer.config.vocab_size:
+        if vqvae.config.num_vq_embeddings != transformer.config.vocab_size:
             raise ValueError(
-                f"The VQ codebook has {vqvae.config.codebook_size} codes but the decoder predicts "
+                f"The VQ codebook has {vqvae.config.num_vq_embeddings} codes but the decoder predicts "
                 f"{transformer.config.vocab_size}; pass the tokenizer the decoder was trained with."
             )
         return cls(transformer=transformer, vqvae=vqvae, scheduler=scheduler or ARPGScheduler())
+
+    # ----------------------------------------------------------------------------------------- saved folders
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """`ConfigMixin.load_config`, reading model_index.json's shim names (see `arpg_hf.saved_folders`) as the
+        arpg_hf modules they import from, so that `from_pretrained` of our classes runs no code from the folder and
+        needs no `trust_remote_code`."""
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (package_module_names(loaded[0]), *loaded[1:])
+        return package_module_names(loaded)
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Fetches a pipeline repository from the Hub, or finds it in the local cache, and returns its folder: the
+        configs, model card and weights (those of `variant` in the components that have them), without importing
+        any of its files. Takes the keyword arguments of `DiffusionPipeline.download` that concern which files to
+        get (`cache_dir`, `revision`, `token`, `local_files_only`, `force_download`, `variant`, `use_safetensors`)."""
+        names = ("cache_dir", "revision", "token", "local_files_only", "force_download", "variant", "use_safetensors")
+        options = {name: kwargs[name] for name in names if name in kwargs}
+        return download_pipeline_folder(pretrained_model_name, **options)
+
+    def to_json_string(self) -> str:
+        """model_index.json as saved: classes named by the import shims written beside them (see
+        `arpg_hf.saved_folders`), so that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds
+        them."""
+        return config_json(shim_module_names(json.loads(super().to_json_string()), type(self)))
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """`DiffusionPipeline.save_pretrained` (every component honours `variant`, `safe_serialization` and
+        `max_shard_size`), plus the import shims that generic loaders need. With `push_to_hub=True` the folder is
+        uploaded with an ARPG model card, as [`~ARPGPipeline.push_to_hub`] does; `repo_id` (default: the folder's
+        name), `commit_message`, `private`, `token` and `create_pr` go with it."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size)  # fmt: skip
+        write_import_shims(save_directory, [type(self)])
+        for name, component in self.components.items():
+            if is_package_class(type(component)):  # our models and scheduler (each in the folder of its name)
+                write_import_shims(os.path.join(save_directory, name), [type(component)])
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            return self._upload_with_card(save_directory, repo_id, **kwargs)
 
     def push_to_hub(
         self,
@@ -185,6 +269,7 @@ class ARPGPipeline(DiffusionPipeline):
         create_pr: bool = False,
         safe_serialization: bool = True,
         variant: str | None = None,
+        max_shard_size: int | str | None = None,
     ) -> str:
         """Uploads the pipeline folder (one Hub repository per model) with an ARPG model card as README.md.
 
@@ -192,18 +277,20 @@ class ARPGPipeline(DiffusionPipeline):
         conversion provenance or training summary), a new one built from the configs otherwise. The upload goes
         through diffusers' `PushToHubMixin`; arguments are those of `DiffusionPipeline.push_to_hub`.
         """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant,
+                                 max_shard_size=max_shard_size)  # fmt: skip
+            return self._upload_with_card(folder, repo_id, commit_message=commit_message, private=private,
+                                          token=token, create_pr=create_pr)  # fmt: skip
+
+    def _upload_with_card(self, folder, repo_id: str, commit_message=None, private=None, token=None, create_pr=False):
         from huggingface_hub import create_repo
 
         from .model_card import card_for_pipeline
 
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        card = card_for_pipeline(self, repo_id=repo_id)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            card.save(os.path.join(folder, "README.md"))
-            return self._upload_folder(
-                folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
-            )
+        card_for_pipeline(self, repo_id=repo_id).save(os.path.join(folder, "README.md"))
+        return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
     # ------------------------------------------------------------------------------------- compiled decoding
     def enable_compiled_decoding(self, buckets=None, key_block=None, **compile_kwargs) -> None:
@@ -384,8 +471,12 @@ class ARPGPipeline(DiffusionPipeline):
             class_labels, orders, known_tokens, negative_class_labels
         )  # (2B, 1 + K) each
         step_kwargs = dict(grid_size=grid_size, position_mode=position_mode)
+        step_index = 0
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
-            for step_index, (start, end) in enumerate(scheduler.step_boundaries):
+            while step_index < scheduler.num_inference_steps:
+                if self.interrupt:  # a callback stopped the call: this step decodes every remaining token
+                    scheduler.finish_at(step_index)
+                start, end = scheduler.step_boundaries[step_index]
                 positions = orders[:, start:end]  # (B, n)
                 query_positions = positions.repeat(2, 1)  # (2B, n): the same targets in both halves
                 causal_inputs = step_index == 0 and inputs.shape[1] > 1  # the prefill of known tokens
@@ -405,6 +496,7 @@ class ARPGPipeline(DiffusionPipeline):
                     sampled = tokens.gather(1, positions)
                 inputs, input_positions = sampled.repeat(2, 1), query_positions
                 progress_bar.update()
+                step_index += 1
         return tokens
 
     def prefill_inputs(
@@ -488,12 +580,14 @@ class ARPGPipeline(DiffusionPipeline):
                 (token ids, `torch.LongTensor` of shape `(batch, num_tokens)` in raster order).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~diffusers.ImagePipelineOutput`] instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*):
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after every step as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)`, with
                 `callback_kwargs["tokens"]` the (batch, num_tokens) ids so far (-1 where not generated yet). A
                 returned `"tokens"` replaces them; changed tokens at this step's positions are what gets fed next.
+                Setting `pipe._interrupt = True` stops the call early: the next step decodes every token not decoded
+                yet, at once, and is the last, so the call still returns complete images (or tokens).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["tokens"]`):
-                Tensors passed to the callback.
+                Tensors passed to the callback (a diffusers `PipelineCallback` names its own `tensor_inputs`).
             height (`int`, *optional*), width (`int`, *optional*):
                 Canvas size in pixels, multiples of the VQ downsample factor; default to the trained grid (256 for
                 the published models). Larger canvases work without retraining: the rotary positions are computed
@@ -517,6 +611,9 @@ class ARPGPipeline(DiffusionPipeline):
         num_tokens = grid_size[0] * grid_size[1]
         num_inference_steps, guidance_scale = self.default_sampling_settings(
             num_inference_steps, guidance_scale, num_tokens
+        )
+        callback_on_step_end_tensor_inputs = self._start_call(
+            guidance_scale, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
         self.check_inputs(labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
                           callback_on_step_end_tensor_inputs, height, width, position_mode)  # fmt: skip

@@ -16,7 +16,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.utils import logging
 
-from .editing_utils import check_coverage_threshold, preprocess_mask, token_mask_from_pixel_mask
+from .editing_utils import check_coverage_threshold, mask_processor, preprocess_mask, token_mask_from_pixel_mask
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels
 from .pipeline_arpg import OUTPUT_TYPES, ARPGPipeline, canvas_grid_size
 from .rotary_2d import POSITION_MODES
@@ -69,6 +69,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
         self.input_processor = VaeImageProcessor(
             vae_scale_factor=vqvae.downsample_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
         )
+        self.mask_processor = mask_processor(vqvae.downsample_factor)  # grayscale, binarised at 0.5
 
     # -------------------------------------------------------------------------------------------- inputs
     def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
@@ -119,7 +120,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
         left unexpanded so that it is encoded once.
         """
         pixels = self.preprocess_image(image)
-        pixel_mask = preprocess_mask(mask_image)
+        pixel_mask = preprocess_mask(mask_image, self.mask_processor)
         if tuple(pixel_mask.shape[-2:]) != tuple(pixels.shape[-2:]):
             (mask_h, mask_w), (height, width) = pixel_mask.shape[-2:], pixels.shape[-2:]
             raise ValueError(
@@ -253,6 +254,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
             callback_on_step_end (`Callable`, *optional*), callback_on_step_end_tensor_inputs (`list[str]`):
                 As in [`ARPGPipeline`]; `tokens` holds the kept tokens and -1 where not generated yet, for the images
                 decoded together (all of them unless their masks leave different numbers of tokens to regenerate).
+                After `pipe._interrupt = True`, every image still to decode gets its remaining tokens in one step.
             position_mode (`str`, *optional*, defaults to `"extrapolate"`):
                 For canvases other than the trained grid: `"extrapolate"` uses integer rows/cols beyond the trained
                 range, `"interpolate"` scales them into it.
@@ -273,6 +275,9 @@ class ARPGInpaintPipeline(ARPGPipeline):
         labels = self._as_class_tensor(class_labels)
         # Steps are capped per image at its number of tokens to regenerate (inpaint_tokens), not here.
         num_inference_steps, guidance_scale = self.default_sampling_settings(num_inference_steps, guidance_scale)
+        callback_on_step_end_tensor_inputs = self._start_call(
+            guidance_scale, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
                           callback_on_step_end_tensor_inputs, position_mode, mask_coverage_threshold)  # fmt: skip
         pixels, pixel_mask, labels = self.prepare_canvas(image, mask_image, labels, generator)

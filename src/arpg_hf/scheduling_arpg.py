@@ -152,6 +152,16 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
         self.step_boundaries = list(zip(offsets[:-1], offsets[1:]))
         self.timesteps = torch.arange(num_inference_steps, dtype=torch.long, device=device)
 
+    def finish_at(self, step_index: int) -> None:
+        """Makes `step_index` the last step: it decodes every token not decoded before it (what a pipeline does when a
+        callback sets `pipe._interrupt = True`). The guidance of that step is the last step's."""
+        step_index = self._check_step_index(step_index)
+        start = self.step_boundaries[step_index][0]
+        self.step_boundaries = self.step_boundaries[:step_index] + [(start, self.num_tokens)]
+        self.tokens_per_step = [end - begin for begin, end in self.step_boundaries]
+        self.num_inference_steps = step_index + 1
+        self.timesteps = self.timesteps[: step_index + 1]
+
     def _check_step_index(self, step_index: int) -> int:
         if self.tokens_per_step is None:
             raise RuntimeError("Call `set_timesteps(num_inference_steps, num_tokens)` before using per-step values.")

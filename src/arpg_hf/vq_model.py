@@ -1,30 +1,32 @@
-"""ARPGVQModel: the LlamaGen VQ-16 image tokenizer built from diffusers' autoencoder blocks.
+"""ARPGVQModel: the LlamaGen VQ-16 image tokenizer as a diffusers ``VQModel``.
 
-The encoder and decoder are diffusers' ``Encoder`` / ``Decoder`` in the configuration that computes the same function
-as LlamaGen's ``VQModel``; only the quantizer (l2-normalised nearest-code search) is written here. The module also
-holds the declarative key map and the loader for upstream LlamaGen / ARPG VQ checkpoints.
+diffusers' ``VQModel`` in the right configuration computes the same function as LlamaGen's ``VQModel``; only the
+quantizer (l2-normalised nearest-code search) is written here. The module also holds the declarative key map and the
+loader for upstream LlamaGen / ARPG VQ checkpoints.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import os
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention_processor import Attention
-from diffusers.models.autoencoders.vae import Decoder, DecoderOutput, Encoder
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers import ModelMixin, VQModel  # noqa: F401  (diffusers' pipeline loader looks ModelMixin up in this module)
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from torch.func import functional_call
 
 from .checkpoint_utils import KeyRule, check_shapes, convert_state_dict, load_reference_state_dict
+from .saved_folders import config_json, variant_state_dict, without_load_path
 
 logger = logging.get_logger(__name__)
 
@@ -54,12 +56,6 @@ class ARPGVQEncoderOutput(BaseOutput):
     pre_quant_latents: torch.Tensor
 
 
-def _contiguous_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    # diffusers' attention returns a channels-last view for 4-D inputs; every later conv would then take the
-    # channels-last kernel, which on CPU drifts from the reference by ~1e-5. Restore the standard layout.
-    return output.contiguous()
-
-
 def _call_in_dtype(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -> torch.Tensor:
     """Runs ``module(*args)`` with its floating-point weights cast to ``dtype`` (without modifying the module)."""
     tensors = dict(chain(module.named_parameters(), module.named_buffers()))
@@ -69,144 +65,149 @@ def _call_in_dtype(module: nn.Module, dtype: torch.dtype, *args: torch.Tensor) -
     return functional_call(module, tensors, args)
 
 
-class ARPGVQModel(ModelMixin, ConfigMixin):
+class ARPGVQModel(VQModel):
     r"""
-    The LlamaGen VQ tokenizer used by ARPG: images in [-1, 1] <-> grids of codebook indices.
+    The LlamaGen VQ tokenizer used by ARPG (images in [-1, 1] <-> grids of codebook indices), as a diffusers
+    [`~diffusers.VQModel`]: same configuration, same modules and parameter names, so a saved folder also loads as a
+    stock `VQModel`. What this class adds is LlamaGen's quantizer: latents and codebook rows are l2-normalised before
+    the nearest-code search (`encode` returns the indices too).
 
-    Encoder: conv_in, one level per channel multiplier (`layers_per_block` resnets each, a 2x downsample on every level
-    but the last, self-attention after each resnet of the last level), a resnet-attention-resnet middle block,
-    group norm, SiLU, conv_out to `z_channels`; then a 1x1 `quant_conv` to `codebook_embed_dim`. The decoder mirrors
-    it (1x1 `post_quant_conv`, `layers_per_block + 1` resnets per level, attention at the lowest resolution).
+    The codebook holds the rows l2-normalised, as LlamaGen uses them (it normalises stored rows at every use; here they
+    are normalised once, when converted or initialised, which gives the same values). A stock `VQModel` therefore looks
+    up the same codes and decodes indices to the same images, bit for bit; and as `||e|| = 1` makes the nearest code by
+    distance the nearest by angle, its own quantizer picks the same indices. Training a tokenizer keeps the rows
+    normalised at every step through [`~arpg_hf.vq_training.register_codebook_normalization`].
+    [`llamagen_vq_config`] gives the configuration of a tokenizer described by its sizes (VQ-16 is the default here).
 
-    Args:
-        in_channels (`int`, *optional*, defaults to 3):
-            Channels of the input images.
-        out_channels (`int`, *optional*, defaults to 3):
-            Channels of the decoded images.
-        base_channels (`int`, *optional*, defaults to 128):
-            Width of the first level (upstream `ch`); level `i` has `base_channels * channel_multipliers[i]` channels.
-        channel_multipliers (`tuple[int, ...]`, *optional*, defaults to `(1, 1, 2, 2, 4)`):
-            Width multiplier of every level, highest resolution first (upstream `encoder_ch_mult`). The spatial
-            downsample factor is `2 ** (len(channel_multipliers) - 1)`.
-        layers_per_block (`int`, *optional*, defaults to 2):
-            Resnet blocks per encoder level (the decoder uses one more), upstream `num_res_blocks` as actually used.
-        z_channels (`int`, *optional*, defaults to 256):
-            Channels between the encoder/decoder and the 1x1 quant convolutions.
-        codebook_size (`int`, *optional*, defaults to 16384):
-            Number of codes.
-        codebook_embed_dim (`int`, *optional*, defaults to 8):
-            Dimension of a code (the latent channels).
-        codebook_l2_norm (`bool`, *optional*, defaults to `True`):
-            Whether latents and codebook rows are l2-normalised before the nearest-code search (and the rows when
-            looked up). Rows are stored as trained and normalised at use, as the reference does.
-        norm_num_groups (`int`, *optional*, defaults to 32):
-            Groups of every group norm (eps 1e-6).
-        attention (`bool`, *optional*, defaults to `True`):
-            Whether the lowest-resolution level and the middle blocks have self-attention, as in VQ-16. `False` gives
-            a purely convolutional tokenizer whose codes describe their convolutional neighbourhood (plus the
-            image-wide group-norm statistics) rather than the whole image: the bundled digits tokenizer.
+    Args: those of [`~diffusers.VQModel`], with VQ-16's values as defaults (`block_out_channels` 128 x (1, 1, 2, 2,
+    4), attention at the lowest resolution, `latent_channels` 256, 16384 codes of dimension 8, codebook lookup for
+    decoding). Group norms use eps 1e-6 (diffusers' Encoder/Decoder hard-code it, as LlamaGen does).
     """
 
-    _supports_gradient_checkpointing = True
-    _skip_layerwise_casting_patterns = ["codebook"]
-    _supports_group_offloading = False  # the codebook is read outside module calls, where group hooks cannot load it
+    _supports_gradient_checkpointing = True  # diffusers' Encoder / Decoder checkpoint their blocks
 
     @register_to_config
     def __init__(
         self,
         in_channels: int = 3,
         out_channels: int = 3,
-        base_channels: int = 128,
-        channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
+        down_block_types: Sequence[str] = ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+        up_block_types: Sequence[str] = ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4,
+        block_out_channels: Sequence[int] = (128, 128, 256, 256, 512),
         layers_per_block: int = 2,
-        z_channels: int = 256,
-        codebook_size: int = 16384,
-        codebook_embed_dim: int = 8,
-        codebook_l2_norm: bool = True,
+        act_fn: str = "silu",
+        latent_channels: int = 256,
+        sample_size: int = 256,
+        num_vq_embeddings: int = 16384,
         norm_num_groups: int = 32,
-        attention: bool = True,
+        vq_embed_dim: int = 8,
+        scaling_factor: float = 1.0,
+        norm_type: str = "group",
+        mid_block_add_attention: bool = True,
+        lookup_from_codebook: bool = True,
+        force_upcast: bool = False,
     ):
-        super().__init__()
         _validate_config(
-            dict(
-                in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-                layers_per_block=layers_per_block, z_channels=z_channels, codebook_size=codebook_size,
-                codebook_embed_dim=codebook_embed_dim, norm_num_groups=norm_num_groups,
-            ),
-            channel_multipliers,
-        )
-        num_levels = len(channel_multipliers)
-        block_out_channels = tuple(base_channels * multiplier for multiplier in channel_multipliers)
-        lowest_down, lowest_up = (
-            ("AttnDownEncoderBlock2D", "AttnUpDecoderBlock2D") if attention else ("DownEncoderBlock2D", "UpDecoderBlock2D")
-        )
-        self.encoder = Encoder(
-            in_channels=in_channels,
-            out_channels=z_channels,
-            down_block_types=("DownEncoderBlock2D",) * (num_levels - 1) + (lowest_down,),
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            act_fn="silu",
-            double_z=False,
-            mid_block_add_attention=attention,
-        )
-        self.decoder = Decoder(
-            in_channels=z_channels,
-            out_channels=out_channels,
-            up_block_types=(lowest_up,) + ("UpDecoderBlock2D",) * (num_levels - 1),
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            act_fn="silu",
-            norm_type="group",
-            mid_block_add_attention=attention,
-        )
-        self.quant_conv = nn.Conv2d(z_channels, codebook_embed_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(codebook_embed_dim, z_channels, kernel_size=1)
-        self.codebook = nn.Embedding(codebook_size, codebook_embed_dim)
-
+            dict(in_channels=in_channels, out_channels=out_channels, layers_per_block=layers_per_block,
+                 latent_channels=latent_channels, num_vq_embeddings=num_vq_embeddings, vq_embed_dim=vq_embed_dim,
+                 norm_num_groups=norm_num_groups),
+            block_out_channels, down_block_types, up_block_types,
+        )  # fmt: skip
+        super().__init__(
+            in_channels=in_channels, out_channels=out_channels, down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types), block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block, act_fn=act_fn, latent_channels=latent_channels, sample_size=sample_size,
+            num_vq_embeddings=num_vq_embeddings, norm_num_groups=norm_num_groups, vq_embed_dim=vq_embed_dim,
+            scaling_factor=scaling_factor, norm_type=norm_type, mid_block_add_attention=mid_block_add_attention,
+            lookup_from_codebook=lookup_from_codebook, force_upcast=force_upcast,
+        )  # fmt: skip
         for module in chain(self.encoder.modules(), self.decoder.modules()):
             if isinstance(module, nn.GroupNorm) and module.eps != REFERENCE_GROUP_NORM_EPS:
                 # diffusers' Encoder/Decoder hard-code 1e-6 today; should that change, keep the reference value.
                 module.eps = REFERENCE_GROUP_NORM_EPS
-            if isinstance(module, Attention):
-                module.register_forward_hook(_contiguous_output)
+        with torch.no_grad():  # unit rows from the start (diffusers draws them uniformly in +-1/num_vq_embeddings)
+            self.quantize.embedding.weight.copy_(l2_normalize_rows(self.quantize.embedding.weight))
+
+    # ------------------------------------------------------------------------------------- saved folders
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """`ConfigMixin.extract_init_dict`, reading configurations saved before this class was a `VQModel` (they
+        named the sizes `base_channels`, `channel_multipliers`, `z_channels`, `codebook_size`, ...)."""
+        if LEGACY_CONFIG_KEYS & config_dict.keys():
+            config_dict = _upgrade_legacy_config(config_dict)
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        """Reads the codebook of folders saved before this class was a `VQModel`: the parameter `codebook.weight`,
+        rows as trained (normalised here, once, as that model did at every use)."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        if LEGACY_CODEBOOK_KEY in state_dict:
+            state_dict["quantize.embedding.weight"] = l2_normalize_rows(state_dict.pop(LEGACY_CODEBOOK_KEY))
 
     @property
     def downsample_factor(self) -> int:
         """Ratio of image size to latent grid size (16 for VQ-16)."""
-        return 2 ** (len(self.config.channel_multipliers) - 1)
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype decoding (and the quantizer) compute in: float32 when the weights are fp16/bf16."""
         return torch.float32 if self.dtype in HALF_DTYPES else self.dtype
 
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """`ModelMixin.save_pretrained`; a variant named "fp16" or "bf16" is written in that dtype (the model itself
+        is left as it is)."""
+
+        def cast_to_variant(module, state_dict, prefix, local_metadata):
+            state_dict.update(variant_state_dict(dict(state_dict), variant))
+
+        hook = self.register_state_dict_post_hook(cast_to_variant)  # diffusers saves `self.state_dict()`
+        try:
+            return super().save_pretrained(
+                save_directory, is_main_process=is_main_process, save_function=save_function,
+                safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size,
+                push_to_hub=push_to_hub, **kwargs,
+            )  # fmt: skip
+        finally:
+            hook.remove()
+
+    def to_json_string(self) -> str:
+        """config.json as saved: without `_name_or_path` (where this model was loaded from)."""
+        return config_json(without_load_path(json.loads(super().to_json_string())))
+
     # ----------------------------------------------------------------------------------------------- quantizer
 
     def normalized_codebook(self) -> torch.Tensor:
-        """The codebook rows as used, `(codebook_size, codebook_embed_dim)` in `compute_dtype`."""
-        rows = self.codebook.weight.to(self.compute_dtype)
-        return F.normalize(rows, p=2, dim=-1, eps=L2_NORM_EPS) if self.config.codebook_l2_norm else rows
+        """The (l2-normalised) codebook rows, `(num_vq_embeddings, vq_embed_dim)` in `compute_dtype`."""
+        return self.quantize.embedding.weight.to(self.compute_dtype)
 
-    def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest-code search.
+    def quantize_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-code search between the l2-normalised latents and codebook rows.
 
         Args:
-            latents (`torch.FloatTensor` of shape `(batch_size, codebook_embed_dim, h, w)`): pre-quant latents.
+            latents (`torch.FloatTensor` of shape `(batch_size, vq_embed_dim, h, w)`): pre-quant latents.
 
         Returns:
-            `tuple(torch.FloatTensor, torch.LongTensor)`: the chosen (normalised) codes `(batch_size,
-            codebook_embed_dim, h, w)` in `compute_dtype` and their indices `(batch_size, h, w)`.
+            `tuple(torch.FloatTensor, torch.LongTensor)`: the chosen (normalised) codes `(batch_size, vq_embed_dim, h,
+            w)` in `compute_dtype` and their indices `(batch_size, h, w)`.
         """
-        if latents.ndim != 4 or latents.shape[1] != self.config.codebook_embed_dim:
-            expected = f"(batch_size, {self.config.codebook_embed_dim}, h, w)"
+        if latents.ndim != 4 or latents.shape[1] != self.config.vq_embed_dim:
+            expected = f"(batch_size, {self.config.vq_embed_dim}, h, w)"
             raise ValueError(f"Expected latents of shape {expected}, got {tuple(latents.shape)}.")
         batch_size, embed_dim, height, width = latents.shape
         flat = latents.to(self.compute_dtype).permute(0, 2, 3, 1).reshape(-1, embed_dim)  # (B*h*w, D)
-        if self.config.codebook_l2_norm:
-            flat = F.normalize(flat, p=2, dim=-1, eps=L2_NORM_EPS)
+        flat = F.normalize(flat, p=2, dim=-1, eps=L2_NORM_EPS)
         codebook = self.normalized_codebook()  # (V, D)
         distances = (
             flat.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2 * flat @ codebook.t()
@@ -220,12 +221,12 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
 
         Args:
             indices (`torch.LongTensor` of shape `(batch_size, h, w)` or `(batch_size, h * w)`):
-                Code indices in raster order, each in `[0, codebook_size)`.
+                Code indices in raster order, each in `[0, num_vq_embeddings)`.
             shape (`tuple[int, int]`, *optional*):
                 The grid `(h, w)` of 2-D `indices`; when omitted, a square grid is assumed.
 
         Returns:
-            `torch.FloatTensor` of shape `(batch_size, codebook_embed_dim, h, w)` in `compute_dtype`.
+            `torch.FloatTensor` of shape `(batch_size, vq_embed_dim, h, w)` in `compute_dtype`.
         """
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise ValueError(f"Expected integer code indices, got dtype {indices.dtype}.")
@@ -238,12 +239,12 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
             )
         if indices.numel() > 0:
             low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= self.config.codebook_size:
+            if low < 0 or high >= self.config.num_vq_embeddings:
                 raise ValueError(
-                    f"Code indices must lie in [0, {self.config.codebook_size}) (the codebook size), got values in "
+                    f"Code indices must lie in [0, {self.config.num_vq_embeddings}) (the codebook size), got values in "
                     f"[{low}, {high}]. Pass image-token ids only (no mask, class or padding ids)."
                 )
-        codes = self.normalized_codebook()[indices.to(self.codebook.weight.device)]  # (B, h, w, D)
+        codes = self.normalized_codebook()[indices.to(self.quantize.embedding.weight.device)]  # (B, h, w, D)
         return codes.permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
 
     # ------------------------------------------------------------------------------------------ encode / decode
@@ -261,7 +262,7 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
         self._check_images(images)
         hidden = self.encoder(images.to(self.dtype))  # (B, z, h, w)
         pre_quant = self.quant_conv(hidden)  # (B, D, h, w)
-        latents, indices = self.quantize(pre_quant)
+        latents, indices = self.quantize_latents(pre_quant)
         if not return_dict:
             return latents, indices, pre_quant
         return ARPGVQEncoderOutput(latents=latents, indices=indices, pre_quant_latents=pre_quant)
@@ -270,7 +271,8 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
     def decode(
         self, x: torch.Tensor, return_dict: bool = True, shape: tuple[int, int] | None = None
     ) -> DecoderOutput | tuple:
-        """Decodes code indices or quantized latents into images (not clamped).
+        """Decodes code indices or quantized latents into images (not clamped). Unlike `VQModel.decode`, float latents
+        are decoded as given (they are codes already, e.g. `encode(...).latents`) and `shape` is the grid `(h, w)`.
 
         Decoding always runs in `compute_dtype`: a fp16/bf16 model casts float32 copies of its decoder weights for
         the call (the module itself is left as it is) and returns float32 images; other models return their dtype.
@@ -278,7 +280,7 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
         Args:
             x (`torch.Tensor`):
                 Either integer code indices of shape `(batch_size, h, w)` (or `(batch_size, h * w)`, see `shape`), or
-                float latents of shape `(batch_size, codebook_embed_dim, h, w)` such as `encode(...).latents`.
+                float latents of shape `(batch_size, vq_embed_dim, h, w)` such as `encode(...).latents`.
             return_dict (`bool`, *optional*, defaults to `True`):
                 Whether to return a `DecoderOutput` instead of a tuple `(sample,)`.
             shape (`tuple[int, int]`, *optional*):
@@ -288,9 +290,9 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
             `DecoderOutput` whose `sample` is `(batch_size, out_channels, h * f, w * f)`, f = `downsample_factor`.
         """
         if x.is_floating_point():
-            if x.ndim != 4 or x.shape[1] != self.config.codebook_embed_dim:
+            if x.ndim != 4 or x.shape[1] != self.config.vq_embed_dim:
                 raise ValueError(
-                    f"Expected float latents of shape (batch_size, {self.config.codebook_embed_dim}, h, w), got "
+                    f"Expected float latents of shape (batch_size, {self.config.vq_embed_dim}, h, w), got "
                     f"{tuple(x.shape)}. Pass integer code indices of shape (batch_size, h, w) to decode codes."
                 )
             latents = x.to(self.compute_dtype)
@@ -302,14 +304,14 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
             return (sample,)
         return DecoderOutput(sample=sample)
 
-    def forward(self, images: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
-        """Reconstructs images: `decode(encode(images).latents)`.
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
+        """Reconstructs images: `decode(encode(sample).latents)`.
 
         Args:
-            images (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`): images in [-1, 1].
+            sample (`torch.FloatTensor` of shape `(batch_size, in_channels, height, width)`): images in [-1, 1].
             return_dict (`bool`, *optional*, defaults to `True`): whether to return a `DecoderOutput`.
         """
-        latents = self.encode(images).latents
+        latents = self.encode(sample).latents
         return self.decode(latents, return_dict=return_dict)
 
     def _check_images(self, images: torch.Tensor) -> None:
@@ -367,6 +369,13 @@ class ARPGVQModel(ModelMixin, ConfigMixin):
         return model.eval()
 
 
+def l2_normalize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Codebook rows `(num_codes, dim)` l2-normalised as LlamaGen does (F.normalize, eps 1e-12), computed in float32
+    at least and returned in the rows' dtype."""
+    compute_dtype = torch.promote_types(rows.dtype, torch.float32)
+    return F.normalize(rows.to(compute_dtype), p=2, dim=-1, eps=L2_NORM_EPS).to(rows.dtype)
+
+
 def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int, int]:
     if shape is None:
         side = math.isqrt(num_positions)
@@ -381,25 +390,37 @@ def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int,
     return int(shape[0]), int(shape[1])
 
 
-def _validate_config(positive: dict[str, int], channel_multipliers: Sequence[int]) -> None:
-    """Raises a ValueError for a non-positive size or level widths that the group norms cannot split."""
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _validate_config(
+    positive: dict[str, int], block_out_channels: Sequence[int], down_block_types: Sequence[str],
+    up_block_types: Sequence[str],
+) -> None:  # fmt: skip
+    """Raises a ValueError for a non-positive size, block lists that disagree, or level widths that the group norms
+    cannot split."""
     for name, value in positive.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_positive_int(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    multipliers = list(channel_multipliers) if isinstance(channel_multipliers, (list, tuple)) else None
-    if not multipliers or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in multipliers):
+    widths = list(block_out_channels) if isinstance(block_out_channels, (list, tuple)) else None
+    if not widths or not all(_is_positive_int(width) for width in widths):
         raise ValueError(
-            f"channel_multipliers must be a non-empty list of positive integers (e.g. [1, 1, 2, 2, 4]), got "
-            f"{channel_multipliers!r}."
+            f"block_out_channels must be a non-empty list of positive integers (e.g. [128, 128, 256, 256, 512]), got "
+            f"{block_out_channels!r}."
         )
-    base_channels, norm_num_groups = positive["base_channels"], positive["norm_num_groups"]
-    widths = [base_channels * m for m in multipliers]
+    for name, types in (("down_block_types", down_block_types), ("up_block_types", up_block_types)):
+        if len(types) != len(widths):
+            raise ValueError(
+                f"{name} must name one block per level of block_out_channels ({len(widths)}), got {len(types)}: "
+                f"{list(types)}."
+            )
+    norm_num_groups = positive["norm_num_groups"]
     bad = [width for width in widths if width % norm_num_groups]
     if bad:
         raise ValueError(
-            f"Every level width base_channels * multiplier must be divisible by norm_num_groups={norm_num_groups}; "
-            f"base_channels={base_channels} with channel_multipliers={multipliers} gives widths {widths} "
-            f"({bad} are not). Choose base_channels as a multiple of {norm_num_groups} or change norm_num_groups."
+            f"Every level width must be divisible by norm_num_groups={norm_num_groups}; block_out_channels {widths} "
+            f"has {bad}. Choose widths that are multiples of {norm_num_groups} or change norm_num_groups."
         )
 
 
@@ -451,7 +472,7 @@ VQ_REFERENCE_KEY_MAP: list[KeyRule] = [
     *_autoencoder_half_rules("decoder", "up_blocks", "upsample", "upsamplers"),
     *_param_rules("quant_conv", "quant_conv"),
     *_param_rules("post_quant_conv", "post_quant_conv"),
-    KeyRule("quantize.embedding.weight", "codebook.weight"),
+    KeyRule("quantize.embedding.weight", "quantize.embedding.weight", l2_normalize_rows),  # normalised once, as used
 ]
 # Training-only buffer (recently used codes) present in every upstream checkpoint.
 VQ_REFERENCE_IGNORED_KEYS = ("quantize.codebook_used",)
@@ -504,12 +525,17 @@ def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) 
             f"Reference field downsample={fields['downsample']} contradicts encoder_ch_mult "
             f"{list(fields['encoder_ch_mult'])}, which downsamples by {factor}."
         )
+    if not fields["codebook_l2_norm"]:
+        raise ValueError(
+            "Reference field codebook_l2_norm=False is not supported: ARPGVQModel is LlamaGen's l2-normalised "
+            "quantizer (every published ARPG / LlamaGen tokenizer uses it)."
+        )
     known = set(PUBLISHED_VQ16) | set(required) | _IGNORED_REFERENCE_FIELDS
     known |= {"downsample", "effective_num_res_blocks"}
     unknown = sorted(set(fields) - known)
     if unknown:
         logger.warning(f"Ignoring unknown VQ reference config fields: {unknown}.")
-    return dict(
+    return llamagen_vq_config(
         in_channels=fields["in_channels"],
         out_channels=fields["out_channels"],
         base_channels=fields["ch"],
@@ -518,7 +544,74 @@ def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) 
         z_channels=fields["z_channels"],
         codebook_size=fields["codebook_size"],
         codebook_embed_dim=fields["codebook_embed_dim"],
-        codebook_l2_norm=bool(fields["codebook_l2_norm"]),
         norm_num_groups=fields["group_norm_groups"],
         attention=True,  # upstream VQ models always have attention at the lowest resolution
     )
+
+
+def llamagen_vq_config(
+    base_channels: int = 128,
+    channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
+    layers_per_block: int = 2,
+    z_channels: int = 256,
+    codebook_size: int = 16384,
+    codebook_embed_dim: int = 8,
+    norm_num_groups: int = 32,
+    attention: bool = True,
+    in_channels: int = 3,
+    out_channels: int = 3,
+) -> dict[str, Any]:
+    """The [`ARPGVQModel`] (diffusers `VQModel`) configuration of a LlamaGen-style tokenizer given by its sizes:
+    `ARPGVQModel(**llamagen_vq_config(base_channels=32, channel_multipliers=(1, 2), codebook_size=512))`.
+
+    Args:
+        base_channels (`int`, *optional*, defaults to 128): width of the first level (upstream `ch`).
+        channel_multipliers (`Sequence[int]`, *optional*, defaults to `(1, 1, 2, 2, 4)`): width multiplier of every
+            level, highest resolution first (upstream `encoder_ch_mult`); the image is downsampled by
+            `2 ** (len(channel_multipliers) - 1)`.
+        layers_per_block (`int`, *optional*, defaults to 2): resnets per encoder level (the decoder has one more).
+        z_channels (`int`, *optional*, defaults to 256): channels between encoder/decoder and the quant convolutions.
+        codebook_size (`int`, *optional*, defaults to 16384), codebook_embed_dim (`int`, *optional*, defaults to 8):
+            number and dimension of the codes.
+        norm_num_groups (`int`, *optional*, defaults to 32): groups of every group norm.
+        attention (`bool`, *optional*, defaults to `True`): self-attention at the lowest resolution and in the middle
+            blocks, as in VQ-16. `False` gives a purely convolutional tokenizer (the bundled digits one).
+        in_channels (`int`, *optional*, defaults to 3), out_channels (`int`, *optional*, defaults to 3): image channels.
+    """
+    num_levels = len(channel_multipliers)
+    lowest_down, lowest_up = (
+        ("AttnDownEncoderBlock2D", "AttnUpDecoderBlock2D") if attention else ("DownEncoderBlock2D", "UpDecoderBlock2D")
+    )
+    return dict(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("DownEncoderBlock2D",) * (num_levels - 1) + (lowest_down,),
+        up_block_types=(lowest_up,) + ("UpDecoderBlock2D",) * (num_levels - 1),
+        block_out_channels=tuple(base_channels * multiplier for multiplier in channel_multipliers),
+        layers_per_block=layers_per_block,
+        latent_channels=z_channels,
+        num_vq_embeddings=codebook_size,
+        vq_embed_dim=codebook_embed_dim,
+        norm_num_groups=norm_num_groups,
+        mid_block_add_attention=attention,
+    )
+
+
+# ------------------------------------------------------------------------------- folders saved before 0.2
+# Until ARPGVQModel became a diffusers VQModel, its config named the sizes as llamagen_vq_config's arguments (plus
+# `codebook_l2_norm`, always true) and its codebook was the parameter `codebook.weight`.
+LEGACY_CONFIG_KEYS = {"base_channels", "channel_multipliers", "z_channels", "codebook_size", "codebook_embed_dim",
+                      "codebook_l2_norm", "attention"}  # fmt: skip
+LEGACY_CODEBOOK_KEY = "codebook.weight"
+
+
+def _upgrade_legacy_config(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+    if not config_dict.get("codebook_l2_norm", True):
+        raise ValueError(
+            "This tokenizer folder was saved with codebook_l2_norm=false, which ARPGVQModel no longer supports (it is "
+            "LlamaGen's l2-normalised quantizer)."
+        )
+    size_names = set(inspect.signature(llamagen_vq_config).parameters)
+    sizes = {name: value for name, value in config_dict.items() if name in size_names}
+    kept = {name: value for name, value in config_dict.items() if name not in size_names | LEGACY_CONFIG_KEYS}
+    return {**kept, **llamagen_vq_config(**sizes)}

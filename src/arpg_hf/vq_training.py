@@ -1,7 +1,9 @@
 """Training objective of the VQ tokenizer ([`ARPGVQModel`]): reconstruction + codebook + commitment losses.
 
-The quantizer is the one of [`ARPGVQModel`]: latents and codebook rows are l2-normalised (when
-`codebook_l2_norm`) and every latent takes its nearest row. Training follows VQ-VAE (van den Oord et al., 2017):
+The quantizer is the one of [`ARPGVQModel`]: latents and codebook rows are l2-normalised and every latent takes its
+nearest row. While training, [`register_codebook_normalization`] lets the optimizer move free rows that the model only
+ever sees normalised (as LlamaGen normalises its rows at every use); [`remove_codebook_normalization`] stores the
+normalised rows before saving. Training follows VQ-VAE (van den Oord et al., 2017):
 
 * codebook loss `mean((e - sg[z])^2)` moves the chosen rows `e` towards the (normalised) encoder latents `z`;
 * commitment loss `beta * mean((z - sg[e])^2)` (beta 0.25) keeps the encoder close to its codes;
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
-from .vq_model import L2_NORM_EPS, ARPGVQModel
+from .vq_model import L2_NORM_EPS, ARPGVQModel, l2_normalize_rows
 
 DEFAULT_COMMITMENT_BETA = 0.25
 RECONSTRUCTION_LOSSES = ("mse", "l1")
@@ -66,11 +70,40 @@ class VQLossOutput:
     latents: torch.Tensor
 
 
+class _L2NormalizedRows(nn.Module):
+    """A parametrization: the stored rows, l2-normalised."""
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return l2_normalize_rows(rows)
+
+
+def register_codebook_normalization(vq: ARPGVQModel) -> None:
+    """Makes the codebook rows free parameters that the model sees l2-normalised (a torch parametrization of
+    `vq.quantize.embedding.weight`; gradients flow through the normalisation). Call it before building the optimizer;
+    the free rows are then `codebook_rows(vq)`."""
+    if not parametrize.is_parametrized(vq.quantize.embedding, "weight"):
+        parametrize.register_parametrization(vq.quantize.embedding, "weight", _L2NormalizedRows())
+
+
+def remove_codebook_normalization(vq: ARPGVQModel) -> None:
+    """Stores the normalised rows as the codebook again (undoes [`register_codebook_normalization`]), e.g. before
+    `save_pretrained`."""
+    if parametrize.is_parametrized(vq.quantize.embedding, "weight"):
+        parametrize.remove_parametrizations(vq.quantize.embedding, "weight", leave_parametrized=True)
+
+
+def codebook_rows(vq: ARPGVQModel) -> torch.nn.Parameter:
+    """The codebook parameter `(num_vq_embeddings, vq_embed_dim)`: the free rows while the normalisation is
+    registered, the stored (normalised) rows otherwise."""
+    embedding = vq.quantize.embedding
+    if parametrize.is_parametrized(embedding, "weight"):
+        return embedding.parametrizations.weight.original
+    return embedding.weight
+
+
 def normalized_latents(vq: ARPGVQModel, pre_quant: torch.Tensor) -> torch.Tensor:
-    """`pre_quant` `(B, D, h, w)` l2-normalised over `D` when the codebook is (as the quantizer searches it), in
-    `vq.compute_dtype`."""
-    latents = pre_quant.to(vq.compute_dtype)
-    return F.normalize(latents, p=2, dim=1, eps=L2_NORM_EPS) if vq.config.codebook_l2_norm else latents
+    """`pre_quant` `(B, D, h, w)` l2-normalised over `D` (as the quantizer searches it), in `vq.compute_dtype`."""
+    return F.normalize(pre_quant.to(vq.compute_dtype), p=2, dim=1, eps=L2_NORM_EPS)
 
 
 def quantize_with_losses(
@@ -79,7 +112,7 @@ def quantize_with_losses(
     """Quantizes `pre_quant` `(B, D, h, w)` with `vq`'s codebook and returns the straight-through codes and losses."""
     if beta < 0:
         raise ValueError(f"The commitment weight beta must be >= 0, got {beta!r}.")
-    codes, indices = vq.quantize(pre_quant)  # (B, D, h, w), differentiable w.r.t. the codebook rows
+    codes, indices = vq.quantize_latents(pre_quant)  # (B, D, h, w), differentiable w.r.t. the codebook rows
     latents = normalized_latents(vq, pre_quant)  # (B, D, h, w), differentiable w.r.t. the encoder
     codebook_loss = F.mse_loss(codes, latents.detach())
     commitment_loss = beta * F.mse_loss(latents, codes.detach())
@@ -139,8 +172,8 @@ def init_codebook_from_latents(
     vq: ARPGVQModel, latents: torch.Tensor, generator: torch.Generator | None = None
 ) -> None:
     """Sets every codebook row to a random (normalised) encoder latent of `latents` `(B, D, h, w)`."""
-    rows = _random_latent_rows(latents, vq.config.codebook_size, generator)
-    vq.codebook.weight.copy_(rows.to(vq.codebook.weight.dtype))
+    rows = codebook_rows(vq)
+    rows.copy_(_random_latent_rows(latents, vq.config.num_vq_embeddings, generator).to(rows.dtype))
 
 
 @torch.no_grad()
@@ -150,15 +183,15 @@ def restart_dead_codes(
     """Moves every code with `usage_counts == 0` to a random encoder latent of `latents` `(B, D, h, w)`.
 
     Args:
-        usage_counts (`torch.LongTensor` of shape `(codebook_size,)`): how often each code was chosen recently.
+        usage_counts (`torch.LongTensor` of shape `(num_vq_embeddings,)`): how often each code was chosen recently.
 
     Returns:
         `int`: the number of codes restarted.
     """
     dead = torch.nonzero(usage_counts == 0).flatten()
     if dead.numel():
-        rows = _random_latent_rows(latents, dead.numel(), generator)
-        vq.codebook.weight[dead.to(vq.codebook.weight.device)] = rows.to(vq.codebook.weight.dtype)
+        rows = codebook_rows(vq)
+        rows[dead.to(rows.device)] = _random_latent_rows(latents, dead.numel(), generator).to(rows.dtype)
     return int(dead.numel())
 
 
