@@ -68,6 +68,11 @@ def test_inputs_are_checked_with_clear_messages(model):
         model.generate(1, 4, -1.0, 0)
     with pytest.raises(ValueError, match="token schedule must be one of"):
         next(model.stream_generation(1, 4, 2.0, 0, "linear", 1))
+    with pytest.raises(ValueError, match=r"class label index must be an integer in \[0, 9\], got 3.5"):
+        model.generate(3.5, 4, 2.0, 0)  # an error, not class 4
+    for guidance in (float("nan"), float("inf"), 1e308):
+        with pytest.raises(ValueError, match="guidance scale must be a number >= 0, finite"):
+            model.generate(1, 4, guidance, 0)
 
 
 def test_masks_from_presets_and_brush_layers(model):

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from typing import Callable, Sequence
 
@@ -56,8 +57,6 @@ def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_
     offload hooks that move each model to `device` while it runs."""
     import torch
 
-    from .pipeline_arpg import ARPGPipeline
-
     dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if model is None:
         from .bundled import load_bundled_pipeline
@@ -72,13 +71,35 @@ def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_
                 )
         elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/", "~")):
             raise FileNotFoundError(f"--model {model!r} is neither a pipeline folder nor a Hub id 'owner/name'.")
-        pipeline = ARPGPipeline.from_pretrained(model, dtype=dtype)
+        pipeline = read_pipeline(model, dtype)
     if pipeline_class is not None:
         pipeline = pipeline_class(**pipeline.components)
     if model_cpu_offload:  # on the pipeline that runs, so that it offloads again after every call
         pipeline.enable_model_cpu_offload(device=device)
         return pipeline
     return pipeline.to(device)
+
+
+def read_pipeline(model: str, dtype):
+    """`ARPGPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)`; a folder that cannot be read
+    (truncated or corrupt weights, pickles only, foreign classes) is one OSError naming it and what to do."""
+    from .pipeline_arpg import ARPGPipeline
+
+    try:
+        return ARPGPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        if isinstance(error, FileNotFoundError) or "HF_HUB_OFFLINE" in str(error):
+            raise
+        reason = " ".join(str(error).split())[:300]
+        raise OSError(
+            f"Cannot load the pipeline {model!r}: {type(error).__name__}: {reason}. Its weights must be complete "
+            "safetensors files written by save_pretrained or `arpg-hf convert`; re-download or re-convert it."
+        ) from error
+    except Exception as error:  # safetensors' and torch's own errors for corrupt files
+        raise OSError(
+            f"Cannot load the pipeline {model!r}: {type(error).__name__}: {' '.join(str(error).split())[:300]}. "
+            "Its weight files look damaged (truncated or corrupt); re-download or re-convert it."
+        ) from error
 
 
 def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Sequence[str]) -> list[int]:
@@ -134,41 +155,85 @@ def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
     return pipeline
 
 
-def write_images(pipeline, args: argparse.Namespace, make_images: Callable) -> list[str]:
+def check_output_dir(output_dir: str) -> None:
+    """`--output-dir` must be a folder path (existing or not), not a file."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output-dir {output_dir!r} is an existing file; pass a folder path (it is created).")
+
+
+def check_job_size(pipeline, args: argparse.Namespace, num_images: int, image_size: tuple[int, int],
+                   editing: bool = False) -> None:  # fmt: skip
+    """Refuses, before any work, a job whose batches of `--batch-size` images cannot fit in memory (the pipeline's
+    estimate), whose PNGs cannot fit on the disk of `--output-dir` (counted uncompressed, the most a PNG takes) or
+    whose `--grid` cannot fit in memory."""
+    from .memory import check_memory, format_bytes
+
+    height, width = image_size
+    factor = pipeline.vqvae.downsample_factor
+    grid_size = (height // factor, width // factor)
+    steps, _ = pipeline.default_sampling_settings(args.num_inference_steps, None, grid_size[0] * grid_size[1])
+    pipeline.check_memory(args.batch_size, grid_size, steps, encode=editing, advice="Lower --batch-size")
+    image_bytes = height * width * 3
+    existing = os.path.abspath(args.output_dir)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if num_images * image_bytes > free:
+        raise ValueError(
+            f"{num_images} images of {height}x{width} px can take up to {format_bytes(num_images * image_bytes)}, "
+            f"more than the {format_bytes(free)} free on the disk of --output-dir; ask for fewer images "
+            "(--num-images-per-class, classes) or write elsewhere."
+        )
+    if args.grid:
+        check_memory(2 * num_images * image_bytes, f"A --grid of {num_images} images", "Drop --grid or ask for fewer "
+                     "images", device="cpu")  # fmt: skip
+
+
+def write_images(pipeline, args: argparse.Namespace, make_images: Callable, image_size: tuple[int, int],
+                 editing: bool = False) -> list[str]:  # fmt: skip
     """Runs `make_images(labels, generators, negative_labels)` over the requested classes in batches and writes one
-    PNG per (class, repeat), plus grid.png with `--grid`; returns the written paths."""
+    PNG per (class, repeat), plus grid.png with `--grid`; returns the written paths.
+
+    Nothing is created before the first batch has been generated (the pipeline checks its arguments and memory
+    first); every PNG appears complete under its name or not at all (`arpg_hf.atomic_io`); labels and seeds are
+    computed per batch, so the job size costs no memory."""
     import torch
     from diffusers.utils import make_image_grid
 
+    from .atomic_io import remove_stale_staging, write_atomically
+
     classes = resolve_class_labels(pipeline, args.class_labels, args.class_names)
     negatives = resolve_negative_class_labels(pipeline, args, len(classes))
-    labels = [label for label in classes for _ in range(args.num_images_per_class)]
-    if negatives is not None:
-        negatives = [label for label in negatives for _ in range(args.num_images_per_class)]
-    os.makedirs(args.output_dir, exist_ok=True)
+    repeats = args.num_images_per_class
+    num_images = len(classes) * repeats
+    check_job_size(pipeline, args, num_images, image_size, editing)
     names = pipeline.id2label
-    images, paths = [], []
-    for start in range(0, len(labels), args.batch_size):
-        batch = labels[start : start + args.batch_size]
+    grid_images, paths = [], []
+    for start in range(0, num_images, args.batch_size):
+        indices = range(start, min(start + args.batch_size, num_images))
+        batch = [classes[index // repeats] for index in indices]
         # One CPU generator per image, seeded seed + image index: an image does not depend on the batch it is in,
         # and `pipe(labels, generator=[torch.Generator().manual_seed(seed + i) ...])` reproduces it in Python.
-        generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
-        batch_negatives = None if negatives is None else negatives[start : start + len(batch)]
-        for offset, (label, image) in enumerate(zip(batch, make_images(batch, generators, batch_negatives))):
-            index = start + offset
+        generators = [torch.Generator().manual_seed(args.seed + index) for index in indices]
+        batch_negatives = None if negatives is None else [negatives[index // repeats] for index in indices]
+        images = make_images(batch, generators, batch_negatives)
+        if start == 0:
+            os.makedirs(args.output_dir, exist_ok=True)
+        for index, label, image in zip(indices, batch, images):
             path = os.path.join(args.output_dir, f"{index:03d}_{label}_{_slug(names.get(label, str(label)))}.png")
-            image.save(path)
-            images.append(image)
+            remove_stale_staging(path)
+            write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
+            grid_images += [image] if args.grid else []
             paths.append(path)
             print(path)
     if args.grid:
-        columns = args.grid_columns or min(len(images), 8)
-        rows = -(-len(images) // columns)
-        blank = images[0].copy()
+        columns = args.grid_columns or min(len(grid_images), 8)
+        rows = -(-len(grid_images) // columns)
+        blank = grid_images[0].copy()
         blank.paste((255, 255, 255), (0, 0, *blank.size))
-        grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+        grid = make_image_grid(grid_images + [blank] * (rows * columns - len(grid_images)), rows=rows, cols=columns)
         path = os.path.join(args.output_dir, "grid.png")
-        grid.save(path)
+        write_atomically(path, lambda temporary: grid.save(temporary, format="PNG"))
         paths.append(path)
         print(path)
     return paths
@@ -187,7 +252,8 @@ def run_generate(args: argparse.Namespace) -> list[str]:
     def make_images(labels, generators, negatives):
         return pipeline(labels, generator=generators, negative_class_labels=negatives, **sampling_kwargs(args)).images
 
-    return write_images(pipeline, args, make_images)
+    config, factor = pipeline.transformer.config, pipeline.vqvae.downsample_factor
+    return write_images(pipeline, args, make_images, (config.grid_height * factor, config.grid_width * factor))
 
 
 # ------------------------------------------------------------------------------------------------- inpaint
@@ -223,7 +289,7 @@ def run_inpaint(args: argparse.Namespace) -> list[str]:
                         mask_coverage_threshold=args.mask_coverage_threshold, paste_back=args.paste_back,
                         position_mode=args.position_mode, **sampling_kwargs(args)).images  # fmt: skip
 
-    return write_images(pipeline, args, make_images)
+    return write_images(pipeline, args, make_images, (image.height, image.width), editing=True)
 
 
 def add_inpaint_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -280,6 +346,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser, default_output_dir: 
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
+    check_output_dir(args.output_dir)
     for name in ("num_images_per_class", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")

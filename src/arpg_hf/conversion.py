@@ -21,13 +21,12 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from .atomic_io import staged_folder
 from .checkpoint_utils import WRAPPER_KEYS, abbreviate, load_reference_state_dict, read_checkpoint_file
 from .configuration_arpg import ARPG_PRESETS, swiglu_intermediate_size
 from .model_card import create_model_card, recommended_sampling
@@ -368,20 +367,14 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
 
 
 def save_pipeline_folder(pipeline, output_dir: str, model_card=None, overwrite: bool = False) -> str:
-    """Writes a complete pipeline folder atomically: into a temporary sibling directory first, verified, then
-    renamed into place. An existing folder is replaced only with `overwrite` (and only once the new one is complete).
-    """
+    """Writes a complete pipeline folder atomically: into a hidden staging folder beside it first, verified, then
+    renamed into place (`arpg_hf.atomic_io.staged_folder`). An existing folder is replaced only with `overwrite` (and
+    only once the new one is complete); the staging folders of interrupted runs are removed."""
     from safetensors.torch import load_file
 
     check_output_dir(output_dir, overwrite)
     output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder gets the usual permissions
-    try:
+    with staged_folder(output_dir, overwrite=overwrite) as staging:
         pipeline.save_pretrained(staging, safe_serialization=True)
         if model_card is not None:
             model_card.save(os.path.join(staging, "README.md"))
@@ -396,16 +389,6 @@ def save_pipeline_folder(pipeline, output_dir: str, model_card=None, overwrite: 
             bad = [k for k, v in expected.items() if k not in written or not torch.equal(written[k], v.cpu())]
             if bad:
                 raise RuntimeError(f"Verification of the written {component} failed for {abbreviate(bad)}.")
-        if os.path.isdir(output_dir):
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.replaced-", dir=parent)
-            os.rename(output_dir, os.path.join(retired, "old"))
-            os.rename(staging, output_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import tempfile
@@ -15,20 +16,23 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
 from .configuration_arpg import ARPGConfig
+from .atomic_io import carry_over, staged_folder
 from .labels import build_label2id, get_label_ids, imagenet_id2label
+from .memory import check_memory, generation_memory, vq_decoding_memory
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders, run_offload_hook
 from .random_utils import draw_uniform
 from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
 from .saved_folders import (
-    config_json, download_pipeline_folder, is_package_class, package_module_names, shim_module_names,
-    write_import_shims,
+    config_json, download_pipeline_folder, is_package_class, is_weights_of_variant, package_module_names,
+    shim_module_names, write_import_shims,
 )  # fmt: skip
 from .scheduling_arpg import ARPGScheduler
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 DEFAULT_NUM_INFERENCE_STEPS = 64
 DEFAULT_GUIDANCE_SCALE = 4.0
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -71,6 +75,18 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
             f"{suggestion}."
         )
     return int(height) // downsample_factor, int(width) // downsample_factor
+
+
+def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> None:
+    """ValueError unless `guidance_scale` is a finite number >= 0 that float32 (the logits' dtype) can hold."""
+    in_range = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool) and (
+        math.isfinite(guidance_scale) and 0 <= guidance_scale <= FLOAT32_MAX
+    )
+    if not in_range:
+        raise ValueError(
+            f"{name} must be a number >= 0, finite and at most {FLOAT32_MAX:.3g} (it scales float32 logits), got "
+            f"{guidance_scale!r}; the published models use 4 to 7.5."
+        )
 
 
 def check_num_inference_steps(num_inference_steps, num_tokens: int) -> None:
@@ -159,6 +175,31 @@ class ARPGPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             return list(callback_on_step_end.tensor_inputs)
         return list(callback_on_step_end_tensor_inputs)
+
+    def check_memory(self, batch_size: int, grid_size: tuple[int, int], num_inference_steps: int,
+                     num_known: int = 0, encode: bool = False, advice: str = "Use a smaller batch or canvas") -> None:  # fmt: skip
+        """Raises [`~arpg_hf.memory.InsufficientMemoryError`] (a `MemoryError` and a `ValueError`), before anything is
+        allocated, when a call on `batch_size` images of `grid_size` tokens would need more memory than it may use
+        (see `arpg_hf.memory`: the estimate, the budget and `ARPG_HF_MAX_MEMORY`).
+
+        Args:
+            num_known (`int`, *optional*): tokens of each canvas that are given (editing); the others are generated.
+            encode (`bool`, *optional*): the call also encodes one canvas image with the VQ tokenizer (editing).
+            advice (`str`, *optional*): what to change, for the message.
+        """
+        rows, cols = grid_size
+        num_tokens = rows * cols - num_known
+        steps = min(num_inference_steps, num_tokens)
+        largest_step = max(self.scheduler.tokens_per_step_for(steps, num_tokens)) if num_tokens > 0 else 0
+        required = generation_memory(self, batch_size, grid_size, largest_step, num_known)
+        if encode:  # the encoder's activations at full resolution are about the decoder's
+            factor = self.vqvae.downsample_factor
+            required = max(required, vq_decoding_memory(self.vqvae, 1, rows * factor, cols * factor))
+        height, width = rows * self.vqvae.downsample_factor, cols * self.vqvae.downsample_factor
+        check_memory(
+            required, f"Generating {batch_size} image(s) of {height}x{width} px ({rows}x{cols} tokens)",
+            advice, device=self._execution_device,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ class names
     @property
@@ -249,13 +290,19 @@ class ARPGPipeline(DiffusionPipeline):
         """`DiffusionPipeline.save_pretrained` (every component honours `variant`, `safe_serialization` and
         `max_shard_size`), plus the import shims that generic loaders need. With `push_to_hub=True` the folder is
         uploaded with an ARPG model card, as [`~ARPGPipeline.push_to_hub`] does; `repo_id` (default: the folder's
-        name), `commit_message`, `private`, `token` and `create_pr` go with it."""
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
-                                max_shard_size=max_shard_size)  # fmt: skip
-        write_import_shims(save_directory, [type(self)])
-        for name, component in self.components.items():
-            if is_package_class(type(component)):  # our models and scheduler (each in the folder of its name)
-                write_import_shims(os.path.join(save_directory, name), [type(component)])
+        name), `commit_message`, `private`, `token` and `create_pr` go with it.
+
+        The folder appears complete or not at all: it is written into a hidden staging folder beside
+        `save_directory` and renamed into place (see `arpg_hf.atomic_io`). Saving into an existing folder keeps what
+        a save in place would keep (the weights of other variants, the model card, other files)."""
+        with staged_folder(save_directory) as staging:
+            super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant,
+                                    max_shard_size=max_shard_size)  # fmt: skip
+            write_import_shims(staging, [type(self)])
+            for name, component in self.components.items():
+                if is_package_class(type(component)):  # our models and scheduler (each in the folder of its name)
+                    write_import_shims(os.path.join(staging, name), [type(component)])
+            carry_over(save_directory, staging, skip=lambda path: is_weights_of_variant(path, variant))
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             return self._upload_with_card(save_directory, repo_id, **kwargs)
@@ -340,8 +387,7 @@ class ARPGPipeline(DiffusionPipeline):
         check_class_labels(class_labels, self.transformer.config.num_classes)
         grid_height, grid_width = self.token_grid_size(height, width)
         check_num_inference_steps(num_inference_steps, grid_height * grid_width)
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        check_guidance_scale(guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if position_mode not in POSITION_MODES:
@@ -486,6 +532,11 @@ class ARPGPipeline(DiffusionPipeline):
                 conditional, unconditional = logits.chunk(2)
                 scale = scheduler.guidance_scale_for_step(step_index, guidance_scale)
                 guided = unconditional + (conditional - unconditional) * scale
+                if not bool(torch.isfinite(guided).all()):
+                    raise ValueError(
+                        f"guidance_scale={guidance_scale!r} overflows the float32 logits at step {step_index} (scale "
+                        f"{scale:.3g}); use a smaller guidance scale (the published models use 4 to 7.5)."
+                    )
                 sampled = self._sample(guided, step_index, generator, temperature, top_k, top_p)  # (B, n)
                 tokens.scatter_(1, positions, sampled)
                 if callback_on_step_end is not None:
@@ -619,6 +670,7 @@ class ARPGPipeline(DiffusionPipeline):
                           callback_on_step_end_tensor_inputs, height, width, position_mode)  # fmt: skip
         if isinstance(generator, list) and len(generator) != labels.shape[0]:
             raise ValueError(f"Got {len(generator)} generators for {labels.shape[0]} images; pass one per image.")
+        self.check_memory(labels.shape[0], grid_size, num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, num_tokens, device=device)
         orders = self.prepare_orders(orders, labels.shape[0], generator, device, num_tokens=num_tokens)
         tokens = self.generate_tokens(

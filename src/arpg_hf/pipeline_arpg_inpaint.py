@@ -18,7 +18,7 @@ from diffusers.utils import logging
 
 from .editing_utils import check_coverage_threshold, mask_processor, preprocess_mask, token_mask_from_pixel_mask
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels
-from .pipeline_arpg import OUTPUT_TYPES, ARPGPipeline, canvas_grid_size
+from .pipeline_arpg import OUTPUT_TYPES, ARPGPipeline, canvas_grid_size, check_guidance_scale
 from .rotary_2d import POSITION_MODES
 from .scheduling_arpg import ARPGScheduler
 from .vq_model import ARPGVQModel
@@ -80,8 +80,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}.")
+        check_guidance_scale(guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if position_mode not in POSITION_MODES:
@@ -286,9 +285,12 @@ class ARPGInpaintPipeline(ARPGPipeline):
         device = self._execution_device
         negative_labels = self.prepare_negative_class_labels(negative_class_labels, labels.shape[0], device)
         batch_size = labels.shape[0]
+        token_mask = token_mask_from_pixel_mask(pixel_mask, factor, mask_coverage_threshold).flatten(1).to(device)
+        most_unknown = int(token_mask.sum(dim=1).max())  # the largest group decoded together
+        self.check_memory(batch_size, grid_size, num_inference_steps, num_known=token_mask.shape[1] - most_unknown,
+                          encode=True)  # fmt: skip
         encoded = self.encode_image(pixels).to(device).expand(batch_size, -1)  # (B, L)
         pixels = pixels.expand(batch_size, -1, -1, -1)  # (B, 3, H, W)
-        token_mask = token_mask_from_pixel_mask(pixel_mask, factor, mask_coverage_threshold).flatten(1).to(device)
         sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = self.inpaint_tokens(
             labels.to(device), encoded, token_mask, orders, num_inference_steps, generator, grid_size, sampling,

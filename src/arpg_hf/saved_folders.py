@@ -19,8 +19,9 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from typing import Any, Iterable
+
+from .atomic_io import write_text_atomically
 
 PACKAGE = "arpg_hf"
 
@@ -62,20 +63,6 @@ def shim_name(cls: type) -> str:
 
 def is_package_class(cls: type) -> bool:
     return cls.__module__.split(".")[0] == PACKAGE
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary sibling and `os.replace`: readers see the old or the new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def write_import_shims(folder: str | os.PathLike, classes: Iterable[type]) -> None:
@@ -130,6 +117,13 @@ def _is_component_entry(value) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the Hub
+
+
+def is_weights_of_variant(relative_path: str, variant: str | None) -> bool:
+    """Whether a file of a pipeline folder holds weights (or their shard index) of `variant` (None: the default)."""
+    base = os.path.basename(relative_path)
+    match = _WEIGHTS.match(base) or _INDEX.match(base)
+    return match is not None and match["variant"] == variant
 
 
 def pipeline_files(

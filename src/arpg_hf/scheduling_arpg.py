@@ -127,6 +127,17 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
         """
         num_inference_steps = _as_int(num_inference_steps, "num_inference_steps")
         num_tokens = _as_int(num_tokens, "num_tokens")
+        tokens_per_step = self.tokens_per_step_for(num_inference_steps, num_tokens)
+        self.num_inference_steps = num_inference_steps
+        self.num_tokens = num_tokens
+        self.tokens_per_step = tokens_per_step
+        offsets = np.cumsum([0] + tokens_per_step).tolist()
+        self.step_boundaries = list(zip(offsets[:-1], offsets[1:]))
+        self.timesteps = torch.arange(num_inference_steps, dtype=torch.long, device=device)
+
+    def tokens_per_step_for(self, num_inference_steps: int, num_tokens: int) -> list[int]:
+        """How many tokens each of `num_inference_steps` steps decodes out of `num_tokens` (see `set_timesteps`),
+        without changing the scheduler."""
         if num_tokens < 1:
             raise ValueError(f"`num_tokens` must be >= 1, got {num_tokens}.")
         if not 1 <= num_inference_steps <= num_tokens:
@@ -144,13 +155,7 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
                 count = min(remaining - mask_len, remaining - (num_inference_steps - k - 1))
             tokens_per_step.append(count)
             done += count
-
-        self.num_inference_steps = num_inference_steps
-        self.num_tokens = num_tokens
-        self.tokens_per_step = tokens_per_step
-        offsets = np.cumsum([0] + tokens_per_step).tolist()
-        self.step_boundaries = list(zip(offsets[:-1], offsets[1:]))
-        self.timesteps = torch.arange(num_inference_steps, dtype=torch.long, device=device)
+        return tokens_per_step
 
     def finish_at(self, step_index: int) -> None:
         """Makes `step_index` the last step: it decodes every token not decoded before it (what a pipeline does when a

@@ -161,8 +161,9 @@ def _api(model: DemoModel) -> None:
     """`/generate`: (class label index, steps, guidance scale, seed) -> one image at the model's resolution."""
     steps, guidance = model.recommended
     with gr.Group(visible=False):
-        inputs = [gr.Number(0, precision=0, label="class_label"), gr.Number(steps, precision=0, label="steps"),
-                  gr.Number(guidance, label="guidance_scale"), gr.Number(0, precision=0, label="seed")]  # fmt: skip
+        # No rounding (precision): a non-integer class, step count or seed is an error, not another value.
+        inputs = [gr.Number(0, label="class_label"), gr.Number(steps, label="steps"),
+                  gr.Number(guidance, label="guidance_scale"), gr.Number(0, label="seed")]  # fmt: skip
         output = gr.Image(type="pil", format="png", label="image")
         trigger = gr.Button("generate")
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..editing_utils import token_mask_from_pixel_mask
+from ..pipeline_arpg import check_guidance_scale
 from ..pipeline_arpg_inpaint import ARPGInpaintPipeline
 from ..scheduling_arpg import ARPGScheduler
 from .rendering import display_scale, order_map, render_partial_tokens, stream_decoding
@@ -81,8 +82,7 @@ class DemoModel:
         ]  # fmt: skip
         for value, low, high, name in checks:
             _check_integer(value, low, high, name)
-        if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:
-            raise ValueError(f"The guidance scale must be a number >= 0, got {guidance_scale!r}.")
+        check_guidance_scale(guidance_scale, name="The guidance scale")  # finite, >= 0, within float32
         if token_schedule not in TOKEN_SCHEDULES:
             raise ValueError(f"The token schedule must be one of {TOKEN_SCHEDULES}, got {token_schedule!r}.")
         return int(class_index), int(steps), float(guidance_scale), int(seed), token_schedule, int(num_images)
