@@ -7,7 +7,9 @@
 The widely shared layout of pre-tokenized ImageNet: NPY_DIR/<class>/<image>.npy, one folder per class (named by the
 class index, 0 .. 999, or by any name, then sorted), each array of shape (1, n_crops, tokens) (ten crops: n_crops = 10),
 (n_crops, tokens) or (tokens,). The output is the format `pipelines/tokenize_dataset.py` writes: parquet shards
-`data/train-*.parquet` of rows {"codes": (n_crops, tokens), "label": ClassLabel} and `tokenizer_info.json`.
+`data/train-*.parquet` of rows {"codes": (n_crops, tokens), "label": ClassLabel} and `tokenizer_info.json`. Every file
+is written under a hidden temporary name and renamed into place; a finished shard is kept, so rerunning the same
+command resumes an interrupted import.
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from arpg_hf.atomic_io import write_atomically
 from arpg_hf.optional_dependencies import require
-from arpg_hf.token_dataset import DATA_SUBDIR, TokenDatasetInfo, shard_path, token_features
+from arpg_hf.token_dataset import (
+    DATA_SUBDIR,
+    TokenDatasetInfo,
+    check_shard_count,
+    remove_staging_leftovers,
+    shard_path,
+    token_features,
+)
 
 
 def parse_args(argv=None):
@@ -36,7 +47,10 @@ def parse_args(argv=None):
                         help='"imagenet" (ImageNet-1k names) or a text file with one name per line; default: the '
                         "folder names.")  # fmt: skip
     parser.add_argument("--shard_size", type=int, default=50000)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.shard_size < 1:
+        parser.error("--shard_size must be positive.")
+    return args
 
 
 def list_classes(npy_dir: str) -> list[tuple[int, str, list[str]]]:
@@ -119,7 +133,10 @@ def main(args) -> None:
     height, width = grid_of(num_tokens, args.grid_height, args.grid_width)
     features = token_features(n_crops, num_tokens, names, codebook_size)
     num_shards = math.ceil(len(items) / args.shard_size)
+    check_shard_count(args.output_dir, num_shards, f"--shard_size {args.shard_size}",
+                      "repeat the original --npy_dir and --shard_size to resume that import")  # fmt: skip
     os.makedirs(os.path.join(args.output_dir, DATA_SUBDIR), exist_ok=True)
+    remove_staging_leftovers(args.output_dir)
     progress = tqdm(total=len(items), desc="importing", unit="img")
     for shard in range(num_shards):
         chunk = items[shard * args.shard_size : (shard + 1) * args.shard_size]
@@ -139,8 +156,7 @@ def main(args) -> None:
         rows = datasets.Dataset.from_dict(
             {"codes": codes.astype(features["codes"].dtype), "label": [label for _, label in chunk]}, features=features
         )
-        rows.to_parquet(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomically(path, rows.to_parquet)
         progress.update(len(chunk))
     progress.close()
     TokenDatasetInfo(
@@ -152,4 +168,7 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from arpg_hf.cli import run_guarded
+
+    arguments = parse_args()
+    sys.exit(run_guarded(lambda: main(arguments), prog="pipelines/import_npy_tokens.py"))

@@ -9,7 +9,11 @@ steps and guidance. Sample i has class `classes[i // num_samples_per_class]` and
 (--seed, i), with its own decoding order, so every image depends only on its index and the settings, not on the number
 of processes (with --batch_size 1 bit for bit; batched kernels may move a pixel by one level through float
 round-off, which no metric sees). Processes take every world_size-th index (the class list spreads evenly);
-finished PNGs are skipped, so rerunning the same command resumes an interrupted job. Output:
+finished PNGs are skipped, so rerunning the same command resumes an interrupted job. Every file is written under a
+hidden temporary name and renamed into place (a PNG or .npz that exists is complete), and the hidden leftovers of a
+killed run are removed by the next one. Labels and seeds are computed batch by batch and the .npz is written image by
+image, so memory does not grow with the number of samples; a run whose PNGs and .npz would not fit on the output
+disk is refused before anything is drawn or created. Output:
 
     OUTPUT_DIR/samples/000000.png ...   one PNG per sample
     OUTPUT_DIR/samples.npz              arr_0: uint8 (N, H, W, 3), arr_1: class labels (N,)   (ADM sample batch)
@@ -22,9 +26,15 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shutil
+import sys
+from typing import Iterator
 
 import numpy as np
 import torch
+
+from arpg_hf.atomic_io import PARTIAL, remove_stale_staging, write_atomically, write_text_atomically
 
 SETTINGS_FILE = "sampling_settings.json"
 SEED_RULE = "image i: torch.Generator().manual_seed(SeedSequence([seed, i]).generate_state(1, uint64)[0] >> 1)"
@@ -34,6 +44,11 @@ SAMPLES_SUBDIR = "samples"
 IMAGE_SETTINGS = ("model", "classes", "num_samples_per_class", "num_samples", "seed", "seed_rule",
                   "num_inference_steps", "guidance_scale", "scheduler", "temperature", "top_k", "top_p", "dtype",
                   "image_size")  # fmt: skip
+# Temporary names of earlier versions of this script (visible names): removed like our hidden leftovers.
+LEGACY_TEMPORARY = re.compile(
+    r"^(\d{6,}\.png\.tmp\.png|samples\.npz\.tmp-\d+\.npz|sampling_settings\.json\.tmp-\d+)$"
+)
+LABEL_CHUNK = 1 << 16  # labels written to the .npz per chunk
 
 
 def parse_args(argv=None):
@@ -62,9 +77,25 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def sample_classes(classes: list[int], num_samples_per_class: int) -> list[int]:
-    """The class of every sample index, class-major: [c0] * n + [c1] * n + ..."""
-    return [label for label in classes for _ in range(num_samples_per_class)]
+def sample_class(classes: list[int], num_samples_per_class: int, index: int) -> int:
+    """The class of sample `index`, class-major: indices [0, n) are classes[0], [n, 2n) classes[1], ..."""
+    return classes[index // num_samples_per_class]
+
+
+def pending_batches(output_dir: str, indices: range, batch_size: int, progress) -> Iterator[list[int]]:
+    """Batches of at most `batch_size` of `indices` whose PNG is missing, computed lazily (a finished PNG counts
+    towards `progress` as it is passed)."""
+    batch = []
+    for index in indices:
+        if os.path.isfile(sample_path(output_dir, index)):
+            progress.update(1)
+            continue
+        batch.append(index)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def sample_path(output_dir: str, index: int) -> str:
@@ -126,46 +157,124 @@ def check_resume(output_dir: str, settings: dict) -> None:
 
 
 def write_json(path: str, content: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(content, file, indent=2)
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(content, indent=2))
+
+
+def npz_arrays(settings: dict) -> dict:
+    """`name -> (shape, dtype)` of the ADM sample batch: arr_0 uint8 images (N, H, W, 3), arr_1 int64 labels (N,)."""
+    height, width = settings["image_size"]
+    num_samples = settings["num_samples"]
+    return {"arr_0": ((num_samples, height, width, 3), np.uint8), "arr_1": ((num_samples,), np.int64)}
+
+
+def nearest_existing_folder(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_disk_space(output_dir: str, settings: dict) -> None:
+    """ValueError, before anything is drawn or created, when the PNGs still to draw and the .npz would not fit in the
+    free space of the output folder's disk. The .npz size is exact (uncompressed); a PNG is counted at its uncompressed
+    size, an upper bound (PNG compression only makes it smaller, up to a few header bytes). The .npz is written image by
+    image from the PNGs, so memory does not grow with the number of samples and needs no check here (the pipeline
+    checks the memory of each batch itself)."""
+    from arpg_hf.memory import format_bytes
+    from arpg_hf.metrics.sample_batch import npz_size
+
+    height, width = settings["image_size"]
+    num_samples = settings["num_samples"]
+    samples_dir = os.path.join(output_dir, SAMPLES_SUBDIR)
+    done = 0
+    if os.path.isdir(samples_dir):  # a resumed run: the PNGs already drawn take no new space
+        with os.scandir(samples_dir) as entries:
+            done = sum(1 for entry in entries if not entry.name.startswith(".") and entry.name.endswith(".png"))
+    raw = height * width * 3
+    # A PNG's worst case: the raw pixels, a filter byte per row, zlib's and the chunks' headers (~1 in 1000), ~128 B.
+    pngs = max(num_samples - done, 0) * (raw + height + raw // 1000 + 128)
+    npz = npz_size(npz_arrays(settings))
+    folder = nearest_existing_folder(output_dir)
+    free = shutil.disk_usage(folder).free
+    if npz + pngs > free:
+        raise ValueError(
+            f"{num_samples:,} samples ({settings['num_samples_per_class']:,} per class x {len(settings['classes'])} "
+            f"classes) of {height}x{width} px need about {format_bytes(npz + pngs)} on disk ({format_bytes(npz)} for "
+            f"{NPZ_FILE}, up to {format_bytes(pngs)} for the PNGs still to draw), but {folder} has "
+            f"{format_bytes(free)} free. Lower --num_samples_per_class (or pass fewer --class_ids), or choose an "
+            "--output_dir on a disk with more space."
+        )
+
+
+def remove_leftovers(output_dir: str) -> None:
+    """Removes what killed runs left: our hidden temporary files (`.NAME.partial-*`, see arpg_hf.atomic_io) and the
+    visible temporary names of earlier versions. Only the main process calls this, before any process writes."""
+    for folder in (output_dir, os.path.join(output_dir, SAMPLES_SUBDIR)):
+        if not os.path.isdir(folder):
+            continue
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries if entry.name.startswith(".") or ".tmp" in entry.name]
+        for name in names:
+            if name.startswith(".") and PARTIAL in name:
+                remove_stale_staging(os.path.join(folder, name[1 : name.index(PARTIAL)]))
+            elif LEGACY_TEMPORARY.match(name):
+                os.remove(os.path.join(folder, name))
 
 
 @torch.no_grad()
-def sample_indices(pipe, indices: list[int], labels: list[int], settings: dict, batch_size: int, progress) -> None:
-    """Draws and saves the samples `indices` (their classes in `labels`), `batch_size` images per call."""
-    output_dir = settings["output_dir"]
-    for start in range(0, len(indices), batch_size):
-        batch = indices[start : start + batch_size]
+def sample_indices(pipe, batches, settings: dict, progress) -> int:
+    """Draws and saves the samples of every batch of indices; returns how many it drew."""
+    output_dir, classes, per_class = settings["output_dir"], settings["classes"], settings["num_samples_per_class"]
+    drawn = 0
+    for batch in batches:
         # CPU generators: the same draws whatever device the model runs on.
         generators = [torch.Generator().manual_seed(sample_seed(settings["seed"], i)) for i in batch]
         images = pipe(
-            [labels[i] for i in batch], num_inference_steps=settings["num_inference_steps"],
+            [sample_class(classes, per_class, i) for i in batch], num_inference_steps=settings["num_inference_steps"],
             guidance_scale=settings["guidance_scale"], generator=generators, temperature=settings["temperature"],
             top_k=settings["top_k"], top_p=settings["top_p"],
         ).images  # fmt: skip
         for index, image in zip(batch, images):
-            path = sample_path(output_dir, index)
-            image.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)  # a PNG that exists is complete
+            # A PNG that exists is complete: written to a hidden temporary sibling, then renamed.
+            write_atomically(sample_path(output_dir, index), lambda temporary: image.save(temporary, format="PNG"))
         progress.update(len(batch))
+        drawn += len(batch)
+    return drawn
 
 
-def write_npz(output_dir: str, labels: list[int]) -> str:
-    """Collects every PNG into the ADM sample batch (arr_0 images, arr_1 labels)."""
+def write_npz(output_dir: str, settings: dict) -> str:
+    """Collects every PNG into the ADM sample batch (arr_0 images, arr_1 labels), one image at a time."""
     from PIL import Image
 
-    from arpg_hf.metrics.sample_batch import check_image_array
+    from arpg_hf.metrics.sample_batch import save_npz_streaming
+    from arpg_hf.token_dataset import error_reason
 
-    images = []
-    for index in range(len(labels)):
-        with Image.open(sample_path(output_dir, index)) as image:
-            images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    (shape, _), (label_shape, _) = npz_arrays(settings).values()
+    classes, per_class = settings["classes"], settings["num_samples_per_class"]
+
+    def images():
+        for index in range(settings["num_samples"]):
+            path = sample_path(output_dir, index)
+            try:
+                with Image.open(path) as image:
+                    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            except FileNotFoundError:
+                raise ValueError(f"{path} is missing; rerun the same command to draw it.") from None
+            except Exception as error:  # noqa: BLE001 - PIL raises many types on a damaged file
+                raise ValueError(f"{path} cannot be read ({error_reason(error)}); delete it and rerun the same command "
+                                 "to draw it again.") from None  # fmt: skip
+            if array.shape != shape[1:]:
+                raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]} px, but the samples are {shape[2]}x"
+                                 f"{shape[1]}; delete it and rerun the same command to draw it again.")  # fmt: skip
+            yield array[None]
+
+    def labels():
+        for start in range(0, settings["num_samples"], LABEL_CHUNK):
+            indices = np.arange(start, min(start + LABEL_CHUNK, settings["num_samples"]))
+            yield np.asarray(classes, dtype=np.int64)[indices // per_class]
+
     path = os.path.join(output_dir, NPZ_FILE)
-    temporary = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(temporary, arr_0=check_image_array(np.stack(images)), arr_1=np.asarray(labels, dtype=np.int64))
-    os.replace(temporary, path)
+    save_npz_streaming(path, {"arr_0": (shape, np.uint8, images()), "arr_1": (label_shape, np.int64, labels())})
     return path
 
 
@@ -174,28 +283,42 @@ def main(args) -> dict:
     from tqdm.auto import tqdm
 
     accelerator = Accelerator()
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} is a file; pass a folder (new or of an earlier run).")
     pipe = load_sampling_pipeline(args, accelerator.device)
     settings = sampling_settings(args, pipe, accelerator.num_processes)
     check_resume(args.output_dir, settings)
-    os.makedirs(os.path.join(args.output_dir, SAMPLES_SUBDIR), exist_ok=True)
-    accelerator.wait_for_everyone()
+    check_disk_space(args.output_dir, settings)
+    # The memory of one batch (the pipeline checks it on every call too): a --batch_size that does not fit is refused
+    # before anything is created, with one line naming the estimate and the budget.
+    config = pipe.transformer.config
+    pipe.check_memory(min(args.batch_size, settings["num_samples"]), (config.grid_height, config.grid_width),
+                      settings["num_inference_steps"])  # fmt: skip
+    # Everything is validated: only now is anything written.
     if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, SAMPLES_SUBDIR), exist_ok=True)
+        remove_leftovers(args.output_dir)
         write_json(os.path.join(args.output_dir, SETTINGS_FILE), settings)
-    labels = sample_classes(settings["classes"], args.num_samples_per_class)
-    mine = range(accelerator.process_index, len(labels), accelerator.num_processes)
-    todo = [i for i in mine if not os.path.isfile(sample_path(args.output_dir, i))]
-    progress = tqdm(total=len(todo), desc=f"sampling (process {accelerator.process_index})", unit="img",
+    accelerator.wait_for_everyone()
+    mine = range(accelerator.process_index, settings["num_samples"], accelerator.num_processes)
+    progress = tqdm(total=len(mine), desc=f"sampling (process {accelerator.process_index})", unit="img",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    sample_indices(pipe, todo, labels, {**settings, "output_dir": args.output_dir}, args.batch_size, progress)
-    progress.close()
+    try:
+        batches = pending_batches(args.output_dir, mine, args.batch_size, progress)
+        drawn = sample_indices(pipe, batches, {**settings, "output_dir": args.output_dir}, progress)
+    finally:
+        progress.close()  # before any error message, which then has a line of its own
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = write_npz(args.output_dir, labels)
-        print(f"{len(labels)} samples ({len(todo)} new on process 0) -> {path}")
+        path = write_npz(args.output_dir, settings)
+        print(f"{settings['num_samples']} samples ({drawn} new on process 0) -> {path}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return settings
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    from arpg_hf.cli import run_guarded
+
+    arguments = parse_args()
+    sys.exit(run_guarded(lambda: main(arguments), prog="pipelines/sample_fid.py"))

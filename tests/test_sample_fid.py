@@ -30,7 +30,7 @@ def test_seeds_and_classes_depend_on_the_global_index_only():
     seeds = [sample_fid.sample_seed(0, i) for i in range(1000)] + [sample_fid.sample_seed(1, i) for i in range(1000)]
     assert len(set(seeds)) == 2000 and sample_fid.sample_seed(0, 5) == seeds[5]
     assert sample_fid.sample_seed(1, 0) != sample_fid.sample_seed(0, 1)  # no seed + index collisions
-    assert sample_fid.sample_classes([3, 7], 2) == [3, 3, 7, 7]
+    assert [sample_fid.sample_class([3, 7], 2, i) for i in range(4)] == [3, 3, 7, 7]
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,48 @@ def test_evaluate_pipeline_without_inception_weights_offline_is_a_clear_error(si
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1
     assert "process is offline" in result.stderr and "ARPG_HF_INCEPTION_WEIGHTS" in result.stderr
+
+
+def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identically(tmp_path, monkeypatch):
+    """10 runs killed at random times in one folder (each resumes the last), then one to the end: no visible PNG, npz
+    or JSON is ever incomplete, and the result equals an uninterrupted run (batch size 1: bit for bit)."""
+    from tests import fault_injection
+    from tests.test_tokenize_dataset import timed_run
+
+    args = ["--num_samples_per_class", "6", "--batch_size", "1", "--num_inference_steps", "4"]  # 10 classes: 60
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def command(out):
+        return [sys.executable, str(ROOT / "pipelines" / "sample_fid.py"), "--output_dir", str(out), *args]
+
+    out, kill_after, progress = tmp_path / "killed", fault_injection.kill_after, []
+
+    def pngs():
+        # Visible PNGs only (pathlib's glob also matches hidden names: the staging files of a killed run).
+        return sum(not p.name.startswith(".") for p in (out / "samples").glob("*.png")) if out.is_dir() else 0
+
+    def kill_and_count(*arguments, **kwargs):
+        before = pngs()
+        killed = kill_after(*arguments, **kwargs)
+        progress.append((killed, pngs() - before))
+        return killed
+
+    reference = tmp_path / "reference"
+    startup, duration = timed_run(command(reference), reference / "samples", "*.png", env)
+    monkeypatch.setattr(fault_injection, "kill_after", kill_and_count)
+    max_delay = startup + 0.6 * (duration - startup)  # the drawing outlasts one run: kills keep landing among writes
+    report = fault_injection.random_kills(command(out), out, runs=10, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
+    during_writes = sum(1 for killed, new in progress if killed and new > 0)
+    print(f"\nsample_fid: {report.kills} kills ({during_writes} while PNGs were being written), {report.finished} "
+          f"runs finished first, {len(report.half_written)} half-written files; start-up {startup:.1f} s of "
+          f"{duration:.1f} s, PNGs written per run {[n for _, n in progress]}")
+    assert report.half_written == []
+    subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=240, cwd=ROOT)
+    assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []  # the leftovers of the killed runs are gone
+    assert sorted(os.listdir(out / "samples")) == [f"{i:06d}.png" for i in range(60)]
+    with np.load(reference / "samples.npz") as expected, np.load(out / "samples.npz") as got:
+        assert np.array_equal(expected["arr_0"], got["arr_0"]) and np.array_equal(expected["arr_1"], got["arr_1"])
+    settings = [json.loads((folder / "sampling_settings.json").read_text()) for folder in (reference, out)]
+    assert [{k: s[k] for k in sample_fid.IMAGE_SETTINGS} for s in settings] == 2 * [
+        {k: settings[0][k] for k in sample_fid.IMAGE_SETTINGS}
+    ]

@@ -146,6 +146,7 @@ def test_import_rejects_inconsistent_files(tmp_path):
         import_npy_tokens.main(args)
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_split_the_shards_and_write_the_same_rows(tokens, tmp_path):
     images, single = tokens
     out = tmp_path / "ddp"
@@ -162,3 +163,72 @@ def test_two_processes_split_the_shards_and_write_the_same_rows(tokens, tmp_path
     expected, got = load_token_dataset(single)[0], load_token_dataset(out)[0]
     assert expected["label"] == got["label"]
     assert np.array_equal(expected.with_format("numpy")[:]["codes"], got.with_format("numpy")[:]["codes"])
+
+
+def timed_run(command, folder: Path, pattern: str, env) -> tuple[float, float]:
+    """Runs `command` to the end; returns when the first file matching `pattern` appeared under `folder` (the start-up
+    time: imports, loading) and the whole run time, in seconds."""
+    import time
+
+    start, first = time.monotonic(), None
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while process.poll() is None:
+        if first is None and folder.is_dir() and any(not p.name.startswith(".") for p in folder.glob(pattern)):
+            first = time.monotonic() - start
+        time.sleep(0.02)
+    assert process.returncode == 0, process.stderr.read()[-3000:]
+    total = time.monotonic() - start
+    return (first if first is not None else total), total
+
+
+@pytest.mark.slow  # ~60 s: one timed run, 8 runs killed at random times, one rerun to the end
+def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identically(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from tests import fault_injection
+
+    images = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=80)  # 241 shards of 1 image
+    (images / "b" / "zz.png").write_text("not an image")  # skipped: its record is written beside the shards
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "killed"
+
+    def command(out):
+        return [sys.executable, str(ROOT / "pipelines" / "tokenize_dataset.py"), "--image_dir", str(images),
+                "--vqvae", TINY_PIPELINE, "--output_dir", str(out), "--resolution", "8", "--ten_crop",
+                "--shard_size", "1", "--skip_bad_images", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+
+    def shards():
+        # Visible shards only (pathlib's glob also matches hidden names: the staging files of a killed run).
+        return sorted(p for p in (out / "data").glob("*.parquet") if not p.name.startswith(".")) if out.is_dir() else []
+
+    kill_after, progress, broken = fault_injection.kill_after, [], []
+
+    def kill_and_check(*args, **kwargs):  # fault_injection reads no parquet: every visible shard must read completely
+        before = len(shards())
+        killed = kill_after(*args, **kwargs)
+        for shard in shards():
+            try:
+                pq.read_table(shard)
+            except Exception as error:  # noqa: BLE001
+                broken.append(f"{shard.name}: {type(error).__name__}: {error}")
+        progress.append((killed, len(shards()) - before))
+        return killed
+
+    startup, duration = timed_run(command(tmp_path / "reference"), tmp_path / "reference" / "data", "*.parquet", env)
+    monkeypatch.setattr(fault_injection, "kill_after", kill_and_check)
+    # Kills uniformly in [0, start-up + half the writing], in the same folder: each run resumes the last, and the
+    # writing outlasts any one run, so that kills keep landing among the writes.
+    max_delay = startup + 0.5 * (duration - startup)
+    report = fault_injection.random_kills(command(out), out, runs=8, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
+    during_writes = sum(1 for killed, new in progress if killed and new > 0)
+    print(f"\ntokenize_dataset: {report.kills} kills ({during_writes} while shards were being written), "
+          f"{report.finished} runs finished first, {len(report.half_written) + len(broken)} half-written files; "
+          f"start-up {startup:.1f} s of {duration:.1f} s, shards written per killed run {[n for _, n in progress]}")
+    assert report.half_written == [] and broken == []
+    subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=240, cwd=ROOT)
+    assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []  # the leftovers of the killed runs are gone
+    expected, got = load_token_dataset(tmp_path / "reference"), load_token_dataset(out)
+    assert expected[1] == got[1] and len(got[0]) == 240
+    assert expected[0]["label"] == got[0]["label"]
+    assert np.array_equal(expected[0].with_format("numpy")[:]["codes"], got[0].with_format("numpy")[:]["codes"])
+    assert (out / "skipped_images.json").read_text() == (tmp_path / "reference" / "skipped_images.json").read_text()

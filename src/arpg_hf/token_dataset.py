@@ -6,10 +6,13 @@ A token dataset is a folder::
       tokenizer_info.json              grid, codebook size, crops, resolution, class names, source tokenizer
       data/train-00000-of-00004.parquet
       data/train-00001-of-00004.parquet ...
+      skipped_images.json              unreadable source images left out (tokenize_dataset.py --skip_bad_images)
 
 Each row holds ``codes`` (int16, or int32 for codebooks above 32768 codes) of shape ``(n_crops, grid_height *
 grid_width)``, the VQ indices of every augmented view of one image in raster order, and ``label``, a ``ClassLabel``.
-The shards load with ``datasets.load_dataset("parquet", data_files="TOKENS/data/*.parquet")`` as well.
+The shards load with ``datasets.load_dataset("parquet", data_files="TOKENS/data/*.parquet")`` as well. Every file
+is written under a hidden temporary name and renamed into place, so a shard that exists is complete; a folder that
+lacks some of its shards (an interrupted tokenization) is refused by [`load_token_dataset`].
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
@@ -24,12 +28,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic_io import PARTIAL, remove_stale_staging, write_text_atomically
 from .optional_dependencies import require
 from .training_utils import derive_seed
 
 TOKENIZER_INFO_NAME = "tokenizer_info.json"
 DATA_SUBDIR = "data"
 SHARD_NAME = "train-{index:05d}-of-{total:05d}.parquet"
+SHARD_PATTERN = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+SKIPPED_FILE = "skipped_images.json"  # every source image left out as unreadable: row, path, reason
+SKIPPED_SUBDIR = "skipped"  # per shard: the images its rows leave out (written before the shard, merged at the end)
+# Temporary names of earlier versions of the writers (visible names): removed like the hidden leftovers.
+_LEGACY_TEMPORARY = re.compile(r"^(train-\d{5}-of-\d{5}\.parquet|tokenizer_info\.json)\.tmp(-\d+)?$")
 # LlamaGen's ten-crop recipe: resize the short side to 1.1 x the resolution, then take ten crops of the resolution.
 DEFAULT_CROP_RANGE = 1.1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -67,10 +77,7 @@ class TokenDatasetInfo:
         return self.grid_height * self.grid_width
 
     def save(self, directory: str | os.PathLike) -> None:
-        path = os.path.join(directory, TOKENIZER_INFO_NAME)
-        with open(path + ".tmp", "w") as handle:
-            json.dump(asdict(self), handle, indent=2)
-        os.replace(path + ".tmp", path)
+        write_text_atomically(os.path.join(directory, TOKENIZER_INFO_NAME), json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TokenDatasetInfo":
@@ -109,6 +116,36 @@ def token_features(n_crops: int, num_tokens: int, class_names: Sequence[str], co
 
 def shard_path(output_dir: str | os.PathLike, index: int, total: int) -> str:
     return os.path.join(output_dir, DATA_SUBDIR, SHARD_NAME.format(index=index, total=total))
+
+
+def remove_staging_leftovers(output_dir: str | os.PathLike) -> None:
+    """Removes what killed writers left in a token folder: the hidden temporary files of `arpg_hf.atomic_io`
+    (`.NAME.partial-*`) and the visible temporary names of earlier versions. Call it in one process, before any
+    process writes."""
+    for folder in (output_dir, os.path.join(output_dir, DATA_SUBDIR), os.path.join(output_dir, SKIPPED_SUBDIR)):
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(".") and PARTIAL in name:
+                remove_stale_staging(os.path.join(folder, name[1 : name.index(PARTIAL)]))
+            elif _LEGACY_TEMPORARY.match(name):
+                os.remove(os.path.join(folder, name))
+
+
+def check_shard_count(output_dir: str | os.PathLike, num_shards: int, cut: str, resume: str) -> None:
+    """ValueError when `output_dir` already holds shards cut into another number of shards than `num_shards` (mixing
+    them would corrupt the dataset). `cut` says what sets the count (e.g. "--shard_size 100"), `resume` how to
+    resume the earlier run instead."""
+    folder = os.path.join(output_dir, DATA_SUBDIR)
+    if not os.path.isdir(folder):
+        return
+    others = sorted(name for name in os.listdir(folder)
+                    if (match := SHARD_PATTERN.match(name)) and int(match.group(2)) != num_shards)  # fmt: skip
+    if others:
+        raise ValueError(
+            f"{folder} holds shards of another run ({others[0]}{', ...' if len(others) > 1 else ''}), but this one "
+            f"cuts the data into {num_shards} shard(s) ({cut}). Use an empty --output_dir, or {resume}."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -179,6 +216,48 @@ def num_views(ten_crop: bool, flip: bool) -> int:
     return (5 if ten_crop else 1) * (2 if flip else 1)
 
 
+class UnreadableImageError(ValueError):
+    """A source image that cannot be decoded (truncated, not an image, empty file)."""
+
+
+def read_image(value, feature=None) -> Image.Image:
+    """Decodes one image cell of a `datasets` table (`{"path", "bytes"}` as stored with `Image(decode=False)`, a path,
+    or an already decoded PIL image) fully, so that a truncated file fails here rather than later.
+
+    `feature` is the column's `datasets.Image` feature (its `mode` is applied); decoding follows `datasets` exactly.
+    Raises [`UnreadableImageError`] (one line, without the path: the caller names the row) when it cannot be read.
+    Truncated files are never accepted (PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is left as it is, False by default).
+    """
+    if hasattr(value, "convert"):
+        return value
+    if not isinstance(value, (dict, str)):
+        raise UnreadableImageError(f"not an image but {type(value).__name__}")
+    if isinstance(value, dict) and value.get("bytes") is not None and len(value["bytes"]) == 0:
+        raise UnreadableImageError("empty file (0 bytes)")
+    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+        path = value["path"]
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise UnreadableImageError("empty file (0 bytes)")
+    datasets = require("datasets", "training", "arpg_hf.token_dataset.read_image")
+    decoder = datasets.Image(mode=getattr(feature, "mode", None))
+    try:
+        image = decoder.decode_example({"path": value, "bytes": None} if isinstance(value, str) else value)
+    except Image.UnidentifiedImageError as error:  # its message repeats the path, which the caller names anyway
+        raise UnreadableImageError("not an image file PIL can identify (UnidentifiedImageError)") from error
+    except Exception as error:  # noqa: BLE001 - PIL raises many types on bad data (OSError, SyntaxError, struct.error)
+        raise UnreadableImageError(error_reason(error)) from error
+    return image
+
+
+def error_reason(error: BaseException, limit: int = 200) -> str:
+    """`error` as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL RGB images of one size -> float32 tensor `(n, 3, H, W)` in [-1, 1]."""
     array = np.stack([np.asarray(image, dtype=np.uint8) for image in images])  # (n, H, W, 3)
@@ -243,6 +322,7 @@ def load_token_dataset(name_or_path: str | os.PathLike, split: str = "train", ca
             files = files or sorted(glob.glob(os.path.join(name_or_path, "**", "*.parquet"), recursive=True))
             arrow = sorted(glob.glob(os.path.join(name_or_path, "**", "*.arrow"), recursive=True))
             if files:
+                _check_complete_shards(files, name_or_path)
                 _check_not_empty(files, name_or_path)
                 dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
             elif arrow:
@@ -266,6 +346,33 @@ def load_token_dataset(name_or_path: str | os.PathLike, split: str = "train", ca
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[split]
     return dataset, info
+
+
+def _check_complete_shards(parquet_files: list[str], source: str) -> None:
+    """ValueError when the shards named `train-XXXXX-of-YYYYY.parquet` of one folder are not exactly one complete set
+    (a tokenization that was interrupted, or shards of two runs with different shard counts)."""
+    by_folder: dict[str, dict[int, set[int]]] = {}
+    for path in parquet_files:
+        match = SHARD_PATTERN.match(os.path.basename(path))
+        if match:
+            totals = by_folder.setdefault(os.path.dirname(path), {})
+            totals.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
+    for folder, totals in by_folder.items():
+        if len(totals) > 1:
+            counts = ", ".join(f"-of-{total:05d}" for total in sorted(totals))
+            raise ValueError(
+                f"{folder} holds shards of {len(totals)} different tokenizations ({counts}): remove the shards of the "
+                "other run(s), or tokenize into an empty --output_dir."
+            )
+        ((total, present),) = totals.items()
+        missing = sorted(set(range(total)) - present)
+        if missing:
+            shown = ", ".join(SHARD_NAME.format(index=i, total=total) for i in missing[:3])
+            raise ValueError(
+                f"{source} is incomplete: {len(missing)} of {total} shards are missing ({shown}"
+                f"{', ...' if len(missing) > 3 else ''}); its tokenization was interrupted. Rerun "
+                "pipelines/tokenize_dataset.py with the same arguments to finish it."
+            )
 
 
 def _check_not_empty(parquet_files: list[str], source: str) -> None:

@@ -8,10 +8,13 @@ their Inception pool features (and spatial `mu_s` / `sigma_s`, unused here).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+import zipfile
+from typing import Iterable, Mapping
 
 import numpy as np
 from PIL import Image
+
+from ..atomic_io import write_atomically
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -28,11 +31,55 @@ def check_image_array(images, name: str = "images") -> np.ndarray:
 
 
 def save_npz_batch(path: str | os.PathLike, images: np.ndarray) -> None:
-    """Writes an ADM-compatible sample batch (`arr_0`, uint8 `(N, H, W, 3)`), atomically."""
+    """Writes an ADM-compatible sample batch (`arr_0`, uint8 `(N, H, W, 3)`), atomically (a hidden temporary sibling
+    renamed into place)."""
     images = check_image_array(images)
-    temporary = f"{os.fspath(path)}.tmp-{os.getpid()}.npz"
-    np.savez(temporary, arr_0=images)
-    os.replace(temporary, path)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as file:  # a file object: np.savez appends no ".npz" to the temporary name
+            np.savez(file, arr_0=images)
+
+    write_atomically(path, write)
+
+
+def npz_size(arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """An upper bound of the bytes of an uncompressed `.npz` of arrays `name -> (shape, dtype)` (data, the .npy and
+    zip headers)."""
+    data = sum(int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
+    return data + 512 * (len(arrays) + 1)
+
+
+def save_npz_streaming(path: str | os.PathLike, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype, Iterable]]
+                       ) -> None:  # fmt: skip
+    """Writes an uncompressed `.npz` (what `np.savez` writes, read by `np.load`) from arrays given as `name -> (shape,
+    dtype, chunks)`, where `chunks` yields arrays of shape `(k, *shape[1:])` whose rows, in order, fill the array.
+    Memory: one chunk, whatever the size of the arrays. Atomic: a hidden temporary sibling renamed into place; a
+    ValueError (shape, dtype, count) leaves `path` as it was."""
+
+    def write(temporary: str) -> None:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, (shape, dtype, chunks) in arrays.items():
+                _write_npy_member(archive, name, tuple(int(n) for n in shape), np.dtype(dtype), chunks)
+
+    write_atomically(path, write)
+
+
+def _write_npy_member(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    rows = 0
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in chunks:
+            chunk = np.asarray(chunk)
+            if chunk.dtype != dtype or chunk.shape[1:] != shape[1:] or rows + chunk.shape[0] > shape[0]:
+                raise ValueError(
+                    f"{name}: rows {rows}.. are {chunk.dtype} {chunk.shape}, expected {dtype} (k, "
+                    f"{', '.join(map(str, shape[1:]))}) within {shape[0]} rows."
+                )
+            member.write(np.ascontiguousarray(chunk).tobytes())
+            rows += chunk.shape[0]
+    if rows != shape[0]:
+        raise ValueError(f"{name}: got {rows} rows, expected {shape[0]}.")
 
 
 def read_image_folder(folder: str | os.PathLike) -> np.ndarray:
