@@ -9,6 +9,12 @@ TOKENS comes from `pipelines/tokenize_dataset.py`. The output folder ends up as 
 Every random draw of a step (dropout, view, class dropout, order) is seeded from (seed, micro-step, process), and
 the batch order is a pure function of the seed and the micro-step, so `--resume_from_checkpoint latest` continues
 exactly where the run stopped.
+
+Nothing is lost, nothing is half-written: checkpoints record the sha256 of their files and `latest` resumes from the
+newest intact one; the final pipeline is staged in `OUTPUT_DIR/.final-staging` and moved into place with its
+`model_index.json` last; a run whose steps stay non-finite (or whose gradients vanish) stops (`--max_bad_steps`); a
+step that cannot fit in memory is refused before anything is allocated. These end the run with one line and exit
+status 1.
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 
 from arpg_hf import ARPG_PRESETS, ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler
+from arpg_hf.atomic_io import write_atomically
+from arpg_hf.memory import InsufficientMemoryError, check_memory, training_memory
 from arpg_hf.optional_dependencies import require
 from arpg_hf.token_dataset import (
     ShuffledBatchSampler,
@@ -35,19 +44,28 @@ from arpg_hf.token_dataset import (
     load_token_dataset,
     load_vq_model,
 )
+from arpg_hf.training_checkpoints import (
+    STAGING_PREFIX,
+    CheckpointError,
+    choose_resume_checkpoint,
+    load_torch_state,
+    publish_staged_folder,
+    read_training_state,
+    remove_incomplete_checkpoints,
+    remove_stale_staging,
+    save_checkpoint,
+    save_torch_state,
+    staging_folder,
+)
 from arpg_hf.training_utils import (
+    BadStepGuard,
+    TrainingStopped,
     arpg_loss,
     check_world_size,
     describe_distributed,
     enable_fsdp_on_cpu,
     exit_with_launcher,
     local_parameters,
-    load_torch_state,
-    read_training_state,
-    remove_incomplete_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-    save_torch_state,
     scale_learning_rate,
     seed_step,
     select_crops,
@@ -56,6 +74,8 @@ from arpg_hf.training_utils import (
 
 logger = get_logger(__name__, log_level="INFO")
 METRICS_FILE = os.path.join("logs", "metrics.jsonl")
+# Errors the user acts on (a damaged checkpoint, too little memory, a diverged run): one line, exit status 1.
+ONE_LINE_ERRORS = (CheckpointError, InsufficientMemoryError, TrainingStopped)
 
 
 def parse_args(argv=None):
@@ -93,6 +113,12 @@ def parse_args(argv=None):
     optim.add_argument("--adam_weight_decay", type=float, default=0.05, help="On >= 2-D weights only.")
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument(
+        "--max_bad_steps", type=int, default=3,
+        help="Stop (exit status 1, no final pipeline) after this many optimizer steps in a row with a non-finite loss "
+        "or gradient norm (their updates are skipped, and no checkpoint is written meanwhile) or a zero gradient norm. "
+        "Default 3; 0 turns the check off (it costs one synchronisation per optimizer step).",
+    )  # fmt: skip
     optim.add_argument("--num_train_epochs", type=int, default=100)
     optim.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
     optim.add_argument("--use_ema", action="store_true")
@@ -105,7 +131,11 @@ def parse_args(argv=None):
                      help="Defaults to the accelerate config.")  # fmt: skip
     run.add_argument("--checkpointing_steps", type=int, default=500)
     run.add_argument("--checkpoints_total_limit", type=int, default=None)
-    run.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint-N folder.')
+    run.add_argument(
+        "--resume_from_checkpoint", type=str, default=None,
+        help='"latest" (the newest checkpoint whose files match their recorded sha256 sums; damaged ones are skipped '
+        'with a warning, and with none intact a new run starts) or a checkpoint-N folder (a damaged one is an error).',
+    )  # fmt: skip
     run.add_argument("--report_to", type=str, default="none", help='"tensorboard", "wandb", "all" or "none".')
     run.add_argument("--logging_dir", type=str, default="logs")
     run.add_argument("--logging_steps", type=int, default=10)
@@ -133,6 +163,8 @@ def check_args(parser, args) -> None:
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.max_bad_steps < 0:
+        parser.error(f"--max_bad_steps must be >= 0 (0 turns the check off), got {args.max_bad_steps}.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
     if args.lr_warmup_steps is not None and args.lr_warmup_ratio is not None:
@@ -188,22 +220,36 @@ def load_model_config(args, info, class_names) -> ARPGConfig:
     return ARPGConfig.from_dict({**config_dict, **overrides})
 
 
-def load_transformer(args, info, class_names) -> ARPGForImageGeneration:
+def pretrained_subfolder(source: str) -> str:
+    """Where the transformer of `--pretrained_model_name_or_path` lies: `"transformer"` in a pipeline, `""` in a
+    model folder or repository."""
+    if os.path.isdir(source):
+        return "transformer" if os.path.isfile(os.path.join(source, "transformer", "config.json")) else ""
+    try:
+        ARPGConfig.get_config_dict(source, subfolder="transformer")
+        return "transformer"
+    except OSError:
+        return ""
+
+
+def transformer_config(args, info, class_names) -> ARPGConfig:
+    """The configuration of the model to train (read before anything is allocated), its classes named by the data."""
     if args.model_config is not None:
-        model = ARPGForImageGeneration(load_model_config(args, info, class_names))
+        config = load_model_config(args, info, class_names)
     else:
-        source, kwargs = args.pretrained_model_name_or_path, _config_overrides(args)
-        nested = os.path.isfile(os.path.join(source, "transformer", "config.json"))
-        if os.path.isdir(source):
-            model = ARPGForImageGeneration.from_pretrained(source, subfolder="transformer" if nested else "", **kwargs)
-        else:
-            try:
-                model = ARPGForImageGeneration.from_pretrained(source, subfolder="transformer", **kwargs)
-            except OSError:
-                model = ARPGForImageGeneration.from_pretrained(source, **kwargs)
+        source = args.pretrained_model_name_or_path
+        config = ARPGConfig.from_pretrained(source, subfolder=pretrained_subfolder(source), **_config_overrides(args))
     if class_names:
-        name_classes(model.config, class_names)
-    return model
+        name_classes(config, class_names)
+    return config
+
+
+def load_transformer(args, config: ARPGConfig) -> ARPGForImageGeneration:
+    """A new model with `config`, or the pretrained one (`--pretrained_model_name_or_path`) loaded with it."""
+    if args.model_config is not None:
+        return ARPGForImageGeneration(config)
+    source = args.pretrained_model_name_or_path
+    return ARPGForImageGeneration.from_pretrained(source, subfolder=pretrained_subfolder(source), config=config)
 
 
 def name_classes(config: ARPGConfig, class_names: list[str]) -> None:
@@ -247,6 +293,59 @@ def validate_data(accelerator, dataset, info, config, vqvae, source) -> None:
     problems = [p for p in problems if p]
     if problems:
         raise ValueError(problems[0])
+
+
+def check_training_memory(args, accelerator, config: ARPGConfig, sharded: bool) -> None:
+    """Refuses a training step whose estimate ([`training_memory`]) exceeds the device's memory budget, on every
+    process alike (`InsufficientMemoryError`), before the model, the optimizer or a batch is allocated."""
+    num_shards = accelerator.num_processes if sharded else 1
+    activation_bytes = 2 if accelerator.mixed_precision in ("fp16", "bf16") else 4
+    required = training_memory(config, args.train_batch_size, config.num_image_tokens, args.use_ema,
+                               args.gradient_checkpointing, dtype_bytes=4, activation_bytes=activation_bytes,
+                               num_shards=num_shards)  # fmt: skip
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if accelerator.device.type == "cpu" else 1
+    layers = config.num_self_attention_layers + config.num_cross_attention_layers
+    details = [f"{config.num_image_tokens} tokens per image", f"{layers} layers"]
+    details += ["--use_ema"] * args.use_ema + ["--gradient_checkpointing"] * args.gradient_checkpointing
+    details += [f"{sharing} processes on this machine"] * (sharing > 1)
+    what = f"A training step with --train_batch_size {args.train_batch_size} ({', '.join(details)})"
+    advice = "Lower --train_batch_size (raise --gradient_accumulation_steps to keep the global batch)"
+    advice += "" if args.gradient_checkpointing else " or pass --gradient_checkpointing"
+    try:
+        check_memory(required * sharing, what, advice, device=accelerator.device)
+        problem = None
+    except InsufficientMemoryError as error:
+        problem = str(error)
+    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]  # budgets differ per device
+    problems = [p for p in problems if p]
+    if problems:
+        raise InsufficientMemoryError(problems[0])
+
+
+def decide_on_main_process(accelerator, decide):
+    """Runs `decide()` on the main process only and hands its result, or the `CheckpointError` it raised, to every
+    process: all of them take the same decision (which checkpoint to resume from)."""
+    outcome = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = decide()
+        except CheckpointError as error:
+            outcome[1] = str(error)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise CheckpointError(outcome[1])
+    return outcome[0]
+
+
+def prepare_output_dir(args, accelerator) -> None:
+    """Creates the output folder (once everything was checked) and deletes what interrupted runs left there."""
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
+        removed = remove_incomplete_checkpoints(args.output_dir) + remove_stale_staging(args.output_dir)
+        if removed:
+            logger.info(f"Removed what interrupted runs left: {removed}")
+    accelerator.wait_for_everyone()
 
 
 def training_plan(args, num_samples: int, num_processes: int) -> dict:
@@ -351,11 +450,25 @@ def write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema) ->
     logger.info(f"Saved {path}")
 
 
-def resume(args, accelerator, plan, lr_scheduler, ema) -> int:
-    """Loads the checkpoint named by --resume_from_checkpoint; returns the global step to continue from."""
-    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint is None:
+def report_resume_choice(args, choice) -> None:
+    """One warning line for damaged checkpoints passed over, one for a checkpoint that records no sums."""
+    if choice.skipped:
+        damaged = "; ".join(f"{os.path.basename(path)}: {problem}" for path, problem in choice.skipped)
+        then = f"resuming from {choice.checkpoint}" if choice.checkpoint else "none is intact: starting a new run"
+        logger.warning(f"Skipping damaged checkpoint(s) ({damaged}); {then}.")
+    elif choice.checkpoint is None and args.resume_from_checkpoint:
         logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
+    if choice.checkpoint is not None and not choice.verified:
+        logger.warning(f"{choice.checkpoint} records no checksums (written before checkpoints did): resuming from it "
+                       "without verifying its files.")  # fmt: skip
+
+
+def resume(args, accelerator, choice, plan, lr_scheduler, ema) -> int:
+    """Loads the checkpoint picked by --resume_from_checkpoint (`choice`, a `ResumeChoice`); returns the global step
+    to continue from."""
+    report_resume_choice(args, choice)
+    checkpoint = choice.checkpoint
+    if checkpoint is None:
         return 0
     state = read_training_state(checkpoint)
     for key in ("global_batch_size", "seed"):
@@ -369,7 +482,7 @@ def resume(args, accelerator, plan, lr_scheduler, ema) -> int:
         and accelerator.distributed_type == DistributedType.FSDP
         and state.get("num_processes") != accelerator.num_processes
     ):
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint} holds an EMA sharded over {state.get('num_processes')} processes; this run has "
             f"{accelerator.num_processes}. Resume FSDP with --use_ema on the same number of processes."
         )
@@ -421,8 +534,10 @@ def log_validation(args, accelerator, model, vqvae, scheduler, ema, step: int) -
     columns = min(len(images), 8)
     padded = images + [images[-1]] * (-len(images) % columns)  # fill the last row
     grid = make_image_grid(padded, rows=len(padded) // columns, cols=columns)
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:08d}.png"))
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:08d}.png")  # complete or absent: written beside it, then renamed
+    write_atomically(path, lambda partial: grid.save(partial, format="PNG"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -461,23 +576,29 @@ def full_transformer(accelerator, model, ema, sharded: bool) -> ARPGForImageGene
 
 
 def save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary, sharded) -> None:
-    """Writes the output pipeline (EMA weights when used) with its model card; pushes it when asked."""
+    """Writes the output pipeline (EMA weights when used) with its model card; pushes it when asked.
+
+    The pipeline is written into `OUTPUT_DIR/.final-staging` and moved into place beside the checkpoints and logs,
+    `model_index.json` last (`publish_staged_folder`): a reader finds the complete pipeline or none."""
     transformer = full_transformer(accelerator, model, ema, sharded)
     if transformer is None:
         return
     pipeline = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae.to("cpu"), scheduler=scheduler)
-    pipeline.save_pretrained(args.output_dir)
-    write_model_card(args, transformer, scheduler, plan, summary)
+    staging = staging_folder(args.output_dir)
+    pipeline.save_pretrained(staging)
+    write_model_card(args, transformer, scheduler, plan, summary, staging)
+    publish_staged_folder(staging, args.output_dir)
     logger.info(f"Saved the pipeline to {args.output_dir}")
     if args.push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 
         repo_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=f"Training step {summary['steps']}",
-                      ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "validation/*"])  # fmt: skip
+                      ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", f"{STAGING_PREFIX}*", "logs/*",
+                                       "validation/*"])  # fmt: skip
 
 
-def write_model_card(args, transformer, scheduler, plan, summary) -> None:
+def write_model_card(args, transformer, scheduler, plan, summary, folder: str) -> None:
     from arpg_hf.model_card import create_model_card
 
     training = {
@@ -494,10 +615,66 @@ def write_model_card(args, transformer, scheduler, plan, summary) -> None:
         training=training, results=[],
         num_parameters=transformer.num_parameters(),
     )  # fmt: skip
-    card.save(os.path.join(args.output_dir, "README.md"))
+    card.save(os.path.join(folder, "README.md"))
 
 
 # ---------------------------------------------------------------------------------------------------- training
+
+
+def bad_step_guard(args, accelerator) -> BadStepGuard:
+    """The `--max_bad_steps` guard. It skips non-finite updates itself unless fp16's gradient scaler does (it also
+    stops counting a non-finite gradient norm then: the scaler's calibration) or DeepSpeed steps inside `backward`."""
+    uses_scaler = getattr(accelerator, "scaler", None) is not None
+    can_skip = not uses_scaler and accelerator.distributed_type != DistributedType.DEEPSPEED
+    return BadStepGuard(args.max_bad_steps, can_skip=can_skip, uses_scaler=uses_scaler)
+
+
+def check_step(args, accelerator, guard: BadStepGuard, grad_norm, step: int) -> bool:
+    """Checks an optimizer step before its update (every process); returns whether to skip the update. Raises
+    `TrainingStopped` on the `--max_bad_steps`-th bad step in a row."""
+    problem, skip = guard.end_step(accelerator, grad_norm, step)
+    if problem:
+        action = "its update is skipped" if skip else "it is applied"
+        logger.warning(f"Step {step}: {problem}; {action} (bad step {guard.streak} in a row, "
+                       f"--max_bad_steps {args.max_bad_steps} stop the run).")  # fmt: skip
+    return skip
+
+
+class MetricsWindow:
+    """The losses and throughput since the last log line (the loss is summed on the device: no synchronisation)."""
+
+    def __init__(self, device, plan: dict, tokens_per_image: int):
+        self.plan, self.tokens_per_image = plan, tokens_per_image
+        self.loss = torch.zeros((), device=device)
+        self.micro_steps, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.micro_steps += 1
+
+    def flush(self, accelerator, learning_rate: float, global_step: int, grad_norm) -> dict:
+        """The window's metrics (the loss averaged over processes); starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        images = self.steps * self.plan["global_batch_size"]
+        metrics = {
+            "loss": accelerator.reduce(self.loss / self.micro_steps, reduction="mean").item(), "lr": learning_rate,
+            "epoch": global_step / self.plan["steps_per_epoch"], "samples_per_second": images / elapsed,
+            "tokens_per_second": images * self.tokens_per_image / elapsed,
+        }  # fmt: skip
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        self.loss.zero_()
+        self.micro_steps, self.steps, self.start = 0, 0, time.perf_counter()
+        return metrics
+
+
+def checkpoint_unless_bad(args, accelerator, guard, global_step, plan, lr_scheduler, ema) -> None:
+    """Writes checkpoint-N, unless step N was bad (the same on every process: the guard's flags were all-reduced)."""
+    if guard.streak:
+        logger.warning(f"Not writing checkpoint-{global_step}: step {global_step} was bad; the previous checkpoint "
+                       "stays the latest.")  # fmt: skip
+        return
+    write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema)
 
 
 def train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan, start_step, validate):
@@ -515,55 +692,66 @@ def train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan,
                 main_process_only=False)  # fmt: skip
     progress = tqdm(range(max_steps), initial=start_step, desc="steps", disable=not accelerator.is_local_main_process)
     global_step, micro_step, last_loss = start_step, start_step * accumulation, None
-    window_loss = torch.zeros((), device=accelerator.device)  # summed micro-step losses since the last log
-    window_micro, window_steps, window_start = 0, 0, time.perf_counter()
+    window = MetricsWindow(accelerator.device, plan, tokens_per_image)
+    guard = bad_step_guard(args, accelerator)
     model.train()
-    for batch in loader:
-        generator = seed_step(args.seed, micro_step, accelerator.process_index)
-        with accelerator.accumulate(model):
-            views = select_crops(batch["codes"], generator)  # (B, L): one view per image, picked before the copy
-            views, labels = views.to(accelerator.device, non_blocking=True), batch["labels"].to(accelerator.device)
-            loss = arpg_loss(model, views, labels, generator=generator)
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        window_loss += loss.detach().float()
-        window_micro += 1
-        micro_step += 1
-        if not accelerator.sync_gradients:
-            continue
-        if not accelerator.optimizer_step_was_skipped:
-            lr_scheduler.step()
-        if ema is not None:
-            ema.step(ema_parameters(accelerator, model))
-        global_step += 1
-        window_steps += 1
-        progress.update(1)
-        if global_step % args.logging_steps == 0 or global_step in (start_step + 1, max_steps):
-            elapsed = time.perf_counter() - window_start
-            last_loss = accelerator.reduce(window_loss / window_micro, reduction="mean").item()
-            images = window_steps * plan["global_batch_size"]
-            metrics = {
-                "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "epoch": global_step / plan["steps_per_epoch"],
-                "samples_per_second": images / elapsed, "tokens_per_second": images * tokens_per_image / elapsed,
-            }  # fmt: skip
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            log_metrics(args, accelerator, metrics, global_step)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-            window_loss.zero_()
-            window_micro, window_steps, window_start = 0, 0, time.perf_counter()
-        if global_step % args.checkpointing_steps == 0:
-            write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema)
-        if args.validation_steps and global_step % args.validation_steps == 0:
-            validate(global_step)  # every process: a sharded model is gathered first
-        if global_step >= max_steps:
-            break
-    progress.close()
+    try:  # the progress bar ends its line, also when a bad streak stops the run
+        for batch in loader:
+            generator = seed_step(args.seed, micro_step, accelerator.process_index)
+            skipped = False
+            with accelerator.accumulate(model):
+                views = select_crops(batch["codes"], generator)  # (B, L): one view per image, picked before the copy
+                views, labels = views.to(accelerator.device, non_blocking=True), batch["labels"].to(accelerator.device)
+                loss = arpg_loss(model, views, labels, generator=generator)
+                accelerator.backward(loss)
+                guard.add_loss(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:  # the step is checked before its update (TrainingStopped at the last)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+                    skipped = check_step(args, accelerator, guard, grad_norm, global_step + 1)
+                if not skipped:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.add(loss)
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not skipped and not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            if ema is not None and not skipped:
+                ema.step(ema_parameters(accelerator, model))
+            global_step += 1
+            window.steps += 1
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step in (start_step + 1, max_steps):
+                metrics = window.flush(accelerator, lr_scheduler.get_last_lr()[0], global_step, grad_norm)
+                log_metrics(args, accelerator, metrics, global_step)
+                last_loss = metrics["loss"]
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+            if global_step % args.checkpointing_steps == 0:
+                checkpoint_unless_bad(args, accelerator, guard, global_step, plan, lr_scheduler, ema)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate(global_step)  # every process: a sharded model is gathered first
+            if global_step >= max_steps:
+                break
+    finally:
+        progress.close()
     return last_loss
+
+
+def check_run(args, accelerator, sharded: bool):
+    """Everything checked before the output folder is created and before anything large is allocated: the data
+    against the model's configuration and the tokenizer, the memory of a step, the checkpoint to resume from.
+    Returns the dataset, the transformer's configuration, the tokenizer and the `ResumeChoice`."""
+    dataset, info, class_names = prepare_data(args, accelerator)
+    config = transformer_config(args, info, class_names)
+    vqvae = load_vq_model(args.vqvae or args.pretrained_model_name_or_path)
+    validate_data(accelerator, dataset, info, config, vqvae, args.train_data_dir or args.dataset_name)
+    check_training_memory(args, accelerator, config, sharded)
+    choice = decide_on_main_process(
+        accelerator, lambda: choose_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    )
+    return dataset, config, vqvae, choice
 
 
 def main(args):
@@ -578,21 +766,14 @@ def main(args):
     enable_fsdp_on_cpu(accelerator)  # accelerate runs an FSDP config as DDP on CPU otherwise
     check_world_size(accelerator)
     logger.info(f"Parallelism: {describe_distributed(accelerator)}")
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
-        removed = remove_incomplete_checkpoints(args.output_dir)
-        if removed:
-            logger.info(f"Removed unfinished checkpoint folders {removed}")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     sharded = check_distributed_support(args, accelerator)
-
-    dataset, info, class_names = prepare_data(args, accelerator)
-    set_seed(args.seed)  # the initial weights
-    model = load_transformer(args, info, class_names)
-    vqvae = load_vq_model(args.vqvae or args.pretrained_model_name_or_path)
-    validate_data(accelerator, dataset, info, model.config, vqvae, args.train_data_dir or args.dataset_name)
+    dataset, config, vqvae, choice = check_run(args, accelerator, sharded)
+    prepare_output_dir(args, accelerator)
     scheduler = load_sampling_scheduler(args)
+    set_seed(args.seed)  # the initial weights
+    model = load_transformer(args, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -612,7 +793,7 @@ def main(args):
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(ema_parameters(accelerator, model), decay=args.ema_decay)
-    start_step = resume(args, accelerator, plan, lr_scheduler, ema) if args.resume_from_checkpoint else 0
+    start_step = resume(args, accelerator, choice, plan, lr_scheduler, ema)
     if accelerator.is_main_process:
         hyperparameters = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("arpg", config=hyperparameters)
@@ -643,5 +824,20 @@ def main(args):
     accelerator.end_training()
 
 
+def cli(argv=None) -> int:
+    """`python train.py ...` / `accelerate launch train.py ...`: returns the exit status. A damaged checkpoint, a step
+    that cannot fit in memory and a diverged run end with one line on stderr (from the main process) and status 1."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except ONE_LINE_ERRORS as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train.py: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(cli())

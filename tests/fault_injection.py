@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+RUNS_ENV = "ARPG_HF_FAULT_INJECTION_RUNS"
+
+
+def kill_runs(default: int) -> int:
+    """How many killed runs a test tries: `default` (a few, to keep the suite short), or ARPG_HF_FAULT_INJECTION_RUNS
+    to measure with more (the figures of a closing note)."""
+    return int(os.environ.get(RUNS_ENV, default))
 
 
 @dataclass

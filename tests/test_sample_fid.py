@@ -148,7 +148,8 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
     startup, duration = timed_run(command(reference), reference / "samples", "*.png", env)
     monkeypatch.setattr(fault_injection, "kill_after", kill_and_count)
     max_delay = startup + 0.6 * (duration - startup)  # the drawing outlasts one run: kills keep landing among writes
-    report = fault_injection.random_kills(command(out), out, runs=10, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
+    runs = fault_injection.kill_runs(3)
+    report = fault_injection.random_kills(command(out), out, runs=runs, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
     during_writes = sum(1 for killed, new in progress if killed and new > 0)
     print(f"\nsample_fid: {report.kills} kills ({during_writes} while PNGs were being written), {report.finished} "
           f"runs finished first, {len(report.half_written)} half-written files; start-up {startup:.1f} s of "

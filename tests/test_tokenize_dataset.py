@@ -219,7 +219,8 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
     # Kills uniformly in [0, start-up + half the writing], in the same folder: each run resumes the last, and the
     # writing outlasts any one run, so that kills keep landing among the writes.
     max_delay = startup + 0.5 * (duration - startup)
-    report = fault_injection.random_kills(command(out), out, runs=8, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
+    runs = fault_injection.kill_runs(3)
+    report = fault_injection.random_kills(command(out), out, runs=runs, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
     during_writes = sum(1 for killed, new in progress if killed and new > 0)
     print(f"\ntokenize_dataset: {report.kills} kills ({during_writes} while shards were being written), "
           f"{report.finished} runs finished first, {len(report.half_written) + len(broken)} half-written files; "

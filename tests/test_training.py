@@ -15,15 +15,17 @@ from safetensors.torch import load_file
 
 from arpg_hf import ARPGForImageGeneration, ARPGPipeline
 from arpg_hf.token_dataset import TokenDatasetInfo, token_features
-from arpg_hf.training_utils import (
+from arpg_hf.training_checkpoints import (
     TEMP_CHECKPOINT_PREFIX,
-    arpg_loss,
-    derive_seed,
     latest_checkpoint,
     list_checkpoints,
     remove_incomplete_checkpoints,
     resolve_resume_checkpoint,
     save_checkpoint,
+)
+from arpg_hf.training_utils import (
+    arpg_loss,
+    derive_seed,
     scale_learning_rate,
     seed_step,
     select_crops,

@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from arpg_hf import ARPGPipeline
-from arpg_hf.training_utils import list_checkpoints
+from arpg_hf.training_checkpoints import list_checkpoints
 
 from .conftest import tiny_config
 from .test_training import TINY_PIPELINE, write_tokens

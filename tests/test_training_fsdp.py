@@ -1,7 +1,9 @@
 """train.py under FSDP2 (`configs/accelerate/fsdp_cpu.yaml`) on 2 CPU processes (gloo): it shards for real, trains the
-same weights as DDP, and a SIGKILL-and-resume run ends where an uninterrupted one does (about 1.5 minutes on 2 cores).
-Plus the launch checks, without processes."""
+same weights as DDP, a SIGKILL-and-resume run ends where an uninterrupted one does, and a damaged shard of the newest
+checkpoint sends both processes back to the previous one (about 2 minutes on 2 cores). Plus the launch checks, without
+processes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +16,8 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from arpg_hf import ARPGPipeline
-from arpg_hf.training_utils import check_world_size, enable_fsdp_on_cpu, list_checkpoints
+from arpg_hf.training_checkpoints import MANIFEST_NAME, list_checkpoints
+from arpg_hf.training_utils import check_world_size, enable_fsdp_on_cpu
 
 from .conftest import tiny_config
 from .test_training import TINY_PIPELINE, train_script, write_tokens
@@ -73,6 +76,8 @@ def test_fsdp_sigkill_and_resume_match_an_uninterrupted_run_and_ddp(inputs, tmp_
     assert {"pytorch_model_fsdp_0", "optimizer_0", "ema_rank0.pt", "ema_rank1.pt"} <= set(layout), layout
     assert "model.safetensors" not in layout and "ema.pt" not in layout
     assert sorted(os.listdir(checkpoint / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    recorded = set(json.loads((checkpoint / MANIFEST_NAME).read_text())["files"])  # every shard has its sum
+    assert {"pytorch_model_fsdp_0/__1_0.distcp", "pytorch_model_fsdp_0/.metadata", "ema_rank1.pt"} <= recorded
     samples = sorted(os.listdir(tmp_path / "full" / "validation"))  # sampled from the gathered weights
     assert samples == ["step-00000006.png", "step-00000012.png"]
     pipe = ARPGPipeline.from_pretrained(tmp_path / "full")
@@ -90,6 +95,18 @@ def test_fsdp_sigkill_and_resume_match_an_uninterrupted_run_and_ddp(inputs, tmp_
     assert max_difference(raw_weights(checkpoint), raw_weights(out / "checkpoint-12")) <= 1e-6
     assert [step for step, _ in list_checkpoints(out)] == [8, 12]
     assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+    # A damaged shard of the newest checkpoint: both processes go back to checkpoint-8 and end at the same weights.
+    shard = out / "checkpoint-12" / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fallback = run(train_command(FSDP_LAUNCH, tokens, config, out, "--resume_from_checkpoint", "latest"))
+    warnings = [line for line in fallback.stderr.splitlines() if "Skipping damaged" in line]
+    assert len(warnings) == 1 and "checkpoint-12: pytorch_model_fsdp_0/__1_0.distcp does not match" in warnings[0]
+    assert f"resuming from {out / 'checkpoint-8'}" in warnings[0]
+    assert max_difference(final, load_file(out / "transformer" / "model.safetensors")) <= 1e-6
+    assert max_difference(raw_weights(checkpoint), raw_weights(out / "checkpoint-12")) <= 1e-6
 
     # The same run under DDP: FSDP's gradients (reduce-scatter of shards) and sharded EMA give the same weights.
     run(train_command(LAUNCH, tokens, config, tmp_path / "ddp"))

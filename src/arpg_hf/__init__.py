@@ -27,7 +27,8 @@ _EXPORTS = {
     "reference_arpg": ["arpg_config_from_reference", "load_reference_arpg"],
     "labels": ["imagenet_id2label"],
     "token_dataset": ["ShuffledBatchSampler", "TokenDatasetInfo", "check_token_dataset", "load_token_dataset", "load_vq_model"],
-    "training_utils": ["arpg_loss", "save_checkpoint", "weight_decay_param_groups"],
+    "training_utils": ["arpg_loss", "weight_decay_param_groups"],
+    "training_checkpoints": ["save_checkpoint"],
     "bundled": ["bundled_pipeline_path", "load_bundled_pipeline"],
     "auto_classes": ["register_auto_classes"],
     "metrics.loading": ["load_metric"],
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
         load_token_dataset,
         load_vq_model,
     )
-    from .training_utils import arpg_loss, save_checkpoint, weight_decay_param_groups
+    from .training_checkpoints import save_checkpoint
+    from .training_utils import arpg_loss, weight_decay_param_groups
     from .vq_model import ARPGVQEncoderOutput, ARPGVQModel, llamagen_vq_config
 

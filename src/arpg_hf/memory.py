@@ -155,10 +155,10 @@ def generation_memory(pipeline, batch_size: int, grid_size: tuple[int, int], max
 # ------------------------------------------------------------------------------------------------- training
 
 ADAMW_STATE_BYTES = 8  # AdamW's two moments, float32, per parameter
-LAYER_HIDDEN_VALUES = 18  # values per token kept for the backward pass by one layer, per unit of hidden_size ...
-LAYER_INTERMEDIATE_VALUES = 4  # ... plus these per unit of intermediate_size (SwiGLU: gate, up, their product)
+LAYER_HIDDEN_VALUES = 14  # values per token one layer keeps for the backward pass, per unit of hidden_size ...
+LAYER_INTERMEDIATE_VALUES = 3  # ... plus these per unit of intermediate_size (SwiGLU: gate, up, their product)
 OUTSIDE_LAYER_VALUES = 8  # per token and unit of hidden_size outside the layers: embeddings, norms, shared key/value
-TRAINING_LOGIT_COPIES = 4  # float32 logits, their log-softmax, and the gradients of both
+TRAINING_LOGIT_COPIES = 3  # float32 logits (and their cast from bf16 / fp16), their log-softmax, their gradients
 
 
 def _num_parameters(config) -> int:
@@ -180,18 +180,22 @@ def training_memory(config, batch_size: int, seq_len: int, use_ema: bool, gradie
     With `P` parameters, `T = batch_size * seq_len` tokens, `N` layers (Pass-1 and Pass-2), hidden size `h`,
     intermediate size `i`, vocabulary `V`, `w = dtype_bytes` and `a = activation_bytes`:
 
-    * state: `P * (w + w + 8 + (w if use_ema)) / num_shards`: weights, gradients, AdamW's two float32 moments and the
-      EMA copy (FSDP / ZeRO-3 split all of them over `num_shards` processes);
-    * activations: `T * N * (18 h + 4 i) * a + T * 8 h * a`: what each layer keeps for the backward pass (attention
-      runs fused and keeps no `seq_len x seq_len` scores) and the gradients in flight, plus what lies outside the
-      layers. With `gradient_checkpointing` each layer keeps only its input, and one layer at a time is recomputed
-      and differentiated: `T * (N + 8) * h * a + 2 * T * (18 h + 4 i) * a`;
-    * logits: `T * V * 4 * 4`: the float32 logits, their log-softmax and the gradients of both.
+    * state: `P * (w + w + 8 + (w if use_ema else 0)) / num_shards`: weights, gradients, AdamW's two float32 moments
+      and the EMA copy (FSDP / ZeRO-3 split all of them over `num_shards` processes);
+    * activations, without checkpointing: `T * (a * (N * (14 h + 3 i) + 8 h) + 3 * 4 * V)`: what each layer keeps
+      for the backward pass (attention runs fused and keeps no `seq_len x seq_len` scores), what lies outside the
+      layers, and three float32 copies of the logits (cast, log-softmax, gradient), all live when the backward pass
+      starts;
+    * activations, with `gradient_checkpointing`: `T * (a * (N + 8) * h + max(a * (14 h + 3 i), 3 * 4 * V))`: each
+      layer keeps only its input; the logits are freed before the first layer is recomputed.
 
-    The factors come from measurements on CPU (float32, `h = 512`, `i = 2.7 h`, 8 layers, 256 tokens, batches of 16
-    and 32): autograd keeps about 22 values of `h` per token and layer, and the peak resident memory of a step (with
-    and without checkpointing and EMA) came within -5 % to +10 % of this estimate. The tokenizer, the data and
-    framework overheads (CUDA context, allocator caches) are not counted.
+    The factors come from measurements on CPU (float32, `h = 512`, `i = 2.7 h`, 8 layers, 256 tokens, batches of 8 to
+    128, with and without checkpointing and EMA): autograd keeps about 22 values of `h` per token and layer, and the
+    estimate came out 3-13 % above the peak resident memory of a training step when freed tensors go back to the
+    system (`MALLOC_MMAP_THRESHOLD_=65536`). glibc's default allocator keeps freed blocks: peaks measured up to 1.6x
+    the estimate with checkpointing at small batches. So this counts the tensors, a floor for what a step takes: the
+    guard refuses what cannot fit. The tokenizer, the data and framework overheads (CUDA context, allocator caches)
+    are not counted.
 
     Args:
         config ([`ARPGConfig`]): the transformer's configuration.
@@ -208,13 +212,12 @@ def training_memory(config, batch_size: int, seq_len: int, use_ema: bool, gradie
     activation_bytes = activation_bytes or dtype_bytes
     parameters = _num_parameters(config)
     state = parameters * (2 * dtype_bytes + ADAMW_STATE_BYTES + (dtype_bytes if use_ema else 0)) // max(num_shards, 1)
-    tokens = batch_size * seq_len
     layers = config.num_self_attention_layers + config.num_cross_attention_layers
     hidden = config.hidden_size
-    per_layer = LAYER_HIDDEN_VALUES * hidden + LAYER_INTERMEDIATE_VALUES * config.intermediate_size
+    per_layer = (LAYER_HIDDEN_VALUES * hidden + LAYER_INTERMEDIATE_VALUES * config.intermediate_size) * activation_bytes
+    logits = TRAINING_LOGIT_COPIES * 4 * config.vocab_size
     if gradient_checkpointing:
-        activations = tokens * ((layers + OUTSIDE_LAYER_VALUES) * hidden + 2 * per_layer) * activation_bytes
+        per_token = (layers + OUTSIDE_LAYER_VALUES) * hidden * activation_bytes + max(per_layer, logits)
     else:
-        activations = tokens * (layers * per_layer + OUTSIDE_LAYER_VALUES * hidden) * activation_bytes
-    logits = tokens * config.vocab_size * 4 * TRAINING_LOGIT_COPIES
-    return state + activations + logits
+        per_token = layers * per_layer + OUTSIDE_LAYER_VALUES * hidden * activation_bytes + logits
+    return state + batch_size * seq_len * per_token

@@ -1,29 +1,21 @@
-"""Training helpers for ARPG: the loss, reproducible per-step randomness, optimizer groups and atomic checkpoints.
+"""Training helpers for ARPG: the loss, reproducible per-step randomness, optimizer groups, the distributed set-up,
+and the guard against diverged steps (checkpoints: `arpg_hf.training_checkpoints`).
 
-Everything here works without an `Accelerator` except `save_checkpoint`, which takes one so that every process
-writes its share (sharded FSDP / DeepSpeed states, per-process RNG states) while only the main process finalises.
+Everything here works without an `Accelerator` except `BadStepGuard.end_step`, which takes one so that every process
+takes part in the decision.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
-import shutil
-from typing import Callable
 
 import torch
 from torch import nn
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TEMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
-TRASH_PREFIX = ".trash-checkpoint-"
-TRAINING_STATE_NAME = "training_state.json"
 # Learning rates are quoted per 256 images of global batch (the ARPG recipe: 1e-4 x 1024 / 256 = 4e-4).
 REFERENCE_BATCH_SIZE = 256
 
-_CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -227,123 +219,99 @@ def scale_learning_rate(
     return base_learning_rate * global_batch_size / reference_batch_size
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------------- diverged steps
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
-    """Complete checkpoints in `output_dir` as `(step, path)`, oldest first. Unfinished ones never carry the
-    `checkpoint-N` name: they are written under a temporary name and renamed when complete."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, TRAINING_STATE_NAME)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+class TrainingStopped(RuntimeError):
+    """Training cannot usefully go on (e.g. its loss stayed non-finite); raised on every process at the same step."""
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
+_ADVICE = {
+    "non-finite": "Lower the learning rate, check the data, prefer bf16 to fp16 mixed precision, then resume from the "
+    "last checkpoint (--resume_from_checkpoint latest)",
+    "zero": "The loss no longer depends on the weights (saturated or damaged weights, e.g. from a damaged "
+    "checkpoint, or frozen parameters): check the model and the checkpoint it started from",
+}
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> str | None:
-    """`"latest"` -> the newest complete checkpoint in `output_dir` (None when there is none); a path -> itself,
-    checked to be a complete checkpoint."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        return latest_checkpoint(output_dir)
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE_NAME)):
-        raise ValueError(
-            f"{resume_from_checkpoint} is not a complete checkpoint (no {TRAINING_STATE_NAME}). Pass a "
-            f"'{CHECKPOINT_PREFIX}N' folder written by train.py, or 'latest'."
-        )
-    return resume_from_checkpoint
+class BadStepGuard:
+    """Stops a run that has stopped learning: a non-finite loss (on any process) or gradient norm, or a zero gradient
+    norm, on `max_bad_steps` optimizer steps in a row.
 
+    A step with a non-finite loss or gradient norm is skipped (no update, so the weights stay finite) when
+    `can_skip`; with fp16 the gradient scaler skips such steps itself and a non-finite gradient norm alone (its
+    calibration) is not counted. Checking costs one all-reduce of three numbers and one synchronisation per step.
 
-def _remove_tree(path: str) -> None:
-    """Renames `path` out of the checkpoint namespace, then deletes it: a crash mid-delete leaves only trash."""
-    parent, name = os.path.split(path.rstrip(os.sep))
-    trash = os.path.join(parent, TRASH_PREFIX + name + f"-{os.getpid()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
-    """Deletes the leftovers of interrupted saves and rotations (temporary and trash folders); returns their names."""
-    if not os.path.isdir(output_dir):
-        return []
-    removed = [n for n in os.listdir(output_dir) if n.startswith((TEMP_CHECKPOINT_PREFIX, TRASH_PREFIX))]
-    for name in removed:
-        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    return removed
-
-
-def rotate_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[str]:
-    """Deletes the oldest complete checkpoints until at most `total_limit` remain; returns the deleted paths."""
-    if total_limit is None:
-        return []
-    if total_limit < 1:
-        raise ValueError(f"checkpoints_total_limit must be >= 1, got {total_limit}.")
-    checkpoints = list_checkpoints(output_dir)
-    stale = [path for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]]
-    for path in stale:
-        _remove_tree(path)
-    return stale
-
-
-def save_checkpoint(
-    accelerator,
-    output_dir: str,
-    step: int,
-    training_state: dict,
-    write_extra: Callable[[str], None] | None = None,
-    total_limit: int | None = None,
-    write_local: Callable[[str], None] | None = None,
-) -> str:
-    """Writes `output_dir/checkpoint-{step}` atomically and rotates old checkpoints. Call on every process.
-
-    Every process writes its part of `accelerator.save_state` into `.tmp-checkpoint-{step}` (and `write_local(tmp_dir)`,
-    e.g. its shard of a sharded EMA); the main process then adds `write_extra(tmp_dir)` (EMA, lr schedule, ...) and
-    `training_state.json` last, and renames the folder.
-    A run killed at any moment leaves either the complete checkpoint or no `checkpoint-{step}` at all.
+    Args:
+        max_bad_steps (`int`): bad steps in a row that stop the run; 0 turns the guard off.
+        can_skip (`bool`, *optional*, defaults to `True`): whether the caller may skip the update of a non-finite step
+            (False under DeepSpeed, whose engine steps inside `backward`, and with a gradient scaler).
+        uses_scaler (`bool`, *optional*, defaults to `False`): whether an fp16 gradient scaler runs.
+        setting (`str`, *optional*, defaults to `"--max_bad_steps"`): the option named in the message.
     """
-    final_dir = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    temp_dir = os.path.join(output_dir, f"{TEMP_CHECKPOINT_PREFIX}{step}")
-    if accelerator.is_main_process and os.path.isdir(temp_dir):
-        shutil.rmtree(temp_dir)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temp_dir)
-    if write_local is not None:
-        write_local(temp_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(temp_dir)
-        with open(os.path.join(temp_dir, TRAINING_STATE_NAME), "w") as handle:
-            json.dump(training_state, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if os.path.isdir(final_dir):  # the same step saved again (e.g. after a resume): replace it
-            _remove_tree(final_dir)
-        os.rename(temp_dir, final_dir)
-        rotate_checkpoints(output_dir, total_limit)
-    accelerator.wait_for_everyone()
-    return final_dir
 
+    def __init__(self, max_bad_steps: int, can_skip: bool = True, uses_scaler: bool = False,
+                 setting: str = "--max_bad_steps"):  # fmt: skip
+        if max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps must be >= 0 (0 turns the check off), got {max_bad_steps}.")
+        self.max_bad_steps, self.can_skip, self.uses_scaler = max_bad_steps, can_skip, uses_scaler
+        self.setting = setting
+        self.streak = 0
+        self._non_finite_losses = None  # over the micro-steps of the current optimizer step, on the device (no sync)
 
-def read_training_state(checkpoint_dir: str | os.PathLike) -> dict:
-    with open(os.path.join(checkpoint_dir, TRAINING_STATE_NAME)) as handle:
-        return json.load(handle)
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Notes one micro-step's loss (no synchronisation)."""
+        if self.max_bad_steps:
+            flag = (~torch.isfinite(loss.detach().float())).float()
+            self._non_finite_losses = flag if self._non_finite_losses is None else self._non_finite_losses + flag
 
+    def _flags(self, accelerator, grad_norm) -> tuple[bool, bool, bool]:
+        """(a loss was not finite on some process, the gradient norm is not finite, the gradient norm is 0)."""
+        device = accelerator.device
+        losses = self._non_finite_losses if self._non_finite_losses is not None else torch.zeros((), device=device)
+        if grad_norm is None:  # DeepSpeed without a reported norm
+            grad_norm = 1.0
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2)
+            grad_norm = grad_norm.full_tensor()
+        norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=device).detach().reshape(())
+        flags = torch.stack([losses.to(device).reshape(()), (~torch.isfinite(norm)).float(), (norm == 0).float()])
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, reduction="sum")
+        self._non_finite_losses = None
+        return tuple(value > 0 for value in flags.tolist())
 
-def save_torch_state(state: dict, path: str) -> None:
-    """Saves a state dict of tensors and plain values, loadable with `torch.load(weights_only=True)`."""
-    torch.save(state, path)
+    def end_step(self, accelerator, grad_norm, step: int) -> tuple[str | None, bool]:
+        """Checks one optimizer step, after clipping and before `optimizer.step()`; call on every process.
 
+        Args:
+            accelerator (`Accelerator`): for the device and the all-reduce.
+            grad_norm (`torch.Tensor` or `float`, *optional*): the clipped step's total gradient norm.
+            step (`int`): the optimizer step being checked (1-based), for the messages.
 
-def load_torch_state(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+        Returns:
+            `tuple[str | None, bool]`: what is wrong with the step (None when nothing is) and whether to skip its
+            update.
+
+        Raises:
+            [`TrainingStopped`]: on the `max_bad_steps`-th bad step in a row, the same on every process.
+        """
+        if not self.max_bad_steps:
+            return None, False
+        loss_bad, norm_bad, norm_zero = self._flags(accelerator, grad_norm)
+        norm_bad = norm_bad and not self.uses_scaler  # the scaler's business
+        if loss_bad or norm_bad:
+            problem, kind = ("the loss is not finite" if loss_bad else "the gradient norm is not finite"), "non-finite"
+        elif norm_zero:
+            problem, kind = "the gradient norm is 0", "zero"
+        else:
+            self.streak = 0
+            return None, False
+        self.streak += 1
+        if self.streak >= self.max_bad_steps:
+            first = step - self.streak + 1
+            steps = f"step {step}" if first == step else f"steps {first}-{step}"
+            raise TrainingStopped(
+                f"Training stopped at step {step}: {problem} on {self.streak} optimizer step(s) in a row ({steps}, "
+                f"{self.setting} {self.max_bad_steps}); nothing was saved from them. {_ADVICE[kind]}."
+            )
+        return problem, kind == "non-finite" and self.can_skip
