@@ -30,11 +30,18 @@ def kill_runs(default: int) -> int:
 
 @dataclass
 class KillReport:
-    """What `random_kills` saw: how many runs were killed, how many finished first, and every incomplete file."""
+    """What `random_kills` saw: how many runs were killed, how many finished first, every incomplete file, and, when
+    it counted outputs, how many each run added (`written`, one entry per run, with whether it was killed)."""
 
     kills: int = 0
     finished: int = 0
     half_written: list[str] = field(default_factory=list)
+    written: list[tuple[bool, int]] = field(default_factory=list)
+
+    @property
+    def kills_during_writes(self) -> int:
+        """Killed runs that had written some output: the kills that landed among the writes."""
+        return sum(1 for killed, count in self.written if killed and count > 0)
 
 
 def incomplete(path: Path) -> str | None:
@@ -101,15 +108,24 @@ def kill_after(command: list[str], delay: float, env=None, cwd=None, timeout: fl
 
 
 def random_kills(command: list[str], folder: Path, runs: int, max_delay: float, seed: int = 0, env=None,
-                 cwd=None) -> KillReport:  # fmt: skip
+                 cwd=None, count_outputs=None, check=None) -> KillReport:  # fmt: skip
     """Kills `runs` runs of `command` at uniformly random times in [0, `max_delay`] s (the same folder every time, as
-    a user rerunning a job would), checking `folder` after each."""
+    a user rerunning a job would), checking `folder` after each.
+
+    Args:
+        count_outputs (`Callable[[], int]`, *optional*): counts the visible outputs (for `KillReport.written`).
+        check (`Callable[[], list[str]]`, *optional*): more checks of the folder after each run (files of kinds
+            `incomplete` does not read, e.g. parquet); what it returns is added to `half_written`.
+    """
     rng, report = random.Random(seed), KillReport()
     for _ in range(runs):
+        before = count_outputs() if count_outputs else 0
         killed = kill_after(command, rng.uniform(0.0, max_delay), env=env, cwd=cwd)
         report.kills += killed
         report.finished += not killed
+        if count_outputs:
+            report.written.append((killed, count_outputs() - before))
         if Path(folder).exists():
-            report.half_written += half_written_files(Path(folder))
+            report.half_written += half_written_files(Path(folder)) + (check() if check else [])
         time.sleep(0.05)
     return report

@@ -120,9 +120,10 @@ def test_evaluate_pipeline_without_inception_weights_offline_is_a_clear_error(si
     assert "process is offline" in result.stderr and "ARPG_HF_INCEPTION_WEIGHTS" in result.stderr
 
 
-def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identically(tmp_path, monkeypatch):
-    """10 runs killed at random times in one folder (each resumes the last), then one to the end: no visible PNG, npz
-    or JSON is ever incomplete, and the result equals an uninterrupted run (batch size 1: bit for bit)."""
+def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identically(tmp_path):
+    """Runs killed at random times in one folder (3, or ARPG_HF_FAULT_INJECTION_RUNS; each resumes the last), then one
+    to the end: no visible PNG, npz or JSON is ever incomplete, and the result equals an uninterrupted run (batch size
+    1: bit for bit)."""
     from tests import fault_injection
     from tests.test_tokenize_dataset import timed_run
 
@@ -132,28 +133,20 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
     def command(out):
         return [sys.executable, str(ROOT / "pipelines" / "sample_fid.py"), "--output_dir", str(out), *args]
 
-    out, kill_after, progress = tmp_path / "killed", fault_injection.kill_after, []
+    out = tmp_path / "killed"
 
     def pngs():
         # Visible PNGs only (pathlib's glob also matches hidden names: the staging files of a killed run).
         return sum(not p.name.startswith(".") for p in (out / "samples").glob("*.png")) if out.is_dir() else 0
 
-    def kill_and_count(*arguments, **kwargs):
-        before = pngs()
-        killed = kill_after(*arguments, **kwargs)
-        progress.append((killed, pngs() - before))
-        return killed
-
     reference = tmp_path / "reference"
     startup, duration = timed_run(command(reference), reference / "samples", "*.png", env)
-    monkeypatch.setattr(fault_injection, "kill_after", kill_and_count)
     max_delay = startup + 0.6 * (duration - startup)  # the drawing outlasts one run: kills keep landing among writes
-    runs = fault_injection.kill_runs(3)
-    report = fault_injection.random_kills(command(out), out, runs=runs, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
-    during_writes = sum(1 for killed, new in progress if killed and new > 0)
-    print(f"\nsample_fid: {report.kills} kills ({during_writes} while PNGs were being written), {report.finished} "
-          f"runs finished first, {len(report.half_written)} half-written files; start-up {startup:.1f} s of "
-          f"{duration:.1f} s, PNGs written per run {[n for _, n in progress]}")
+    report = fault_injection.random_kills(command(out), out, runs=fault_injection.kill_runs(3), max_delay=max_delay,
+                                          env=env, cwd=ROOT, count_outputs=pngs)  # fmt: skip
+    print(f"\nsample_fid: {report.kills} kills ({report.kills_during_writes} while PNGs were being written), "
+          f"{report.finished} runs finished first, {len(report.half_written)} half-written files; start-up "
+          f"{startup:.1f} s of {duration:.1f} s, PNGs written per run {[n for _, n in report.written]}")
     assert report.half_written == []
     subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=240, cwd=ROOT)
     assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []  # the leftovers of the killed runs are gone

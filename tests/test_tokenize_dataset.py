@@ -181,8 +181,8 @@ def timed_run(command, folder: Path, pattern: str, env) -> tuple[float, float]:
     return (first if first is not None else total), total
 
 
-@pytest.mark.slow  # ~60 s: one timed run, 8 runs killed at random times, one rerun to the end
-def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identically(tmp_path, monkeypatch):
+@pytest.mark.slow  # ~40 s: one timed run, 3 runs killed at random times (ARPG_HF_FAULT_INJECTION_RUNS), one rerun
+def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identically(tmp_path):
     import pyarrow.parquet as pq
 
     from tests import fault_injection
@@ -201,31 +201,26 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
         # Visible shards only (pathlib's glob also matches hidden names: the staging files of a killed run).
         return sorted(p for p in (out / "data").glob("*.parquet") if not p.name.startswith(".")) if out.is_dir() else []
 
-    kill_after, progress, broken = fault_injection.kill_after, [], []
-
-    def kill_and_check(*args, **kwargs):  # fault_injection reads no parquet: every visible shard must read completely
-        before = len(shards())
-        killed = kill_after(*args, **kwargs)
+    def unreadable_shards():  # fault_injection reads no parquet: every visible shard must read completely
+        broken = []
         for shard in shards():
             try:
                 pq.read_table(shard)
             except Exception as error:  # noqa: BLE001
                 broken.append(f"{shard.name}: {type(error).__name__}: {error}")
-        progress.append((killed, len(shards()) - before))
-        return killed
+        return broken
 
     startup, duration = timed_run(command(tmp_path / "reference"), tmp_path / "reference" / "data", "*.parquet", env)
-    monkeypatch.setattr(fault_injection, "kill_after", kill_and_check)
     # Kills uniformly in [0, start-up + half the writing], in the same folder: each run resumes the last, and the
     # writing outlasts any one run, so that kills keep landing among the writes.
     max_delay = startup + 0.5 * (duration - startup)
-    runs = fault_injection.kill_runs(3)
-    report = fault_injection.random_kills(command(out), out, runs=runs, max_delay=max_delay, seed=0, env=env, cwd=ROOT)
-    during_writes = sum(1 for killed, new in progress if killed and new > 0)
-    print(f"\ntokenize_dataset: {report.kills} kills ({during_writes} while shards were being written), "
-          f"{report.finished} runs finished first, {len(report.half_written) + len(broken)} half-written files; "
-          f"start-up {startup:.1f} s of {duration:.1f} s, shards written per killed run {[n for _, n in progress]}")
-    assert report.half_written == [] and broken == []
+    report = fault_injection.random_kills(command(out), out, runs=fault_injection.kill_runs(3), max_delay=max_delay,
+                                          env=env, cwd=ROOT, count_outputs=lambda: len(shards()),
+                                          check=unreadable_shards)  # fmt: skip
+    print(f"\ntokenize_dataset: {report.kills} kills ({report.kills_during_writes} while shards were being written), "
+          f"{report.finished} runs finished first, {len(report.half_written)} half-written files; "
+          f"start-up {startup:.1f} s of {duration:.1f} s, shards written per run {[n for _, n in report.written]}")
+    assert report.half_written == []
     subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=240, cwd=ROOT)
     assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []  # the leftovers of the killed runs are gone
     expected, got = load_token_dataset(tmp_path / "reference"), load_token_dataset(out)
