@@ -409,14 +409,7 @@ def ema_parameters(accelerator, model) -> list[torch.Tensor]:
 
 def prepare_model(accelerator, model, optimizer):
     """`accelerator.prepare` for the transformer and its optimizer (built beforehand, on the original parameters)."""
-    if getattr(accelerator, "is_fsdp2", False):
-        # accelerate gives the input embedding its own FSDP2 unit, resharded right after its forward; ARPG also reads
-        # `embed_tokens.weight` (the mask-token queries) after that call, so the embedding stays in the root unit.
-        model.get_input_embeddings = lambda: None
-    try:
-        return accelerator.prepare(model, optimizer)
-    finally:
-        model.__dict__.pop("get_input_embeddings", None)
+    return accelerator.prepare(model, optimizer)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -527,7 +520,6 @@ def log_validation(args, accelerator, model, vqvae, scheduler, ema, step: int) -
         images = pipeline(labels, num_inference_steps=steps, guidance_scale=args.validation_guidance_scale,
                           generator=generator).images  # fmt: skip
     finally:
-        transformer.unfuse_projections()  # the pipeline laid the weights out for decoding; train on the default layout
         transformer.train()
         if ema is not None:
             ema.restore(transformer.parameters())

@@ -14,9 +14,10 @@ def first_query_logits(model, position_ids, grid_size=None):
     cache = model.allocate_cache(1, max_length=2)
     class_id = model.class_token_ids(torch.tensor([2]))[:, None]
     with torch.no_grad():
-        return model.decode_step(
-            class_id, torch.full((1, 1), CLASS_POSITION), torch.tensor([position_ids]), cache, grid_size=grid_size
-        )[0]  # (M, V)
+        return model(
+            class_id, input_position_ids=torch.full((1, 1), CLASS_POSITION),
+            query_position_ids=torch.tensor([position_ids]), past_key_values=cache, grid_size=grid_size,
+        ).logits[0]  # (M, V)
 
 
 @pytest.fixture(scope="module")

@@ -112,20 +112,16 @@ def test_console_script_runs_and_seed_matters(first_run, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("cpu_gemm", ["onednn", "onednn-packed"])
-def test_cpu_gemm_lays_out_the_weights_and_stays_for_the_calls(first_run, model_dir, tmp_path, cpu_gemm):
+def test_cpu_gemm_lays_out_the_weights_and_gives_the_same_images(first_run, model_dir, tmp_path, cpu_gemm):
     from arpg_hf.cli import CPU_GEMMS, build_parser, prepare_pipeline
-    from arpg_hf.fused_linear import fused_rows
-    from arpg_hf.modeling_arpg import CPU_GEMMS as MODEL_CPU_GEMMS
+    from arpg_hf.cpu_gemm import CPU_GEMMS as LIBRARY_CPU_GEMMS
+    from arpg_hf.cpu_gemm import OneDNNLinear, onednn_available
 
-    assert CPU_GEMMS == MODEL_CPU_GEMMS
+    assert CPU_GEMMS == LIBRARY_CPU_GEMMS
     args = build_parser().parse_args(["generate", "--model", str(model_dir), "--class-labels", "1", "--device", "cpu",
                                       "--cpu-gemm", cpu_gemm, "--quiet"])  # fmt: skip
-    pipeline = prepare_pipeline(args)
-    pipeline([1], num_inference_steps=2, output_type="latent")  # the pipeline's own fuse_projections() keeps the choice
-    transformer = pipeline.transformer
-    assert transformer._cpu_gemm == cpu_gemm and transformer.projections_fused
-    rows = [fused_rows(*group) is not None for group in transformer._projection_groups()]
-    assert all(rows) if cpu_gemm == "onednn" else not any(rows)
+    head = prepare_pipeline(args).transformer.lm_head
+    assert isinstance(head, OneDNNLinear) == (onednn_available() and cpu_gemm == "onednn")
     assert generate(model_dir, tmp_path, "--cpu-gemm", cpu_gemm) == 0
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(first_run))
 

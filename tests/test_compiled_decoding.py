@@ -62,12 +62,12 @@ def test_bad_buckets_raise():
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("key_block", [None, 4])
 def test_padded_step_equals_the_eager_step(attn_implementation, key_block):
-    """The static-shape step (inputs and queries padded, the whole cache or its first `attended_slots` slots under a
-    slot mask) gives the eager logits, with either attention (matmul + softmax is what a compiled step may fuse better
-    than SDPA under a mask)."""
+    """The static-shape step (inputs and queries padded, explicit cache slots and mask ends, the whole cache or the
+    filled slots rounded up to a block) gives the eager logits, with either attention."""
     model = randomize_(ARPGForImageGeneration(tiny_config()), seed=4).eval()
     model.set_attn_implementation(attn_implementation)
-    eager_cache, padded_cache = model.allocate_cache(2), model.allocate_cache(2, max_length=17 + 7)
+    eager_cache = model.allocate_cache(2)
+    padded_cache = model.allocate_cache(2, max_length=17 + 7, key_block=key_block or 17 + 7)
     class_ids = model.class_token_ids(torch.tensor([1, -1]))[:, None]
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(16, generator=generator).expand(2, 16)
@@ -76,19 +76,18 @@ def test_padded_step_equals_the_eager_step(attn_implementation, key_block):
     with torch.no_grad():
         for count in (1, 3, 5, 7):
             queries = order[:, start : start + count]
-            expected = model.decode_step(inputs, positions, queries, eager_cache)
-            pad = 8 - inputs.shape[1]
-            if key_block:  # the filled slots after this step, rounded up to the block
-                filled = padded_cache.seq_length + inputs.shape[1]
-                padded_cache.attended_slots = -(-filled // key_block) * key_block
-                assert padded_cache.read_length < padded_cache.max_length
-            padded_logits = model.decode_step(
+            expected = model(inputs, input_position_ids=positions, query_position_ids=queries,
+                             past_key_values=eager_cache).logits  # fmt: skip
+            pad, slot = 8 - inputs.shape[1], padded_cache.advance(inputs.shape[1])
+            end = padded_cache.seq_length
+            assert padded_cache.read_length == (-(-end // key_block) * key_block if key_block else 24)
+            padded_logits = model(
                 torch.cat([inputs, inputs[:, :1].expand(-1, pad)], 1),
-                torch.cat([positions, positions[:, :1].expand(-1, pad)], 1),
-                torch.cat([queries, queries[:, :1].expand(-1, 8 - count)], 1),
-                padded_cache, slot_start=torch.tensor(padded_cache.seq_length), num_valid_inputs=torch.tensor(inputs.shape[1]),
-            )  # fmt: skip
-            padded_cache.seq_length += inputs.shape[1]
+                input_position_ids=torch.cat([positions, positions[:, :1].expand(-1, pad)], 1),
+                query_position_ids=torch.cat([queries, queries[:, :1].expand(-1, 8 - count)], 1),
+                past_key_values=padded_cache, cache_position=torch.arange(slot, slot + 8),
+                attention_ends=(torch.full((8,), end), torch.full((8,), end)),
+            ).logits  # fmt: skip
             torch.testing.assert_close(padded_logits[:, :count], expected, atol=1e-5, rtol=0)
             inputs, positions, start = tokens.gather(1, queries), queries, start + count
     assert padded_cache.seq_length == eager_cache.seq_length == 1 + 1 + 3 + 5
@@ -115,14 +114,14 @@ def test_key_blocks_give_the_eager_tokens_with_a_few_more_graphs(pipelines):
     backend = CountingBackend()
     blocked.enable_compiled_decoding(key_block=4, backend=backend)
     decoder, read_lengths = blocked._compiled_decoder, []
-    step = decoder._step
+    step = decoder.step
 
-    def recording_step(*args):
-        cache = args[3]
+    def recording_step(*args, **kwargs):
+        cache = kwargs["past_key_values"]
         read_lengths.append((cache.seq_length, cache.read_length, cache.max_length))
-        return step(*args)
+        return step(*args, **kwargs)
 
-    decoder._step = recording_step
+    decoder.step = recording_step
     kwargs = dict(class_labels=[0, 3, 4], num_inference_steps=6, guidance_scale=3.0, output_type="latent")
     expected = eager(**kwargs, generator=torch.Generator().manual_seed(7)).images
     assert torch.equal(blocked(**kwargs, generator=torch.Generator().manual_seed(7)).images, expected)
@@ -167,15 +166,16 @@ def test_compiled_decoding_serves_larger_canvases_and_inpainting(pipelines):
     )
 
 
-def test_disable_returns_to_the_eager_fused_path(pipelines):
-    _, compiled, _ = pipelines
-    decoder = compiled._compiled_decoder
-    assert compiled.compiled_decoding and not compiled.transformer.projections_fused
+def test_disable_returns_to_eager_steps(pipelines):
+    eager, compiled, backend = pipelines
+    decoder, graphs = compiled._compiled_decoder, len(backend.graphs)
+    assert compiled.compiled_decoding
     compiled.disable_compiled_decoding()
     try:
         assert not compiled.compiled_decoding
-        compiled(class_labels=[0], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
-        assert compiled.transformer.projections_fused
+        kwargs = dict(class_labels=[0], num_inference_steps=2, output_type="latent")
+        got = compiled(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        assert len(backend.graphs) == graphs  # nothing compiled, nothing run through the compiled step
+        assert torch.equal(got, eager(**kwargs, generator=torch.Generator().manual_seed(0)).images)
     finally:
-        compiled.transformer.unfuse_projections()
         compiled._compiled_decoder = decoder

@@ -15,14 +15,19 @@ def model(request):
     return randomize_(ARPGForImageGeneration(config), seed=11).eval()
 
 
+def step(model, inputs, positions, queries, cache):
+    """One decoding step through the model's forward."""
+    return model(inputs, input_position_ids=positions, query_position_ids=queries, past_key_values=cache).logits
+
+
 def cached_logits(model, class_ids, orders, tokens, tokens_per_step):
-    """Runs decode_step through the cache, feeding the given tokens; returns the logits of every step, concatenated."""
+    """Runs decoding steps through the cache, feeding the given tokens; returns the logits of every step, concatenated."""
     cache = model.allocate_cache(class_ids.shape[0])
     inputs, positions = class_ids[:, None], torch.full((class_ids.shape[0], 1), CLASS_POSITION)
     logits, start = [], 0
     for count in tokens_per_step:
         queries = orders[:, start : start + count]
-        logits.append(model.decode_step(inputs, positions, queries, cache))
+        logits.append(step(model, inputs, positions, queries, cache))
         inputs, positions = tokens.gather(1, queries), queries
         start += count
     assert cache.seq_length == 1 + sum(tokens_per_step[:-1])
@@ -30,17 +35,16 @@ def cached_logits(model, class_ids, orders, tokens, tokens_per_step):
 
 
 def block_causal_logits(model, class_ids, orders, tokens, tokens_per_step):
-    """One pass without cache: block-causal self-attention by step group, queries see every input fed before them."""
+    """One pass without cache: block-causal self-attention by step group, queries see every input fed before them,
+    given to the model's mask rule as the number of inputs each row sees."""
     step_of = torch.repeat_interleave(torch.arange(len(tokens_per_step)), torch.tensor(tokens_per_step))  # (L,)
     fed = sum(tokens_per_step[:-1])  # the last step's tokens are never fed
     input_groups = torch.cat([torch.zeros(1, dtype=torch.long), step_of[:fed] + 1])  # class = group 0
     inputs = torch.cat([class_ids[:, None], tokens.gather(1, orders[:, :fed])], dim=1)
     positions = torch.cat([torch.full((class_ids.shape[0], 1), CLASS_POSITION), orders[:, :fed]], dim=1)
-    self_mask = input_groups[None, :] <= input_groups[:, None]  # (N, N): key group <= query group
-    cross_mask = input_groups[None, :] <= step_of[:, None]  # (L, N): inputs fed up to the query's step
-    hidden = model.model(
-        inputs, positions, orders, self_attention_mask=self_mask, cross_attention_mask=cross_mask
-    ).last_hidden_state
+    input_ends = (input_groups[None, :] <= input_groups[:, None]).sum(1)  # (N,): key group <= query group
+    query_ends = (input_groups[None, :] <= step_of[:, None]).sum(1)  # (L,): inputs fed up to the query's step
+    hidden = model.model(inputs, positions, orders, attention_ends=(input_ends, query_ends)).last_hidden_state
     return model.lm_head(hidden)
 
 
@@ -76,15 +80,15 @@ def test_one_token_per_step_equals_teacher_forced_forward(model):
 
 def test_cache_is_preallocated_and_written_in_place(model):
     cache = model.allocate_cache(2)
-    buffers = [t.data_ptr() for t in cache.self_keys + [cache.cross_key]]
-    assert cache.cross_key.shape == (2, 2, 17, 16)
+    buffers = [t.data_ptr() for t in cache.keys + cache.values]
+    assert len(cache.keys) == 3 and cache.keys[-1].shape == (2, 2, 17, 16)
     class_ids = model.class_token_ids(torch.tensor([0, 1]))[:, None]
     with torch.no_grad():
-        model.decode_step(class_ids, torch.full((2, 1), CLASS_POSITION), torch.tensor([[0, 5], [3, 4]]), cache)
-        model.decode_step(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0, 5], [3, 4]]), torch.tensor([[1], [2]]), cache)
-    assert [t.data_ptr() for t in cache.self_keys + [cache.cross_key]] == buffers
+        step(model, class_ids, torch.full((2, 1), CLASS_POSITION), torch.tensor([[0, 5], [3, 4]]), cache)
+        step(model, torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0, 5], [3, 4]]), torch.tensor([[1], [2]]), cache)
+    assert [t.data_ptr() for t in cache.keys + cache.values] == buffers
     assert cache.seq_length == 3
     with pytest.raises(ValueError, match="do not fit"):
-        model.decode_step(torch.zeros(2, 15, dtype=torch.long), torch.arange(15).expand(2, 15), torch.zeros(2, 1, dtype=torch.long), cache)
+        step(model, torch.zeros(2, 15, dtype=torch.long), torch.arange(15).expand(2, 15), torch.zeros(2, 1, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="batch size 2"):
-        model.decode_step(class_ids[:1], torch.full((1, 1), CLASS_POSITION), torch.tensor([[0]]), cache)
+        step(model, class_ids[:1], torch.full((1, 1), CLASS_POSITION), torch.tensor([[0]]), cache)

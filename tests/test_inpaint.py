@@ -57,23 +57,24 @@ def box_mask(height, width, top, left, bottom, right):
 
 
 class DecodeStepSpy:
-    """Records the inputs / queries of every decode_step call of a transformer."""
+    """Records the inputs / queries / keyword arguments of every step the transformer's forward runs."""
 
     def __init__(self, transformer):
         self.transformer, self.calls = transformer, []
 
     def __enter__(self):
-        original = self.transformer.decode_step
+        original = self.transformer.forward
 
-        def recording(input_ids, input_position_ids, query_position_ids, cache, **kwargs):
+        def recording(input_ids, input_position_ids, query_position_ids, **kwargs):
             self.calls.append((input_ids.clone(), input_position_ids.clone(), query_position_ids.clone(), kwargs))
-            return original(input_ids, input_position_ids, query_position_ids, cache, **kwargs)
+            return original(input_ids, input_position_ids=input_position_ids, query_position_ids=query_position_ids,
+                            **kwargs)  # fmt: skip
 
-        self.transformer.decode_step = recording
+        self.transformer.forward = recording
         return self
 
     def __exit__(self, *exc):
-        del self.transformer.decode_step
+        del self.transformer.forward
 
 
 def test_known_tokens_are_kept_and_every_masked_token_is_decoded_once(pipe, images):
@@ -104,7 +105,9 @@ def test_known_tokens_are_kept_and_every_masked_token_is_decoded_once(pipe, imag
     assert torch.equal(positions[:, 0], torch.full((4,), CLASS_POSITION))
     assert torch.equal(positions[:, 1:], known_positions.expand(4, 10))
     assert torch.equal(inputs[:2, 1:], encoded[:, known_positions]) and torch.equal(inputs[2:, 1:], inputs[:2, 1:])
-    assert kwargs["causal_inputs"] and not any(call[3]["causal_inputs"] for call in spy.calls[1:])
+    input_ends, query_ends = kwargs["attention_ends"]  # each kept token sees the class and those before it
+    assert torch.equal(input_ends, torch.arange(1, 12)) and torch.equal(query_ends, torch.full((2,), 11))
+    assert not any(call[3]["attention_ends"] is not None for call in spy.calls[1:])
     # Progress: -1 only at masked positions not generated yet; the kept ones are visible from the start.
     assert [int((t[0] < 0).sum()) for t in seen] == [6 - n for n in np.cumsum(pipe.scheduler.tokens_per_step)]
     assert all(torch.equal(t[:, ~masked], encoded[:, ~masked]) for t in seen)
@@ -143,14 +146,14 @@ def test_empty_mask_returns_the_encoded_tokens_without_a_model_call(pipe, images
     def fail(*args, **kwargs):
         raise AssertionError("the transformer must not run for an empty mask")
 
-    pipe.transformer.decode_step = fail
+    pipe.transformer.forward = fail
     try:
         empty = np.zeros((8, 8), dtype=np.float32)
         tokens = pipe(images, empty, [1, 2], output_type="latent").images
         decoded = pipe(images, empty, [1, 2], output_type="pt").images
         pasted = pipe(images, empty, [1, 2], output_type="pt", paste_back=True).images
     finally:
-        del pipe.transformer.decode_step
+        del pipe.transformer.forward
     encoded = encode(pipe, images)
     assert torch.equal(tokens, encoded)
     expected = (pipe.vqvae.decode(encoded.view(2, 4, 4)).sample / 2 + 0.5).clamp(0, 1)
@@ -358,7 +361,9 @@ def test_causal_prefill_matches_the_teacher_forced_forward():
         cache = model.allocate_cache(2)
         inputs = torch.cat([model.class_token_ids(labels)[:, None], tokens[:, known]], dim=1)
         positions = torch.cat([torch.full((2, 1), CLASS_POSITION), known.expand(2, -1)], dim=1)
-        logits = model.decode_step(inputs, positions, unknown.expand(2, -1), cache, causal_inputs=True)
+        ends = (torch.arange(1, 2 + len(known)), torch.full((len(unknown),), 1 + len(known)))  # causal prefix
+        logits = model(inputs, input_position_ids=positions, query_position_ids=unknown.expand(2, -1),
+                       past_key_values=cache, attention_ends=ends).logits  # fmt: skip
         for i, position in enumerate(unknown.tolist()):
             rest = [p for p in unknown.tolist() if p != position]
             orders = torch.tensor(known.tolist() + [position] + rest)

@@ -41,7 +41,7 @@ def test_scale_one_ignores_the_negative_class_and_scale_four_uses_it(pipe):
 
 def test_negative_guided_logits(pipe):
     """The step's logits are negative + scale * (conditional - negative), computed from the two halves."""
-    with recording_calls(pipe.transformer, "decode_step") as steps, recording_calls(pipe.scheduler, "step") as draws:
+    with recording_calls(pipe, "decode_step") as steps, recording_calls(pipe.scheduler, "step") as draws:
         greedy(pipe, [2], 3.0, negative_class_labels=[1])
     conditional, negative = steps[0][2].chunk(2)  # the first step's logits
     guided = draws[0][0][0]  # the logits the scheduler sampled from

@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel, llamagen_vq_config
-from arpg_hf.modeling_arpg import CPU_GEMMS
+from arpg_hf.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 
 from .conftest import randomize_, read_json, recording_calls, tiny_config
 
@@ -35,18 +35,18 @@ def reference(reference_pipeline):
 @pytest.mark.parametrize("cpu_gemm", CPU_GEMMS)
 @pytest.mark.parametrize("case", CASES, ids=[case["key"] for case in CASES])
 def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixture, case, cpu_gemm):
-    """Exact tokens with every CPU weight layout of fuse_projections (the pipeline keeps the chosen one)."""
+    """Exact tokens with every CPU weight layout of use_cpu_gemm."""
     key = case["key"]
-    reference.transformer.fuse_projections(cpu_gemm=cpu_gemm)
+    use_cpu_gemm(reference.transformer, cpu_gemm)
     try:
         tokens = with_schedule(reference, case)(
             generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
             guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
             output_type="latent",
         ).images  # fmt: skip
-        assert reference.transformer._cpu_gemm == cpu_gemm
-    finally:
-        reference.transformer.fuse_projections(cpu_gemm="blas")  # the session's pipeline shares this transformer
+    finally:  # the session's pipeline shares this transformer
+        use_cpu_gemm(reference.transformer, "default")
+        reference.transformer.unfuse_projections()
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, generate_fixture[f"{key}.tokens"])
     assert reference.scheduler.tokens_per_step == generate_fixture[f"{key}.num_pred_per_step"].tolist()
@@ -55,7 +55,7 @@ def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixtu
 def test_first_step_logits_match_reference(reference, generate_fixture):
     for case in CASES:
         key = case["key"]
-        with recording_calls(reference.transformer, "decode_step") as steps:
+        with recording_calls(reference, "decode_step") as steps:
             with_schedule(reference, case)(
                 generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
                 guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
@@ -252,7 +252,7 @@ def test_shared_order_is_drawn_as_the_published_sampler_draws_it(tiny_pipeline):
 # ------------------------------------------------------------------------------------------- larger canvases
 def test_larger_canvas_generation(tiny_pipeline):
     """height / width in pixels: a 4x8-token canvas (twice the trained width) on the 4x4-token model."""
-    with recording_calls(tiny_pipeline.transformer, "decode_step") as calls:
+    with recording_calls(tiny_pipeline, "decode_step") as calls:
         kwargs = dict(class_labels=[0, 3], num_inference_steps=6, height=8, width=16)
         tokens = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0), output_type="latent").images
         images = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
@@ -267,7 +267,7 @@ def test_larger_canvas_generation(tiny_pipeline):
 
 def test_position_modes_matter_only_off_the_trained_grid(tiny_pipeline):
     def run(mode, **size):
-        with recording_calls(tiny_pipeline.transformer, "decode_step") as steps:
+        with recording_calls(tiny_pipeline, "decode_step") as steps:
             tokens = tiny_pipeline([2], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
                                    position_mode=mode, output_type="latent", **size).images  # fmt: skip
         return tokens, torch.cat([logits for _, _, logits in steps], dim=1)

@@ -39,7 +39,7 @@ class InterruptAt(PipelineCallback):
 
 
 def run(pipe, callback=None, steps=16, **kwargs):
-    with recording_calls(pipe.transformer, "decode_step") as calls:
+    with recording_calls(pipe, "decode_step") as calls:
         tokens = pipe([3, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                       output_type="latent", callback_on_step_end=callback, **kwargs).images  # fmt: skip
     return tokens, len(calls)
@@ -92,7 +92,7 @@ def test_interrupting_an_inpainting_call(pipe):
     mask[16:] = 255  # the bottom half: 32 of the 64 tokens
     encoded = inpaint.encode_image(inpaint.preprocess_image(image))
     callback = InterruptAt(cutoff_step_index=1)
-    with recording_calls(inpaint.transformer, "decode_step") as calls:
+    with recording_calls(inpaint, "decode_step") as calls:
         tokens = inpaint(image, mask, [5], num_inference_steps=8, generator=torch.Generator().manual_seed(0),
                          output_type="latent", callback_on_step_end=callback).images  # fmt: skip
     assert len(calls) == 3 and bool((tokens >= 0).all())

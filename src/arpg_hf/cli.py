@@ -16,7 +16,7 @@ import sys
 from typing import Callable, Sequence
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-CPU_GEMMS = ("blas", "onednn", "onednn-packed")  # modeling_arpg.CPU_GEMMS (kept import-free for --help)
+CPU_GEMMS = ("default", "blas", "onednn", "onednn-packed")  # cpu_gemm.CPU_GEMMS (kept import-free for --help)
 # Failures that come from the user's input rather than from a bug.
 USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
@@ -151,7 +151,9 @@ def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
                                         ("guidance_schedule", args.guidance_schedule)) if v}  # fmt: skip
         pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **overrides)
     if args.cpu_gemm:
-        pipeline.transformer.fuse_projections(cpu_gemm=args.cpu_gemm)  # kept by every later pipeline call
+        from .cpu_gemm import use_cpu_gemm
+
+        use_cpu_gemm(pipeline.transformer, args.cpu_gemm)
     return pipeline
 
 
@@ -335,8 +337,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser, default_output_dir: 
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
     parser.add_argument("--cpu-gemm", choices=CPU_GEMMS, default=None,
-                        help="float32 on CPU: how decoding multiplies by the weights (see fuse_projections); "
-                             "onednn is faster than the default blas on some CPUs at no memory cost, onednn-packed "
+                        help="float32 on CPU: how decoding multiplies by the weights (see arpg_hf.cpu_gemm); "
+                             "onednn is faster than the default on some CPUs at no memory cost, onednn-packed "
                              "faster still with a second copy of the weights")
     parser.add_argument("--model-cpu-offload", action="store_true",
                         help="keep each model on the CPU until it runs on --device (diffusers' "

@@ -1,23 +1,11 @@
-"""Opt-in `torch.compile` of the decoding step, at bucketed static shapes.
+"""Opt-in `torch.compile` of decoding steps: the model's own forward, at bucketed static shapes.
 
-A decoding step's shapes change from step to step: the token schedule feeds n_(k-1) inputs and asks n_k queries,
-and the cache grows. Compiled as they are, every new combination is a new graph (or a dynamic-shape graph that
-CUDA graphs cannot capture). [`CompiledDecoder`] instead
-
-- pads the inputs and the queries of a step up to a bucket size (powers of two by default; padding repeats the
-  first real entry, so every index stays in range), and drops the padded queries' logits;
-- writes the inputs into the preallocated cache at a slot offset given as a 0-dim tensor, and lets attention read
-  the whole cache under a mask of the filled slots (see `slot_start` in [`ARPGModel.forward`]); padded inputs land
-  beyond the filled slots, so nothing attends to them, and the next step overwrites them;
-- optionally (`key_block`), lets attention read only the cache slots up to the filled ones rounded up to a multiple
-  of `key_block`, instead of the whole cache: a few more shapes, and on average about half the keys and values read.
-
-Every step of a run therefore has one of a handful of shapes (a few pairs of buckets, times the key blocks in use),
-each compiled once per batch size, grid and position mode and then reused by every later call. The results are those
-of the eager step up to floating-point reassociation: the same tokens in practice (the tests check this on a tiny
-model).
-
-Steps that feed known tokens causally (the prefill of the editing pipelines) run eagerly, once per call.
+A decoding step feeds the n tokens sampled at the previous step and asks m queries, and both change from step to
+step. [`CompiledDecoder`] pads them up to a bucket size (padding repeats the first real entry, so every index stays in
+range) and passes explicit `cache_position` and `attention_ends`, so that no traced shape depends on the step: the
+padded inputs land beyond the filled slots, the mask rule hides them from every real row, and the next step
+overwrites them. The cache is read whole, or up to the filled slots rounded up to `key_block`. Each (bucket pair,
+batch size, grid, position mode) is compiled once and then reused.
 """
 
 from __future__ import annotations
@@ -29,15 +17,12 @@ import torch
 from .cache_arpg import ARPGStaticCache
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 64  # graphs per decoder: bucket pairs x key blocks x batch sizes x canvases in use
 
 
 def bucket_size(count: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds `count` (buckets sorted ascending); `count` itself beyond the largest."""
-    for bucket in buckets:
-        if bucket >= count:
-            return bucket
-    return count
+    return next((bucket for bucket in buckets if bucket >= count), count)
 
 
 def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
@@ -47,19 +32,22 @@ def _pad_columns(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class CompiledDecoder:
-    """Runs [`~ARPGForImageGeneration.decode_step`] through `torch.compile` at bucketed static shapes.
+    """Runs decoding steps of an [`ARPGForImageGeneration`] through `torch.compile` at bucketed static shapes.
 
-    Usually created by [`ARPGPipeline.enable_compiled_decoding`]. Calls take and return what `decode_step` does.
+    Usually created by [`ARPGPipeline.enable_compiled_decoding`]. Calls take the step arguments of the model's
+    forward and return its logits `(batch, num_queries, vocab_size)`; steps with `attention_ends` (the causal prefill
+    of the editing pipelines, once per call) run eagerly.
 
     Args:
-        transformer ([`ARPGForImageGeneration`]): the model; compiled decoding uses the default (unfused) weight
-            layout, the compiler picks its own.
-        buckets (`Sequence[int]`, *optional*): allowed padded sizes for the inputs and queries of a step; defaults to
-            powers of two up to 4096.
-        key_block (`int`, *optional*): attention reads the cache slots up to the filled ones rounded up to a multiple
-            of this (e.g. 64) instead of the whole cache; None (default): the whole cache, one key length.
-        **compile_kwargs: passed to `torch.compile` (defaults: `fullgraph=True`, `dynamic=False`); e.g.
-            `mode="reduce-overhead"` for CUDA graphs, or `backend=...`.
+        transformer ([`ARPGForImageGeneration`]): the model.
+        buckets (`Sequence[int]`, *optional*): padded sizes for the inputs and queries of a step; defaults to powers
+            of two up to 4096.
+        key_block (`int`, *optional*): attention reads the cache up to the filled slots rounded up to a multiple of
+            this instead of the whole cache: a few more graphs, fewer keys read.
+        **compile_kwargs: for `torch.compile` (default: `dynamic=False`); e.g. `mode="reduce-overhead"` for CUDA
+            graphs, or `fullgraph=True` to refuse graph breaks (offload hooks run between graphs, so they need it
+            False). The decoder's own calls may compile up to `RECOMPILE_LIMIT`
+            graphs (Dynamo's global limit is raised only while they run).
     """
 
     def __init__(self, transformer, buckets: Sequence[int] | None = None, key_block: int | None = None,
@@ -69,57 +57,41 @@ class CompiledDecoder:
             raise ValueError(f"buckets must be positive integers, got {buckets!r}.")
         if key_block is not None and (not isinstance(key_block, int) or key_block < 1):
             raise ValueError(f"key_block must be a positive integer or None, got {key_block!r}.")
-        self.transformer = transformer
-        self.buckets = tuple(buckets)
-        self.key_block = key_block
-        self.compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-        # One graph per (input bucket, query bucket, batch size, grid, position mode) in use: more than Dynamo's
-        # default of 8 per function once several batch sizes or canvases are served.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._step = torch.compile(self._padded_step, **self.compile_kwargs)
-
-    def _padded_step(self, input_ids, input_positions, query_positions, cache, slot_start, num_valid, grid_size,
-                     position_mode):  # fmt: skip
-        return self.transformer.decode_step(
-            input_ids, input_positions, query_positions, cache, grid_size=grid_size, position_mode=position_mode,
-            slot_start=slot_start, num_valid_inputs=num_valid,
-        )  # fmt: skip
+        self.transformer, self.buckets, self.key_block = transformer, tuple(buckets), key_block
+        self.step = torch.compile(transformer, **{"dynamic": False, **compile_kwargs})
 
     def allocate_cache(self, batch_size: int, max_length: int, device=None) -> ARPGStaticCache:
         """A cache with room for `max_length` inputs plus the padding of a step (the largest bucket that can occur)."""
-        headroom = bucket_size(max_length, self.buckets) - 1
-        cache = self.transformer.allocate_cache(batch_size, max_length=max_length + headroom, device=device)
-        if cache.cross_key.device.type == "cuda":  # CUDA graphs: the buffers keep their addresses across calls
-            for buffer in cache.self_keys + cache.self_values + [cache.cross_key, cache.cross_value]:
+        length = max_length + bucket_size(max_length, self.buckets) - 1
+        cache = self.transformer.allocate_cache(batch_size, length, device=device, key_block=self.key_block or length)
+        if cache.keys[0].device.type == "cuda":  # CUDA graphs: the buffers keep their addresses across calls
+            for buffer in cache.keys + cache.values:
                 torch._dynamo.mark_static_address(buffer)
         return cache
 
-    def __call__(self, input_ids, input_position_ids, query_position_ids, cache: ARPGStaticCache, grid_size=None,
-                 position_mode: str = "extrapolate", causal_inputs: bool = False) -> torch.FloatTensor:  # fmt: skip
-        if causal_inputs and input_ids.shape[1] > 1:  # a prefill of known tokens: once per call, eager
-            return self.transformer.decode_step(
-                input_ids, input_position_ids, query_position_ids, cache, grid_size=grid_size,
-                position_mode=position_mode, causal_inputs=True,
-            )  # fmt: skip
+    def __call__(self, input_ids, input_position_ids, query_position_ids, past_key_values: ARPGStaticCache,
+                 attention_ends=None, grid_size=None, position_mode: str = "extrapolate") -> torch.FloatTensor:  # fmt: skip
+        kwargs = dict(past_key_values=past_key_values, grid_size=None if grid_size is None else tuple(grid_size),
+                      position_mode=position_mode)  # fmt: skip
+        if attention_ends is not None:  # the causal prefill: once per call, eager
+            return self.transformer(input_ids, input_position_ids=input_position_ids,
+                                    query_position_ids=query_position_ids, attention_ends=attention_ends,
+                                    **kwargs).logits  # fmt: skip
         num_inputs, num_queries = input_ids.shape[1], query_position_ids.shape[1]
         input_width, query_width = bucket_size(num_inputs, self.buckets), bucket_size(num_queries, self.buckets)
-        cache.check_capacity(input_ids.shape[0], input_width)
-        device = input_ids.device
+        start = past_key_values.advance(num_inputs, input_ids.shape[0])
+        if start + input_width > past_key_values.max_length:
+            raise ValueError("The cache has no room for the padding of this step; allocate it with allocate_cache.")
         rotary = self.transformer.model.rotary_emb
-        rotary.table(tuple(grid_size or rotary.grid_size), position_mode, device)  # built eagerly: graphs only read it
-        if self.key_block is not None:  # a Python int on the cache: each value is its own (guarded) graph
-            filled = cache.seq_length + num_inputs
-            cache.attended_slots = min(cache.max_length, -(-filled // self.key_block) * self.key_block)
-        logits = self._step(
-            _pad_columns(input_ids, input_width),
-            _pad_columns(input_position_ids, input_width),
-            _pad_columns(query_position_ids, query_width),
-            cache,
-            torch.tensor(cache.seq_length, device=device),
-            torch.tensor(num_inputs, device=device),
-            None if grid_size is None else tuple(grid_size),
-            position_mode,
-        )  # (B, query_width, V)
-        cache.seq_length += num_inputs
-        cache.attended_slots = None
+        rotary.table(kwargs["grid_size"] or rotary.grid_size, position_mode, input_ids.device)  # built eagerly
+        device, end = input_ids.device, start + num_inputs
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
+            logits = self.step(
+                _pad_columns(input_ids, input_width),
+                input_position_ids=_pad_columns(input_position_ids, input_width),
+                query_position_ids=_pad_columns(query_position_ids, query_width),
+                cache_position=torch.arange(start, start + input_width, device=device),
+                attention_ends=(torch.full((input_width,), end, device=device), torch.full((query_width,), end, device=device)),
+                **kwargs,
+            ).logits  # (B, query_width, V)
         return logits[:, :num_queries]

@@ -4,6 +4,10 @@ Pass 1 runs causal self-attention over [class, known image tokens] and projects 
 values shared by every Pass-2 layer. Pass 2 starts each query from the [MASK] embedding, rotated by the 2-D RoPE of
 the position it predicts, and cross-attends to those keys and values. Because a query only names its target position,
 any set of positions can be predicted at once, in any order.
+
+One mask rule serves training and decoding: every input and query has an *end*, and sees the key slots below it. In
+training each input is its own decoding step (input j and query j see inputs 0..j: causal); in a decoding step the
+inputs fed together see each other and everything cached, and the queries see all of it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRMSNorm as ARPGRMSNorm
+from transformers.utils import ModelOutput
 
 try:  # transformers >= 5: initialisers that skip weights loaded from a checkpoint
     from transformers import initialization as init
@@ -26,25 +32,9 @@ except ImportError:  # pragma: no cover
 
 from .cache_arpg import ARPGStaticCache
 from .configuration_arpg import ARPGConfig
-from .fused_linear import (
-    fuse_linears, fused_linear_outputs, is_fused, linear_output, pack_linears, unfuse_linears, unpack_linears,
-)  # fmt: skip
 from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
 from .saved_folders import VARIANT_DTYPES, variant_state_dict, write_import_shims
-
-logger = logging.get_logger(__name__)
-
-CPU_GEMMS = ("blas", "onednn", "onednn-packed")  # fuse_projections(cpu_gemm=...)
-
-
-def run_offload_hook(module: nn.Module) -> None:
-    """Runs the `pre_forward` of an accelerate offload hook on `module`, if it has one (diffusers'
-    `enable_model_cpu_offload`): it moves the model to its execution device, as calling the model would. Decoding
-    calls [`~ARPGForImageGeneration.decode_step`], not `forward`, so the pipelines run it once per decoding."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(module)
 
 
 @dataclass
@@ -52,44 +42,124 @@ class ARPGModelOutput(ModelOutput):
     """
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch, num_queries, hidden_size)`): normed query states.
-        cache (`ARPGStaticCache`, *optional*): the cache that was updated, when one was passed.
+        past_key_values (`ARPGStaticCache`, *optional*): the cache that was updated, when one was passed.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    cache: ARPGStaticCache | None = None
+    past_key_values: ARPGStaticCache | None = None
 
 
 @dataclass
 class ARPGImageGenerationOutput(ModelOutput):
     """
     Args:
-        loss (`torch.FloatTensor` of shape `()`): mean cross-entropy over all predicted tokens.
-        logits (`torch.FloatTensor` of shape `(batch, seq, vocab_size)`): in decoding order, `logits[b, i]` predicts
-            `input_ids[b, orders[b, i]]`.
-        orders (`torch.LongTensor` of shape `(batch, seq)`): the raster positions in decoding order (a permutation per row).
+        loss (`torch.FloatTensor` of shape `()`): mean cross-entropy over the predicted tokens, when targets exist.
+        logits (`torch.FloatTensor` of shape `(batch, num_queries, vocab_size)`): one row per query; in teacher
+            forcing, in decoding order: `logits[b, i]` predicts `input_ids[b, orders[b, i]]`.
+        orders (`torch.LongTensor` of shape `(batch, seq)`): teacher forcing only: the raster positions in decoding
+            order (a permutation per row).
+        past_key_values (`ARPGStaticCache`, *optional*): the cache that was updated, when one was passed.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     orders: torch.LongTensor | None = None
+    past_key_values: ARPGStaticCache | None = None
 
 
-class ARPGRMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, normalised in float32."""
+def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=False,
+                            **kwargs):  # fmt: skip
+    """Plain attention over `(batch, heads, seq, head_dim)` tensors, with transformers' attention-interface signature;
+    `attention_mask` is boolean, True where a row may attend. Returns `((batch, seq, heads, head_dim), weights)`."""
+    scores = query @ key.transpose(-1, -2)
+    scores = scores / math.sqrt(query.shape[-1]) if scaling is None else scores * scaling  # (B, H, Nq, Nk)
+    if is_causal:
+        attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = F.dropout(scores.softmax(-1), p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.to(hidden_states.dtype) * self.weight
+def attend(module: nn.Module, query, key, value, attention_mask, is_causal: bool) -> torch.Tensor:
+    """Attention through the model's `config._attn_implementation` (transformers' `ALL_ATTENTION_FUNCTIONS`, or
+    `eager_attention_forward`): `(batch, seq, heads * head_dim)`."""
+    implementation = module.config._attn_implementation
+    interface = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+    dropout = module.config.attention_dropout if module.training else 0.0
+    output, _ = interface(module, query, key, value, attention_mask, dropout=dropout, is_causal=is_causal)
+    return output.flatten(2)
 
 
-class ARPGMLP(nn.Module):
+class FusedProjections:
+    """Mixin of a module whose bias-free projections of one input can run as one GEMM, as diffusers'
+    `fuse_qkv_projections()` does: `fuse_projections()` swaps in a real `nn.Linear` holding the parts' weights side by
+    side (e.g. `qkv_proj` for `q_proj`, `k_proj`, `v_proj`) and removes the parts; `unfuse_projections()` swaps them
+    back. State dicts always hold the parts, so saved folders keep the checkpoint layout."""
+
+    fusions: dict[str, tuple[str, ...]] = {}  # fused name -> the names of its parts
+
+    def register_fusions(self) -> None:
+        """Called at the end of `__init__`: no fused projection yet, and the state-dict hooks."""
+        for fused_name in self.fusions:
+            setattr(self, fused_name, None)
+        self.register_state_dict_post_hook(_state_dict_with_parts)
+        self.register_load_state_dict_pre_hook(_load_parts_into_fused)
+
+    def project(self, hidden_states: torch.Tensor, fused_name: str) -> tuple[torch.Tensor, ...]:
+        """The parts' outputs, through the fused projection when there is one."""
+        fused = getattr(self, fused_name)
+        if fused is None:
+            return tuple(getattr(self, name)(hidden_states) for name in self.fusions[fused_name])
+        return fused(hidden_states).chunk(len(self.fusions[fused_name]), dim=-1)
+
+    def fuse_projections(self) -> None:
+        for fused_name, names in self.fusions.items():
+            if getattr(self, fused_name) is not None:
+                continue
+            parts = [getattr(self, name) for name in names]
+            weight = parts[0].weight
+            fused = nn.Linear(weight.shape[1], len(parts) * weight.shape[0], bias=False, device="meta")
+            with torch.no_grad():
+                fused.weight = nn.Parameter(torch.cat([part.weight for part in parts]), weight.requires_grad)
+            setattr(self, fused_name, fused)
+            for name in names:
+                setattr(self, name, None)
+
+    def unfuse_projections(self) -> None:
+        for fused_name, names in self.fusions.items():
+            fused = getattr(self, fused_name)
+            if fused is None:
+                continue
+            with torch.no_grad():
+                for name, weight in zip(names, fused.weight.chunk(len(names))):
+                    part = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+                    part.weight = nn.Parameter(weight.clone(), fused.weight.requires_grad)
+                    setattr(self, name, part)
+            setattr(self, fused_name, None)
+
+
+def _state_dict_with_parts(module: FusedProjections, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook: a fused weight is saved as its parts (own storage each), under the parts' names."""
+    for fused_name, names in module.fusions.items():
+        weight = state_dict.pop(f"{prefix}{fused_name}.weight", None)
+        if weight is not None:
+            for name, part in zip(names, weight.chunk(len(names))):
+                state_dict[f"{prefix}{name}.weight"] = part.clone()
+
+
+def _load_parts_into_fused(module: FusedProjections, state_dict, prefix, *args) -> None:
+    """Load hook: parts given under their own names load into the fused weight when the module is fused."""
+    for fused_name, names in module.fusions.items():
+        keys = [f"{prefix}{name}.weight" for name in names]
+        if getattr(module, fused_name) is not None and all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{fused_name}.weight"] = torch.cat([state_dict.pop(key) for key in keys])
+
+
+class ARPGMLP(FusedProjections, nn.Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    fusions = {"gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
@@ -97,97 +167,56 @@ class ARPGMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.dropout = nn.Dropout(config.ffn_dropout)
+        self.register_fusions()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate, up = fused_linear_outputs(hidden_states, self.gate_proj, self.up_proj)  # (..., F) each
-        return self.dropout(linear_output(F.silu(gate) * up, self.down_proj))
+        gate, up = self.project(hidden_states, "gate_up_proj")  # (..., F) each
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
-def multi_head_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    is_causal: bool,
-    dropout: float,
-    implementation: str | None,
-) -> torch.Tensor:
-    """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors; returns (batch, seq, heads * head_dim).
+class ARPGSelfAttention(FusedProjections, nn.Module):
+    """Pass-1 multi-head self-attention with 2-D RoPE on queries and keys; writes its keys/values to the cache."""
 
-    `attention_mask` is boolean, True where a query may attend, broadcastable to (batch, heads, q_len, k_len).
-    `implementation` "eager" is the plain reference path; anything else uses `F.scaled_dot_product_attention`.
-    """
-    if implementation == "eager":
-        scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, H, Nq, Nk)
-        if is_causal:
-            attention_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-        if attention_mask is not None:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        probs = F.dropout(scores.softmax(-1), p=dropout)
-        output = probs @ value  # (B, H, Nq, Dh)
-    else:
-        output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
-        )  # (B, H, Nq, Dh)
-    return output.transpose(1, 2).flatten(2)  # (B, Nq, H * Dh)
-
-
-class ARPGSelfAttention(nn.Module):
-    """Pass-1 multi-head self-attention with 2-D RoPE on queries and keys."""
+    fusions = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    is_causal = False  # the mask rule decides, see ARPGModel
 
     def __init__(self, config: ARPGConfig, layer_idx: int):
         super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
+        self.config, self.layer_idx = config, layer_idx
+        self.heads = (config.num_attention_heads, config.head_dim)
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.resid_dropout = nn.Dropout(config.residual_dropout)
+        self.register_fusions()
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, H, N, Dh)
-
-    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None, slot_start=None):
-        cos, sin = rotary
-        query, key, value = fused_linear_outputs(hidden_states, self.q_proj, self.k_proj, self.v_proj)  # (B, N, D) each
-        query = apply_rotary_2d(self._heads(query), cos, sin)
-        key = apply_rotary_2d(self._heads(key), cos, sin)
-        value = self._heads(value)
-        if cache is not None and slot_start is not None:
-            key, value = cache.update_self_at(self.layer_idx, key, value, slot_start)  # (B, H, read_length, Dh)
-        elif cache is not None:
-            key, value = cache.update_self(self.layer_idx, key, value)  # (B, H, cached + N, Dh)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        output = multi_head_attention(
-            query, key, value, attention_mask, is_causal, dropout, self.config._attn_implementation
-        )
-        return self.resid_dropout(linear_output(output, self.o_proj))
+    def forward(self, hidden_states, rotary, attention_mask, is_causal, past_key_values=None, cache_position=None):
+        query, key, value = (x.unflatten(-1, self.heads).transpose(1, 2) for x in self.project(hidden_states, "qkv_proj"))
+        query, key = apply_rotary_2d(query, *rotary), apply_rotary_2d(key, *rotary)  # (B, H, N, Dh)
+        if past_key_values is not None:
+            key, value = past_key_values.update(self.layer_idx, key, value, cache_position)  # (B, H, S, Dh)
+        output = attend(self, query, key, value, attention_mask, is_causal)
+        return self.resid_dropout(self.o_proj(output))
 
 
 class ARPGCrossAttention(nn.Module):
-    """Pass-2 attention: queries (rotated to their target positions) over the shared, already rotated keys."""
+    """Pass-2 attention: queries, rotated to their target positions, over the shared, already rotated keys."""
+
+    is_causal = False
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
         self.config = config
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
+        self.heads = (config.num_attention_heads, config.head_dim)
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.resid_dropout = nn.Dropout(config.residual_dropout)
 
-    def forward(self, hidden_states, rotary, key, value, attention_mask=None, is_causal=False):
-        cos, sin = rotary
-        query = linear_output(hidden_states, self.q_proj).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        query = apply_rotary_2d(query, cos, sin)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        output = multi_head_attention(
-            query, key, value, attention_mask, is_causal, dropout, self.config._attn_implementation
-        )
-        return self.resid_dropout(linear_output(output, self.o_proj))
+    def forward(self, hidden_states, rotary, key, value, attention_mask, is_causal):
+        query = apply_rotary_2d(self.q_proj(hidden_states).unflatten(-1, self.heads).transpose(1, 2), *rotary)
+        output = attend(self, query, key, value, attention_mask, is_causal)
+        return self.resid_dropout(self.o_proj(output))
 
 
 class ARPGSelfAttentionLayer(GradientCheckpointingLayer):
@@ -198,17 +227,15 @@ class ARPGSelfAttentionLayer(GradientCheckpointingLayer):
         self.ffn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ARPGMLP(config)
 
-    def forward(self, hidden_states, rotary, attention_mask=None, is_causal=False, cache=None, slot_start=None):
+    def forward(self, hidden_states, rotary, attention_mask, is_causal, past_key_values=None, cache_position=None):
         hidden_states = hidden_states + self.self_attn(
-            self.attn_norm(hidden_states), rotary, attention_mask=attention_mask, is_causal=is_causal, cache=cache,
-            slot_start=slot_start,
+            self.attn_norm(hidden_states), rotary, attention_mask, is_causal, past_key_values, cache_position
         )
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
 
 class ARPGCrossAttentionLayer(GradientCheckpointingLayer):
-    # Pass-2 layers only read the cache, so checkpointing may keep it.
-    _can_checkpoint_with_cache = True
+    _can_checkpoint_with_cache = True  # Pass-2 layers only read the cache
 
     def __init__(self, config: ARPGConfig):
         super().__init__()
@@ -217,9 +244,9 @@ class ARPGCrossAttentionLayer(GradientCheckpointingLayer):
         self.ffn_norm = ARPGRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ARPGMLP(config)
 
-    def forward(self, hidden_states, rotary, key, value, attention_mask=None, is_causal=False):
+    def forward(self, hidden_states, rotary, key, value, attention_mask, is_causal):
         hidden_states = hidden_states + self.cross_attn(
-            self.attn_norm(hidden_states), rotary, key, value, attention_mask=attention_mask, is_causal=is_causal
+            self.attn_norm(hidden_states), rotary, key, value, attention_mask, is_causal
         )
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
@@ -231,10 +258,11 @@ class ARPGPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["ARPGSelfAttentionLayer", "ARPGCrossAttentionLayer"]
     _supports_sdpa = True
+    _supports_flash_attn = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
-        """`set_attn_implementation("eager" | "sdpa")` works on a built model: every attention call reads
+        """`set_attn_implementation(...)` works on a built model: every attention call reads
         `config._attn_implementation` (transformers' source heuristic cannot see that)."""
         return True
 
@@ -246,9 +274,11 @@ class ARPGPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
 
 
-class ARPGModel(ARPGPreTrainedModel):
+class ARPGModel(ARPGPreTrainedModel, FusedProjections):
     """The two-pass trunk: token embedding, Pass-1 self-attention layers, the shared key/value projection, Pass-2
     cross-attention layers and the final norm. Returns the query states; [`ARPGForImageGeneration`] adds the head."""
+
+    fusions = {"kv_proj": ("k_proj", "v_proj")}
 
     def __init__(self, config: ARPGConfig):
         super().__init__(config)
@@ -271,6 +301,7 @@ class ARPGModel(ARPGPreTrainedModel):
             nn.Embedding(config.num_image_tokens, config.hidden_size) if config.absolute_position_embeddings else None
         )
         self.gradient_checkpointing = False
+        self.register_fusions()
         self.post_init()
 
     def forward(
@@ -278,93 +309,55 @@ class ARPGModel(ARPGPreTrainedModel):
         input_ids: torch.LongTensor,
         input_position_ids: torch.LongTensor,
         query_position_ids: torch.LongTensor,
-        self_attention_mask: torch.BoolTensor | None = None,
-        cross_attention_mask: torch.BoolTensor | None = None,
-        is_causal: bool = False,
-        cache: ARPGStaticCache | None = None,
+        past_key_values: ARPGStaticCache | None = None,
+        cache_position: torch.LongTensor | None = None,
+        attention_ends: tuple[torch.LongTensor, torch.LongTensor] | None = None,
         grid_size: tuple[int, int] | None = None,
         position_mode: str = "extrapolate",
-        causal_inputs: bool = False,
-        slot_start: torch.Tensor | None = None,
-        num_valid_inputs: torch.Tensor | None = None,
     ) -> ARPGModelOutput:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch, num_inputs)`):
-                Embedding ids of the inputs: class tokens (`config.class_token_offset + c`, or the null class) and
-                image tokens.
-            input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`):
-                Raster position of each input on the grid, -1 for a class token.
-            query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`):
-                Raster positions whose tokens the queries predict.
-            self_attention_mask (`torch.BoolTensor`, *optional*):
-                True where input i may attend to input j, broadcastable to `(batch, heads, num_inputs, num_inputs)`.
-            cross_attention_mask (`torch.BoolTensor`, *optional*):
-                True where query i may attend to input j, broadcastable to `(batch, heads, num_queries, num_inputs)`.
-            is_causal (`bool`, *optional*, defaults to `False`):
-                Causal masks in both passes (training): input j sees inputs 0..j, query i sees inputs 0..i.
-            cache (`ARPGStaticCache`, *optional*):
-                Decoding cache. The inputs are written after the filled slots; they attend to every cached input and
-                to each other, and the queries attend to everything cached. Masks must then be None.
+            input_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): embedding ids of the inputs: class tokens
+                (`config.class_token_offset + c`, or the null class) and image tokens.
+            input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): raster position of each input on
+                the grid, -1 for a class token.
+            query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`): raster positions to predict.
+            past_key_values ([`ARPGStaticCache`], *optional*): decoding cache, updated in place.
+            cache_position (`torch.LongTensor` of shape `(num_inputs,)`, *optional*): the cache slots the inputs go
+                to; by default the next free ones (`past_key_values.advance`), or `0..num_inputs-1` without a cache.
+            attention_ends (`tuple` of two `torch.LongTensor`, *optional*): the mask rule: input j sees the key slots
+                below `attention_ends[0][j]`, query i those below `attention_ends[1][i]`. By default, without a cache
+                every input is its own step (causal: input j and query j see inputs 0..j); with a cache the inputs
+                form one step and every row sees every filled slot.
             grid_size (`tuple[int, int]`, *optional*): the (height, width) the positions refer to.
             position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
-            causal_inputs (`bool`, *optional*, defaults to `False`):
-                With a cache: the new inputs attend to every cached input but causally among themselves (input j sees
-                new inputs 0..j), as a prefix of the training order does. Used to prefill known tokens (editing).
-            slot_start (`torch.Tensor`, *optional*), num_valid_inputs (`torch.Tensor`, *optional*):
-                Static shapes for compiled decoding (see `arpg_hf.compiled_decoding`), both 0-dim integer tensors: the
-                inputs are written at cache slots `slot_start ..` and only the first `num_valid_inputs` of them are
-                real (the rest is padding). Attention then reads the first `cache.read_length` slots (the whole
-                cache unless `cache.attended_slots` is set) under a mask of the slots below
-                `slot_start + num_valid_inputs`, so no shape depends on the fill. The caller checks the capacity
-                (padding included) and advances `cache.seq_length`.
         """
-        padded = slot_start is not None
-        if padded and (cache is None or num_valid_inputs is None or causal_inputs):
-            raise ValueError("slot_start needs a cache and num_valid_inputs, and serves non-causal decoding steps only.")
-        if cache is not None and (
-            is_causal or self_attention_mask is not None or cross_attention_mask is not None
-        ):
-            raise ValueError("With a cache the attention pattern is fixed: pass no masks and is_causal=False.")
-        if padded:
-            slots = torch.arange(cache.read_length, device=input_ids.device)  # (S,)
-            filled = (slots < slot_start + num_valid_inputs)[None, :]  # (1, S): the slots filled after this step
-            self_attention_mask = cross_attention_mask = filled
-        elif cache is not None:
-            cache.check_capacity(input_ids.shape[0], input_ids.shape[1])
-            if causal_inputs and input_ids.shape[1] > 1:
-                num_new, num_cached = input_ids.shape[1], cache.seq_length
-                self_attention_mask = torch.ones(
-                    num_new, num_cached + num_new, dtype=torch.bool, device=input_ids.device
-                ).tril(diagonal=num_cached)  # (N, cached + N): every cached input, new inputs 0..j
+        cache = past_key_values
+        if cache_position is None:
+            start = 0 if cache is None else cache.advance(input_ids.shape[1], input_ids.shape[0])
+            cache_position = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        is_causal = cache is None and attention_ends is None
+        num_keys = input_ids.shape[1] if cache is None else cache.read_length
+        input_mask, query_mask = attention_masks(attention_ends, num_keys, input_ids.device)
         input_rotary = self.rotary_emb(input_position_ids, grid_size, position_mode)
         query_rotary = self.rotary_emb(query_position_ids, grid_size, position_mode)
 
         hidden_states = self.embed_tokens(input_ids)  # (B, N, D)
-        mask_embedding = self.embed_tokens.weight[self.config.mask_token_id]  # (D,)
-        queries = mask_embedding.expand(*query_position_ids.shape, -1)  # (B, M, D)
+        queries = self.embed_tokens(torch.full_like(query_position_ids, self.config.mask_token_id))  # (B, M, D)
         if self.position_embeddings is not None:
             hidden_states = hidden_states + self.absolute_position_embedding(input_position_ids, grid_size, position_mode)
             queries = queries + self.absolute_position_embedding(query_position_ids, grid_size, position_mode)
         hidden_states = self.token_dropout(hidden_states)
         for layer in self.self_layers:
-            hidden_states = layer(
-                hidden_states, input_rotary, attention_mask=self_attention_mask, is_causal=is_causal, cache=cache,
-                slot_start=slot_start,
-            )
-        hidden_states = self.kv_norm(hidden_states)
-        heads = (self.config.num_attention_heads, self.config.head_dim)
-        key, value = fused_linear_outputs(hidden_states, self.k_proj, self.v_proj)  # (B, N, D) each
-        key = apply_rotary_2d(key.unflatten(-1, heads).transpose(1, 2), *input_rotary)  # (B, H, N, Dh)
-        value = value.unflatten(-1, heads).transpose(1, 2)  # (B, H, N, Dh)
-        if padded:
-            key, value = cache.update_cross_at(key, value, slot_start)  # (B, H, read_length, Dh)
-        elif cache is not None:
-            key, value = cache.update_cross(key, value)  # (B, H, cached + N, Dh)
-
+            hidden_states = layer(hidden_states, input_rotary, input_mask, is_causal, cache, cache_position)
+        key, value = (x.unflatten(-1, self.self_layers[0].self_attn.heads).transpose(1, 2)
+                      for x in self.project(self.kv_norm(hidden_states), "kv_proj"))  # fmt: skip
+        key = apply_rotary_2d(key, *input_rotary)  # (B, H, N, Dh)
+        if cache is not None:
+            key, value = cache.update(len(self.self_layers), key, value, cache_position)  # (B, H, S, Dh)
         for layer in self.cross_layers:
-            queries = layer(queries, query_rotary, key, value, attention_mask=cross_attention_mask, is_causal=is_causal)
-        return ARPGModelOutput(last_hidden_state=self.norm(queries), cache=cache)
+            queries = layer(queries, query_rotary, key, value, query_mask, is_causal)
+        return ARPGModelOutput(last_hidden_state=self.norm(queries), past_key_values=cache)
 
     def absolute_position_embedding(
         self, position_ids: torch.LongTensor, grid_size: tuple[int, int] | None = None, position_mode: str = "extrapolate"
@@ -377,37 +370,45 @@ class ARPGModel(ARPGPreTrainedModel):
         embedding does and samples bilinearly; "extrapolate" keeps integer (row, col) and clamps them into it, so
         cells beyond the trained grid take the embedding of the nearest edge cell.
         """
-        table = self.position_embeddings.weight  # (h * w, D)
+        table = self.position_embeddings  # rows read through the module: offload hooks see every use
         trained = (self.config.grid_height, self.config.grid_width)
         height, width = trained if grid_size is None else tuple(grid_size)
         positions = position_ids.clamp(min=0)  # the class slot is zeroed below
         if (height, width) == trained:
-            embedding = table[positions]  # (B, N, D)
+            embedding = table(positions)  # (B, N, D)
         else:
             coordinates = torch.stack([torch.div(positions, width, rounding_mode="floor"), positions % width]).float()
             if position_mode == "interpolate":
-                scale = torch.tensor([trained[0] / height, trained[1] / width], device=table.device)
+                scale = torch.tensor([trained[0] / height, trained[1] / width], device=positions.device)
                 coordinates = coordinates * scale[:, None, None]
-            limits = torch.tensor([trained[0] - 1, trained[1] - 1], device=table.device)[:, None, None]
+            limits = torch.tensor([trained[0] - 1, trained[1] - 1], device=positions.device)[:, None, None]
             coordinates = torch.minimum(coordinates, limits)  # (2, B, N): (row, col) in the trained range
             low = coordinates.floor().long()  # (2, B, N)
             high = torch.minimum(low + 1, limits)
-            fraction = (coordinates - low).to(table.dtype)[..., None]  # (2, B, N, 1)
+            fraction = (coordinates - low).to(table.weight.dtype)[..., None]  # (2, B, N, 1)
             row_low, row_high = low[0] * trained[1], high[0] * trained[1]
-            top = table[row_low + low[1]] * (1 - fraction[1]) + table[row_low + high[1]] * fraction[1]
-            bottom = table[row_high + low[1]] * (1 - fraction[1]) + table[row_high + high[1]] * fraction[1]
+            top = table(row_low + low[1]) * (1 - fraction[1]) + table(row_low + high[1]) * fraction[1]
+            bottom = table(row_high + low[1]) * (1 - fraction[1]) + table(row_high + high[1]) * fraction[1]
             embedding = top * (1 - fraction[0]) + bottom * fraction[0]  # (B, N, D)
         return embedding.masked_fill((position_ids == CLASS_POSITION)[..., None], 0.0)
+
+
+def attention_masks(attention_ends, num_keys: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The boolean masks `(1, 1, rows, num_keys)` of the inputs and the queries for `attention_ends` (row r sees the
+    key slots below its end); None, None when no ends are given (the default rule needs no mask)."""
+    if attention_ends is None:
+        return None, None
+    slots = torch.arange(num_keys, device=device)
+    return tuple((slots < ends.to(device)[:, None])[None, None] for ends in attention_ends)
 
 
 class ARPGForImageGeneration(ARPGPreTrainedModel):
     """ARPG class-conditional image-token generator: [`ARPGModel`] plus a linear head over the codebook.
 
-    Calling the model runs the teacher-forced training objective (always causal, in train and eval mode alike).
-    Decoding goes through [`~ARPGForImageGeneration.allocate_cache`] and [`~ARPGForImageGeneration.decode_step`].
+    One `forward` serves training and decoding. With `class_labels` it runs the teacher-forced objective: raster
+    tokens are fed in a random order, causally, and every token is predicted (in train and eval mode alike). Without
+    them it runs a step on given inputs and queries, with a cache from [`~ARPGForImageGeneration.allocate_cache`].
     """
-
-    _cpu_gemm = "blas"  # the weight layout of fuse_projections (an instance attribute once chosen)
 
     def __init__(self, config: ARPGConfig):
         super().__init__(config)
@@ -415,7 +416,6 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    # ----------------------------------------------------------------------------------------------- helpers
     def class_token_ids(self, class_labels: torch.LongTensor) -> torch.LongTensor:
         """Embedding ids of class labels in [0, num_classes); -1 selects the null (unconditional) class."""
         check_class_labels(class_labels, self.config.num_classes, allow_null=True)
@@ -427,39 +427,68 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         """One uniformly random permutation of `0..seq_len-1` per row, `(batch_size, seq_len)`."""
         return draw_uniform((batch_size, seq_len), generator, device).argsort(dim=1)
 
-    # ------------------------------------------------------------------------------------------- training
     def forward(
         self,
         input_ids: torch.LongTensor,
-        class_labels: torch.LongTensor,
+        class_labels: torch.LongTensor | None = None,
         orders: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         generator: torch.Generator | None = None,
+        input_position_ids: torch.LongTensor | None = None,
+        query_position_ids: torch.LongTensor | None = None,
+        past_key_values: ARPGStaticCache | None = None,
+        cache_position: torch.LongTensor | None = None,
+        attention_ends: tuple[torch.LongTensor, torch.LongTensor] | None = None,
+        grid_size: tuple[int, int] | None = None,
+        position_mode: str = "extrapolate",
         return_dict: bool | None = None,
     ) -> ARPGImageGenerationOutput | tuple:
-        r"""Teacher-forced forward: predicts every token of `input_ids` in a random order, causally in both passes.
+        r"""
+        Teacher forcing (training), with `class_labels`:
+            input_ids (`torch.LongTensor` of shape `(batch, grid_height * grid_width)`): image tokens in raster
+                order, each in `[0, vocab_size)`.
+            class_labels (`torch.LongTensor` of shape `(batch,)`): class of each image, in `[0, num_classes)`. In
+                training mode each is replaced by the null class with probability `config.class_dropout_prob`.
+            orders (`torch.LongTensor` of shape `(batch, seq)` or `(seq,)`, *optional*): decoding order per row (a
+                permutation of raster positions), or one for the batch; drawn from `generator` when omitted.
+            labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): raster-order targets; -100 is ignored.
+                Defaults to `input_ids`.
+            generator (`torch.Generator`, *optional*): source of the class dropout and of the random orders.
 
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, grid_height * grid_width)`):
-                Image tokens in raster order, each in `[0, vocab_size)`.
-            class_labels (`torch.LongTensor` of shape `(batch,)`):
-                Class of each image, in `[0, num_classes)`. In training mode each is replaced by the null class with
-                probability `config.class_dropout_prob`.
-            orders (`torch.LongTensor` of shape `(batch, seq)` or `(seq,)`, *optional*):
-                Decoding order per row (a permutation of raster positions), or one order for the whole batch. Drawn
-                from `generator` when omitted.
-            labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
-                Raster-order targets; entries of -100 are ignored. Defaults to `input_ids`.
-            generator (`torch.Generator`, *optional*):
-                Source of the class dropout and of the random orders.
+        A decoding step, without `class_labels`: `input_ids` are embedding ids (see
+        [`~ARPGForImageGeneration.class_token_ids`]), and `input_position_ids`, `query_position_ids`,
+        `past_key_values`, `cache_position`, `attention_ends`, `grid_size` and `position_mode` are those of
+        [`ARPGModel.forward`]; `labels` `(batch, num_queries)`, when given, are the queries' targets.
 
         Returns:
-            [`ARPGImageGenerationOutput`] with `loss`, `logits` in decoding order and `orders`.
+            [`ARPGImageGenerationOutput`]: `loss` (when there are targets), `logits` `(batch, num_queries, vocab_size)`
+            (teacher forcing: in decoding order), `orders` (teacher forcing) and `past_key_values`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if class_labels is not None:
+            input_ids, input_position_ids, query_position_ids, labels, orders = self.teacher_forcing_inputs(
+                input_ids, class_labels, orders, labels, generator
+            )
+        elif input_position_ids is None or query_position_ids is None:
+            raise ValueError("Pass class_labels (teacher forcing) or input_position_ids and query_position_ids (a step).")
+        hidden = self.model(
+            input_ids, input_position_ids, query_position_ids, past_key_values, cache_position, attention_ends,
+            grid_size, position_mode,
+        ).last_hidden_state  # (B, M, D)
+        logits = self.lm_head(hidden)  # (B, M, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        if not return_dict:
+            return tuple(x for x in (loss, logits, orders) if x is not None)
+        return ARPGImageGenerationOutput(loss=loss, logits=logits, orders=orders, past_key_values=past_key_values)
+
+    def teacher_forcing_inputs(self, input_ids, class_labels, orders=None, labels=None, generator=None) -> tuple:
+        """The step of teacher forcing: `(inputs, input_positions, query_positions, targets, orders)`, each
+        `(batch, seq)`: the class token then the shuffled tokens but the last, at their positions (-1 for the class),
+        queries at every position in decoding order, and their targets."""
         batch_size, seq_len = self._check_training_inputs(input_ids, class_labels, labels)
-        input_ids, class_labels = input_ids.long(), class_labels.long()
-        device = input_ids.device
+        input_ids, class_labels, device = input_ids.long(), class_labels.long(), input_ids.device
         if self.training and self.config.class_dropout_prob > 0:
             drop = draw_uniform((batch_size,), generator, device) < self.config.class_dropout_prob
             class_labels = class_labels.masked_fill(drop, -1)  # -1 = null class
@@ -471,16 +500,9 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         shuffled = input_ids.gather(1, orders)  # (B, L)
         class_ids = self.class_token_ids(class_labels)[:, None]  # (B, 1)
         inputs = torch.cat([class_ids, shuffled[:, :-1]], dim=1)  # (B, L)
-        class_position = torch.full_like(class_ids, CLASS_POSITION)
-        input_positions = torch.cat([class_position, orders[:, :-1]], dim=1)  # (B, L)
-        hidden = self.model(inputs, input_positions, orders, is_causal=True).last_hidden_state  # (B, L, D)
-        logits = self.lm_head(hidden)  # (B, L, V)
-
-        targets = shuffled if labels is None else labels.to(device=device, dtype=torch.long).gather(1, orders)  # (B, L)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-        if not return_dict:
-            return loss, logits, orders
-        return ARPGImageGenerationOutput(loss=loss, logits=logits, orders=orders)
+        input_positions = torch.cat([torch.full_like(class_ids, CLASS_POSITION), orders[:, :-1]], dim=1)  # (B, L)
+        targets = shuffled if labels is None else labels.to(device=device, dtype=torch.long).gather(1, orders)
+        return inputs, input_positions, orders, targets, orders
 
     def _check_training_inputs(self, input_ids, class_labels, labels=None) -> tuple[int, int]:
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
@@ -507,110 +529,22 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         return batch_size, seq_len
 
     # ------------------------------------------------------------------------------------------- decoding
-    def projection_groups_by_pass(self) -> tuple[list[tuple[nn.Linear, ...]], list[tuple[nn.Linear, ...]]]:
-        """The linears of a decoding step in execution order, as groups that run as one GEMM once fused: those that
-        read the step's inputs (Pass 1: q/k/v, o, gate/up, down of each layer, then the shared Pass-2 key/value
-        projection) and those that read its queries (Pass 2: q, o, gate/up, down of each layer, then the head)."""
-        pass_one, pass_two = [], []
-        for layer in self.model.self_layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            pass_one += [(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
-                         (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]  # fmt: skip
-        for layer in self.model.cross_layers:
-            attention, mlp = layer.cross_attn, layer.mlp
-            pass_two += [(attention.q_proj,), (attention.o_proj,), (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)]
-        return pass_one + [(self.model.k_proj, self.model.v_proj)], pass_two + [(self.lm_head,)]
-
-    def _projection_groups(self) -> list[tuple[nn.Linear, ...]]:
-        pass_one, pass_two = self.projection_groups_by_pass()
-        return pass_one + pass_two
-
-    def fuse_projections(self, cpu_gemm: str | None = None) -> None:
-        """Lays the weights out for fast decoding: q/k/v, gate/up and the Pass-2 key/value projections fused into one
-        GEMM each (see `arpg_hf.fused_linear`). Parameter names, shapes and values are unchanged, so state dicts,
-        saving and training are unaffected. The pipelines call this before decoding (a no-op once done); `.to()` or
-        loading new weights may undo it (decoding then takes the plain path until the next call).
-
-        Args:
-            cpu_gemm (`str`, *optional*):
-                How float32 decoding on CPU multiplies by the weights; other devices and dtypes are unaffected. None
-                keeps the choice of the previous call (at first "blas"). Results agree up to float rounding.
-
-                - "blas" (default): every weight stored transposed, `x @ W` through torch's BLAS (MKL); no extra memory.
-                - "onednn": every weight in its checkpoint layout, fused by rows, multiplied by oneDNN's linear
-                  kernel; no extra memory. About 1.5x faster than "blas" on CPUs where MKL is slow at decoding row
-                  counts (measured on an AVX2 EPYC).
-                - "onednn-packed": "blas" plus a copy of every fused matrix in oneDNN's pre-packed layout, used for
-                  the GEMMs: the fastest there (about 1.7x), at the price of a second copy of the projection weights
-                  in memory. The copies are dropped as soon as the weights move or change, and by
-                  [`~ARPGForImageGeneration.unfuse_projections`].
-
-                Without oneDNN in the torch build, "onednn" falls back to `F.linear` and "onednn-packed" to "blas".
-        """
-        if cpu_gemm is None:
-            cpu_gemm = self._cpu_gemm
-        elif cpu_gemm not in CPU_GEMMS:
-            raise ValueError(f"cpu_gemm must be one of {CPU_GEMMS}, got {cpu_gemm!r}.")
-        self._cpu_gemm = cpu_gemm
-        if any(parameter.device.type == "meta" for parameter in self.parameters()):
-            return  # offloaded weights (accelerate hooks) are materialised per call: leave their layout alone
-        for group in self._projection_groups():
-            fuse_linears(*group, layout="rows" if cpu_gemm == "onednn" else "columns")
-            if cpu_gemm == "onednn-packed":
-                pack_linears(*group)
-            else:
-                unpack_linears(*group)
+    def fuse_projections(self) -> None:
+        """Runs the projections that read one input as one GEMM each (q/k/v, gate/up, the shared Pass-2 key/value),
+        as diffusers' `fuse_qkv_projections()`: real fused `nn.Linear` modules replace the parts. For inference; state
+        dicts and saved folders keep the parts (the checkpoint layout)."""
+        for module in self.modules():
+            if isinstance(module, FusedProjections):
+                module.fuse_projections()
 
     def unfuse_projections(self) -> None:
-        """Restores the default layout (one contiguous `(out, in)` matrix per linear), without packed copies. The
-        `cpu_gemm` choice is kept for the next [`~ARPGForImageGeneration.fuse_projections`]."""
-        for group in self._projection_groups():
-            unpack_linears(*group)
-            unfuse_linears(*group)
+        """Undoes [`~ARPGForImageGeneration.fuse_projections`]: the separate projections come back."""
+        for module in self.modules():
+            if isinstance(module, FusedProjections):
+                module.unfuse_projections()
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        is_main_process: bool = True,
-        state_dict: dict | None = None,
-        push_to_hub: bool = False,
-        max_shard_size: int | str = "50GB",
-        variant: str | None = None,
-        **kwargs,
-    ):
-        """`PreTrainedModel.save_pretrained` (`variant`, `max_shard_size` and the rest as there; a variant named "fp16"
-        or "bf16" is written in that dtype), writing weights laid out by `fuse_projections` as plain tensors with
-        storage of their own (the checkpoint layout), plus the import shims that `AutoModel.from_pretrained(folder,
-        trust_remote_code=True)` loads (see `arpg_hf.saved_folders`). With `push_to_hub`, the folder is then uploaded
-        through `push_to_hub` (`repo_id` defaults to its name)."""
-        if state_dict is None and any(is_fused(*group) for group in self._projection_groups()):
-            state_dict = {name: tensor.clone(memory_format=torch.contiguous_format)
-                          if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() else tensor
-                          for name, tensor in self.state_dict().items()}  # fmt: skip
-        if variant in VARIANT_DTYPES:
-            state_dict = variant_state_dict(self.state_dict() if state_dict is None else state_dict, variant)
-        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
-                                max_shard_size=max_shard_size, variant=variant,
-                                **({} if push_to_hub else kwargs))  # fmt: skip
-        if is_main_process:
-            write_import_shims(save_directory, [type(self)])
-        if push_to_hub and is_main_process:
-            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            return self.push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
-
-    @classmethod
-    def register_for_auto_class(cls, auto_class="AutoModel"):
-        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
-        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
-
-    @property
-    def projections_fused(self) -> bool:
-        """Whether every projection has a layout of [`~ARPGForImageGeneration.fuse_projections`]."""
-        return all(is_fused(*group) for group in self._projection_groups())
-
-    def allocate_cache(
-        self, batch_size: int, max_length: int | None = None, dtype=None, device=None
-    ) -> ARPGStaticCache:
+    def allocate_cache(self, batch_size: int, max_length: int | None = None, dtype=None, device=None,
+                       key_block: int | None = None) -> ARPGStaticCache:  # fmt: skip
         """Preallocates the decoding cache; `max_length` defaults to the class slot plus every grid token."""
         return ARPGStaticCache(
             batch_size=batch_size,
@@ -620,54 +554,29 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             head_dim=self.config.head_dim,
             dtype=dtype if dtype is not None else self.dtype,
             device=device if device is not None else self.device,
+            key_block=key_block,
         )
 
-    def decode_step(
-        self,
-        input_ids: torch.LongTensor,
-        input_position_ids: torch.LongTensor,
-        query_position_ids: torch.LongTensor,
-        cache: ARPGStaticCache,
-        grid_size: tuple[int, int] | None = None,
-        position_mode: str = "extrapolate",
-        causal_inputs: bool = False,
-        slot_start: torch.Tensor | None = None,
-        num_valid_inputs: torch.Tensor | None = None,
-    ) -> torch.FloatTensor:
-        r"""One decoding step: feeds inputs into the cache and returns the logits of the queried positions.
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, variant: str | None = None,
+                        push_to_hub: bool = False, **kwargs):  # fmt: skip
+        """`PreTrainedModel.save_pretrained`, plus: a variant named "fp16" or "bf16" is written in that dtype, and
+        the import shims that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads are written beside
+        the weights (see `arpg_hf.saved_folders`). With `push_to_hub`, the folder is then uploaded (`repo_id`
+        defaults to its name)."""
+        if variant in VARIANT_DTYPES:
+            kwargs["state_dict"] = variant_state_dict(kwargs.get("state_dict") or self.state_dict(), variant)
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+        hub_kwargs = {name: kwargs.pop(name) for name in ("commit_message", "private", "token", "create_pr") if name in kwargs}
+        super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_import_shims(save_directory, [type(self)])
+            if push_to_hub:
+                return self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_kwargs)
 
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): embedding ids to feed: class tokens at the
-                first step (see [`~ARPGForImageGeneration.class_token_ids`]), then the image tokens sampled at the
-                previous step.
-            input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): their raster positions (-1 for
-                class tokens).
-            query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`): raster positions to predict.
-            cache (`ARPGStaticCache`): from [`~ARPGForImageGeneration.allocate_cache`]; updated in place.
-            grid_size (`tuple[int, int]`, *optional*): the (height, width) of the token grid the positions refer to;
-                defaults to the trained grid. Any size works (see [`ARPGRotaryEmbedding2D`]).
-            position_mode (`str`, *optional*, defaults to `"extrapolate"`): "extrapolate" or "interpolate", for grids
-                other than the trained one.
-            causal_inputs (`bool`, *optional*, defaults to `False`): feed the inputs causally among themselves
-                (input j sees the cache and inputs 0..j) instead of bidirectionally; for prefilling known tokens.
-            slot_start (`torch.Tensor`, *optional*), num_valid_inputs (`torch.Tensor`, *optional*): the static-shape
-                step of compiled decoding, see [`ARPGModel.forward`]; [`~arpg_hf.CompiledDecoder`] sets them.
-
-        Returns:
-            `torch.FloatTensor` of shape `(batch, num_queries, vocab_size)`: float32 logits.
-        """
-        hidden = self.model(
-            input_ids,
-            input_position_ids,
-            query_position_ids,
-            cache=cache,
-            grid_size=grid_size,
-            position_mode=position_mode,
-            causal_inputs=causal_inputs,
-            slot_start=slot_start,
-            num_valid_inputs=num_valid_inputs,
-        ).last_hidden_state  # (B, M, D)
-        return linear_output(hidden, self.lm_head).float()
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
+        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
 
 
 def check_class_labels(class_labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:

@@ -19,7 +19,7 @@ from .configuration_arpg import ARPGConfig
 from .atomic_io import carry_over, staged_folder
 from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
-from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders, run_offload_hook
+from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders
 from .random_utils import draw_uniform
 from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
@@ -100,6 +100,17 @@ def check_num_inference_steps(num_inference_steps, num_tokens: int) -> None:
         )
 
 
+def prefill_ends(cache, num_inputs: int, num_queries: int) -> tuple[torch.LongTensor, torch.LongTensor] | None:
+    """The mask rule of a first step that feeds known tokens after the class token (editing): each input sees the
+    inputs before it and itself, as a prefix of a training order does, and the queries see all of them. None for a
+    first step that feeds the class token alone."""
+    if num_inputs == 1:
+        return None
+    device = cache.keys[0].device
+    ends = torch.arange(cache.seq_length + 1, cache.seq_length + num_inputs + 1, device=device)  # (1 + K,)
+    return ends, torch.full((num_queries,), cache.seq_length + num_inputs, device=device)
+
+
 def known_token_prefix(tokens: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
     """The known tokens of each row (ids >= 0) and their raster positions, both (B, K) in raster order.
 
@@ -119,18 +130,10 @@ def known_token_prefix(tokens: torch.LongTensor) -> tuple[torch.LongTensor, torc
     return tokens.gather(1, positions), positions
 
 
-def _per_module_offload_refusal(pipe, method: str) -> str:
-    return (
-        f"{type(pipe).__name__} does not support {method}(): decoding reads weights outside the calls of the modules "
-        "that own them, where per-module offload hooks cannot bring them in. Use enable_model_cpu_offload() instead "
-        "(each model moves to the accelerator as a whole while it runs)."
-    )
-
-
-class ARPGPipeline(DiffusionPipeline):
+class ARPGPipelineMixin:
     r"""
-    Class-conditional image generation with ARPG: image tokens are predicted in a random order, several per step, by a
-    two-pass causal decoder, then decoded to pixels by a VQ tokenizer.
+    What the ARPG pipelines share: components, decoding loop, sampling settings, loading and saving. Each pipeline
+    is `ARPGPipelineMixin` plus `DiffusionPipeline`, with its own `check_inputs` and `__call__`.
 
     Args:
         transformer ([`ARPGForImageGeneration`]): the token generator.
@@ -344,8 +347,7 @@ class ARPGPipeline(DiffusionPipeline):
         """Opt-in: decoding steps run through `torch.compile` at bucketed static shapes ([`CompiledDecoder`]).
 
         The first calls compile a handful of shapes (per batch size, grid and position mode); later calls reuse them.
-        Compiled decoding keeps the default weight layout (the compiler picks its own GEMM layouts). Results equal
-        the eager path's up to floating-point reassociation.
+        Results equal the eager path's up to floating-point reassociation.
 
         Args:
             buckets (`Sequence[int]`, *optional*): padded sizes for the inputs and queries of a step (default: powers
@@ -356,20 +358,8 @@ class ARPGPipeline(DiffusionPipeline):
         """
         from .compiled_decoding import CompiledDecoder
 
-        self.transformer.unfuse_projections()
         self._compiled_decoder = CompiledDecoder(self.transformer, buckets=buckets, key_block=key_block,
                                                  **compile_kwargs)  # fmt: skip
-
-    def enable_sequential_cpu_offload(self, *args, **kwargs):
-        """Not supported, see [`~ARPGPipeline.enable_group_offload`]; `enable_model_cpu_offload()` is."""
-        raise NotImplementedError(_per_module_offload_refusal(self, "enable_sequential_cpu_offload"))
-
-    def enable_group_offload(self, *args, **kwargs):
-        """Not supported: like `enable_sequential_cpu_offload`, it brings weights in only for the calls of the modules
-        that own them, and decoding also reads weights outside those calls (fused projections, the [MASK] and position
-        embeddings, the VQ codebook). Use `enable_model_cpu_offload()`, which moves each whole model to the
-        accelerator while it runs."""
-        raise NotImplementedError(_per_module_offload_refusal(self, "enable_group_offload"))
 
     def disable_compiled_decoding(self) -> None:
         """Back to eager decoding steps."""
@@ -381,24 +371,6 @@ class ARPGPipeline(DiffusionPipeline):
         return self._compiled_decoder is not None
 
     # -------------------------------------------------------------------------------------------- inputs
-    def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                     callback_on_step_end_tensor_inputs, height=None, width=None,
-                     position_mode="extrapolate"):  # fmt: skip
-        check_class_labels(class_labels, self.transformer.config.num_classes)
-        grid_height, grid_width = self.token_grid_size(height, width)
-        check_num_inference_steps(num_inference_steps, grid_height * grid_width)
-        check_guidance_scale(guidance_scale)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
-        self.scheduler.check_sampling_args(temperature, top_k, top_p)
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
-            )
-
     def default_sampling_settings(self, num_inference_steps, guidance_scale, num_tokens: int | None = None) -> tuple:
         """Fills in `None` arguments from the scheduler config's recommended settings (a converted or trained
         folder stores the ones its model was tuned for), else 64 steps (at most `num_tokens`) and guidance 4.0."""
@@ -503,16 +475,10 @@ class ARPGPipeline(DiffusionPipeline):
             negative_class_labels (`torch.LongTensor` of shape `(B,)`, *optional*): the class of the guidance's second
                 half; None: the null class (plain classifier-free guidance).
         """
-        transformer, scheduler = self.transformer, self.scheduler
-        run_offload_hook(transformer)  # enable_model_cpu_offload hooks forward, which decoding does not call
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
-        compiled = self._compiled_decoder
-        if compiled is None:
-            transformer.fuse_projections()  # a layout change only (no-op once done): fewer, faster GEMMs per step
-        decode_step = compiled or transformer.decode_step
-        cache = (compiled or transformer).allocate_cache(
-            2 * orders.shape[0], max_length=1 + tokens.shape[1], device=orders.device
-        )  # fmt: skip
+        scheduler, compiled = self.scheduler, self._compiled_decoder
+        cache = (compiled or self.transformer).allocate_cache(2 * orders.shape[0], 1 + tokens.shape[1],
+                                                             device=orders.device)  # fmt: skip
         inputs, input_positions = self.prefill_inputs(
             class_labels, orders, known_tokens, negative_class_labels
         )  # (2B, 1 + K) each
@@ -525,10 +491,8 @@ class ARPGPipeline(DiffusionPipeline):
                 start, end = scheduler.step_boundaries[step_index]
                 positions = orders[:, start:end]  # (B, n)
                 query_positions = positions.repeat(2, 1)  # (2B, n): the same targets in both halves
-                causal_inputs = step_index == 0 and inputs.shape[1] > 1  # the prefill of known tokens
-                logits = decode_step(
-                    inputs, input_positions, query_positions, cache, causal_inputs=causal_inputs, **step_kwargs
-                )  # (2B, n, V)
+                ends = prefill_ends(cache, inputs.shape[1], end - start) if step_index == 0 else None
+                logits = self.decode_step(inputs, input_positions, query_positions, cache, ends, **step_kwargs)
                 conditional, unconditional = logits.chunk(2)
                 scale = scheduler.guidance_scale_for_step(step_index, guidance_scale)
                 guided = unconditional + (conditional - unconditional) * scale
@@ -549,6 +513,14 @@ class ARPGPipeline(DiffusionPipeline):
                 progress_bar.update()
                 step_index += 1
         return tokens
+
+    def decode_step(self, input_ids, input_position_ids, query_position_ids, cache, attention_ends=None,
+                    grid_size=None, position_mode="extrapolate") -> torch.FloatTensor:  # fmt: skip
+        """One decoding step through the transformer's forward (compiled when enabled): float32 logits (2B, n, V)."""
+        step = self._compiled_decoder or (lambda *args, **kwargs: self.transformer(*args, **kwargs).logits)
+        return step(input_ids, input_position_ids=input_position_ids, query_position_ids=query_position_ids,
+                    past_key_values=cache, attention_ends=attention_ends, grid_size=grid_size,
+                    position_mode=position_mode).float()  # fmt: skip
 
     def prefill_inputs(
         self, class_labels, orders, known_tokens=None, negative_class_labels=None
@@ -579,6 +551,36 @@ class ARPGPipeline(DiffusionPipeline):
         images (B, 3, rows * f, cols * f), nominal range [-1, 1], float32 for half-precision models."""
         rows, cols = grid_size or (self.transformer.config.grid_height, self.transformer.config.grid_width)
         return self.vqvae.decode(tokens.view(-1, rows, cols)).sample  # (B, 3, H, W)
+
+
+class ARPGPipeline(ARPGPipelineMixin, DiffusionPipeline):
+    r"""
+    Class-conditional image generation with ARPG: image tokens are predicted in a random order, several per step, by a
+    two-pass causal decoder, then decoded to pixels by a VQ tokenizer.
+
+    Args:
+        transformer ([`ARPGForImageGeneration`]): the token generator.
+        vqvae ([`ARPGVQModel`]): the tokenizer that turns token ids into images.
+        scheduler ([`ARPGScheduler`]): decoding order, tokens per step, guidance per step and sampling.
+    """
+
+    def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
+                     callback_on_step_end_tensor_inputs, height=None, width=None,
+                     position_mode="extrapolate"):  # fmt: skip
+        check_class_labels(class_labels, self.transformer.config.num_classes)
+        grid_height, grid_width = self.token_grid_size(height, width)
+        check_num_inference_steps(num_inference_steps, grid_height * grid_width)
+        check_guidance_scale(guidance_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
+        self.scheduler.check_sampling_args(temperature, top_k, top_p)
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
+            )
 
     @torch.no_grad()
     def __call__(

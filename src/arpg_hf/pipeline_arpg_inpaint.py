@@ -12,13 +12,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.utils import logging
 
 from .editing_utils import check_coverage_threshold, mask_processor, preprocess_mask, token_mask_from_pixel_mask
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels
-from .pipeline_arpg import OUTPUT_TYPES, ARPGPipeline, canvas_grid_size, check_guidance_scale
+from .pipeline_arpg import OUTPUT_TYPES, ARPGPipelineMixin, canvas_grid_size, check_guidance_scale
 from .rotary_2d import POSITION_MODES
 from .scheduling_arpg import ARPGScheduler
 from .vq_model import ARPGVQModel
@@ -43,7 +43,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class ARPGInpaintPipeline(ARPGPipeline):
+class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
     r"""
     Zero-shot editing with ARPG: inpainting, outpainting (inpainting of a larger canvas, see
     [`~arpg_hf.make_outpaint_canvas`]), class-conditional editing (a class label other than the image's) and canvases
@@ -55,8 +55,8 @@ class ARPGInpaintPipeline(ARPGPipeline):
     sees the class and the kept tokens before it: a prefix of a training order); the regenerated positions are then
     decoded in a random order with the scheduler's token schedule computed over their count.
 
-    Same components as [`ARPGPipeline`]: `ARPGInpaintPipeline(**pipe.components)` and `from_pretrained` on an
-    [`ARPGPipeline`] folder both work.
+    Same components and decoding as [`ARPGPipeline`] (both are [`ARPGPipelineMixin`] plus `DiffusionPipeline`):
+    `ARPGInpaintPipeline(**pipe.components)` and `from_pretrained` on an [`ARPGPipeline`] folder both work.
 
     Args:
         transformer ([`ARPGForImageGeneration`]): the token generator.
@@ -142,9 +142,7 @@ class ARPGInpaintPipeline(ARPGPipeline):
     @torch.no_grad()
     def encode_image(self, pixels: torch.FloatTensor) -> torch.LongTensor:
         """VQ token ids of `(B, 3, H, W)` images in [-1, 1]: `(B, (H / f) * (W / f))`, raster order."""
-        hook = getattr(self.vqvae, "_hf_hook", None)  # enable_model_cpu_offload: encode() moves the model there
-        device = getattr(hook, "execution_device", None) or self.vqvae.device
-        return self.vqvae.encode(pixels.to(device)).indices.flatten(1)  # (B, L)
+        return self.vqvae.encode(pixels.to(self._execution_device)).indices.flatten(1)  # (B, L)
 
     # ------------------------------------------------------------------------------------------- decoding
     def prepare_inpaint_orders(self, orders, unknown_positions, generator, device) -> torch.LongTensor:
