@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
+from .validation import is_int, is_real
+
 MASK_THRESHOLD = 0.5  # mask values >= 0.5 (after scaling to [0, 1]) mean "regenerate", as diffusers binarizes masks
 _RANGE_TOLERANCE = 1e-4
 _MASK_FORMATS = (
@@ -153,7 +155,7 @@ def token_mask_from_pixel_mask(
 
 
 def check_coverage_threshold(coverage_threshold) -> None:
-    if isinstance(coverage_threshold, bool) or not isinstance(coverage_threshold, numbers.Real):
+    if not is_real(coverage_threshold):
         raise ValueError(f"mask_coverage_threshold must be a number in [0, 1), got {coverage_threshold!r}.")
     if not 0 <= coverage_threshold < 1:
         raise ValueError(
@@ -172,7 +174,7 @@ class OutpaintCanvas(NamedTuple):
 
 def _check_padding(padding: dict[str, int]) -> None:
     for side, value in padding.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"Padding `{side}` must be an int >= 0 (pixels), got {value!r}.")
 
 
@@ -295,7 +297,7 @@ def make_lattice_mask(
     Returns:
         `torch.FloatTensor` of shape `(height, width)`: 1 = regenerate, 0 = keep.
     """
-    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
+    if not is_int(stride) or stride < 1:
         raise ValueError(f"stride must be an int >= 1 (tokens), got {stride!r}.")
     if len(offset) != 2 or not all(isinstance(o, numbers.Integral) and 0 <= o < stride for o in offset):
         raise ValueError(f"offset must be two ints in [0, {stride}), got {offset!r}.")
@@ -342,7 +344,7 @@ def expand_resolution(
     """
     from .pipeline_arpg_inpaint import ARPGInpaintPipeline
 
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1:
+    if not is_int(scale) or scale < 1:
         raise ValueError(f"scale must be an int >= 1, got {scale!r}.")
     if not isinstance(pipe, ARPGInpaintPipeline):
         pipe = ARPGInpaintPipeline(**pipe.components)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import tempfile
 from typing import Any, Callable, Mapping
@@ -28,6 +27,7 @@ from .saved_folders import (
     shim_module_names, write_import_shims,
 )  # fmt: skip
 from .scheduling_arpg import ARPGScheduler
+from .validation import is_int, is_real
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)
@@ -64,7 +64,7 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
     """The (rows, cols) token grid of a `height` x `width` pixel canvas; ValueError unless both are positive
     multiples of `downsample_factor`."""
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
     if height % downsample_factor or width % downsample_factor:
         suggestion = f"{max(1, height // downsample_factor) * downsample_factor}x" \
@@ -79,7 +79,7 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
 
 def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> None:
     """ValueError unless `guidance_scale` is a finite number >= 0 that float32 (the logits' dtype) can hold."""
-    in_range = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool) and (
+    in_range = is_real(guidance_scale) and (
         math.isfinite(guidance_scale) and 0 <= guidance_scale <= FLOAT32_MAX
     )
     if not in_range:
@@ -91,7 +91,7 @@ def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> None:
 
 def check_num_inference_steps(num_inference_steps, num_tokens: int) -> None:
     """ValueError unless `num_inference_steps` is an int in [1, num_tokens] (at least one token per step)."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+    if not is_int(num_inference_steps):
         raise ValueError(f"num_inference_steps must be an int in [1, {num_tokens}], got {num_inference_steps!r}.")
     if not 1 <= num_inference_steps <= num_tokens:
         raise ValueError(

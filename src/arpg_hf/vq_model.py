@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from .checkpoint_utils import KeyRule, check_shapes, convert_state_dict, load_reference_state_dict
 from .saved_folders import config_json, variant_state_dict, without_load_path
+from .validation import is_int
 
 logger = logging.get_logger(__name__)
 
@@ -390,10 +391,6 @@ def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int,
     return int(shape[0]), int(shape[1])
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _validate_config(
     positive: dict[str, int], block_out_channels: Sequence[int], down_block_types: Sequence[str],
     up_block_types: Sequence[str],
@@ -401,10 +398,10 @@ def _validate_config(
     """Raises a ValueError for a non-positive size, block lists that disagree, or level widths that the group norms
     cannot split."""
     for name, value in positive.items():
-        if not _is_positive_int(value):
+        if not (is_int(value, exact=True) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     widths = list(block_out_channels) if isinstance(block_out_channels, (list, tuple)) else None
-    if not widths or not all(_is_positive_int(width) for width in widths):
+    if not widths or not all(is_int(width, exact=True) and width >= 1 for width in widths):
         raise ValueError(
             f"block_out_channels must be a non-empty list of positive integers (e.g. [128, 128, 256, 256, 512]), got "
             f"{block_out_channels!r}."
