@@ -20,7 +20,6 @@ from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders, run_offload_hook
 from .random_utils import draw_uniform
-from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
 from .saved_folders import (
     config_json, download_pipeline_folder, is_package_class, is_weights_of_variant, package_module_names,
@@ -242,6 +241,8 @@ class ARPGPipeline(DiffusionPipeline):
                 ch, encoder_ch_mult, ...), or a JSON file of them; defaults to the published VQ-16.
             scheduler ([`ARPGScheduler`], *optional*): defaults to arccos tokens per step with linear guidance.
         """
+        from .conversion.arpg import load_reference_arpg  # the integration layer, imported when converting
+
         transformer = load_reference_arpg(arpg_checkpoint, _read_json_if_path(reference_config))
         vqvae = ARPGVQModel.from_reference_checkpoint(vq_checkpoint, _read_json_if_path(vq_config))
         if vqvae.config.num_vq_embeddings != transformer.config.vocab_size:
