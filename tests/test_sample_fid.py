@@ -84,7 +84,7 @@ def test_two_processes_draw_the_same_samples(single_run, tmp_path):
         assert np.array_equal(single["arr_0"], ddp["arr_0"]) and np.array_equal(single["arr_1"], ddp["arr_1"])
 
 
-evaluate_pipeline = load_script("evaluate")
+evaluate_pipeline = load_script("evaluate_samples")
 
 
 def test_evaluate_pipeline_scores_samples_against_a_reference_batch(single_run, tmp_path):
