@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
-
-from arpg_hf import (  # noqa: E402
+from arpg_hf import (
     ARPGConfig, ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel,
     llamagen_vq_config,
 )  # fmt: skip

@@ -9,14 +9,9 @@
 Same as `arpg-hf convert ...`; `--help` lists every option.
 """
 
-import os
 import sys
 
-try:
-    from arpg_hf.conversion import main
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
-    from arpg_hf.conversion import main
+from arpg_hf.conversion.command import main  # needs arpg-hf installed (`pip install -e .` in a checkout)
 
 if __name__ == "__main__":
     sys.exit(main())

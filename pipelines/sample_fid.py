@@ -104,7 +104,7 @@ def sample_path(output_dir: str, index: int) -> str:
 
 def load_sampling_pipeline(args, device):
     from arpg_hf import ARPGScheduler
-    from arpg_hf.cli import load_pipeline
+    from arpg_hf.pipeline_loading import load_pipeline
 
     pipe = load_pipeline(args.model, str(device), args.dtype)
     if args.token_schedule is not None:
@@ -318,7 +318,7 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from arpg_hf.cli import run_guarded
+    from arpg_hf.user_errors import run_guarded
 
     arguments = parse_args()
     sys.exit(run_guarded(lambda: main(arguments), prog="pipelines/sample_fid.py"))

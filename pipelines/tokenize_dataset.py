@@ -371,7 +371,7 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    from arpg_hf.cli import run_guarded
+    from arpg_hf.user_errors import run_guarded
 
     arguments = parse_args()
     sys.exit(run_guarded(lambda: main(arguments), prog="pipelines/tokenize_dataset.py"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from arpg_hf.checkpoint_utils import KeyRule, convert_state_dict, load_reference_state_dict
+from arpg_hf.conversion.checkpoints import KeyRule, convert_state_dict, load_reference_state_dict
 
 
 class _Exploit:

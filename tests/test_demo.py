@@ -136,7 +136,7 @@ def test_space_folder_is_self_contained(tmp_path):
     assert (folder / "arpg_hf" / "bundled" / "digits-pipeline" / "model_index.json").is_file()
     assert (folder / "arpg_hf" / "metrics" / "evaluate_modules" / "fid" / "fid.py").is_file()
     found = subprocess.run([sys.executable, "-c", "import arpg_hf; print(arpg_hf.__file__)"], cwd=folder,
-                           capture_output=True, text=True, timeout=120)  # app.py's folder comes first on sys.path
+                           capture_output=True, text=True, timeout=120)  # app.py's folder comes first on the import path
     assert found.returncode == 0, found.stderr[-2000:]
     assert Path(found.stdout.strip()).resolve() == (folder / "arpg_hf" / "__init__.py").resolve()
     with pytest.raises(ValueError, match="is not empty"):

@@ -11,6 +11,7 @@ from packaging.requirements import Requirement
 
 from arpg_hf import ARPGConfig, ARPGScheduler
 from arpg_hf import conversion
+from arpg_hf.conversion import convert as conversion_steps
 from arpg_hf.labels import build_label2id, get_label_ids, imagenet_id2label
 from arpg_hf.model_card import create_model_card, recommended_sampling
 
@@ -109,7 +110,7 @@ def test_conversion_of_upstream_hub_files_names_base_model(parity_dir, tmp_path,
     """`arpg-hf convert --arpg-checkpoint hp-l33/ARPG/...`: the card's base_model is the upstream Hub repository
     (downloads replaced by the tiny fixtures, so the architecture is not a published size: no eval_results)."""
     local = {"hp-l33/ARPG/arpg_ref.pt": parity_dir / "arpg_ref.pt", "hp-l33/ARPG/vq_ref.pt": parity_dir / "vq_ref.pt"}
-    monkeypatch.setattr(conversion, "resolve_checkpoint", lambda argument: str(local[argument]))
+    monkeypatch.setattr(conversion_steps, "resolve_checkpoint", lambda argument: str(local[argument]))
     output = tmp_path / "out"
     assert conversion.main(convert_args(parity_dir, output, "hp-l33/ARPG/arpg_ref.pt", "hp-l33/ARPG/vq_ref.pt")) == 0
     card = ModelCard.load(output / "README.md")

@@ -84,7 +84,7 @@ def test_two_processes_draw_the_same_samples(single_run, tmp_path):
         assert np.array_equal(single["arr_0"], ddp["arr_0"]) and np.array_equal(single["arr_1"], ddp["arr_1"])
 
 
-evaluate_pipeline = load_script("evaluate")
+evaluate_pipeline = load_script("evaluate_samples")
 
 
 def test_evaluate_pipeline_scores_samples_against_a_reference_batch(single_run, tmp_path):
@@ -113,7 +113,7 @@ def test_evaluate_pipeline_without_inception_weights_offline_is_a_clear_error(si
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch"), "OMP_NUM_THREADS": "1"}
     env.pop("ARPG_HF_INCEPTION_WEIGHTS", None)
-    command = [sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--samples", str(out / "samples.npz"),
+    command = [sys.executable, str(ROOT / "pipelines" / "evaluate_samples.py"), "--samples", str(out / "samples.npz"),
                "--reference", str(tmp_path / "ref.npz")]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from arpg_hf.vq_model import VQ_REFERENCE_KEY_MAP, ARPGVQModel, llamagen_vq_config, vq_config_from_reference
+from arpg_hf.conversion.vq import VQ_REFERENCE_KEY_MAP, vq_config_from_reference
+from arpg_hf.vq_model import ARPGVQModel, llamagen_vq_config
 
 from .conftest import PARITY_DIR
 

@@ -21,10 +21,10 @@ _EXPORTS = {
     "pipeline_arpg": ["ARPGPipeline"],
     "pipeline_arpg_inpaint": ["ARPGInpaintPipeline"],
     "editing_utils": [
-        "OutpaintCanvas", "expand_resolution", "make_lattice_mask", "make_outpaint_canvas", "preprocess_mask",
-        "token_mask_from_pixel_mask",
+        "OutpaintCanvas", "make_lattice_mask", "make_outpaint_canvas", "preprocess_mask", "token_mask_from_pixel_mask",
     ],
-    "reference_arpg": ["arpg_config_from_reference", "load_reference_arpg"],
+    "editing_recipes": ["expand_resolution"],
+    "conversion.arpg": ["arpg_config_from_reference", "load_reference_arpg"],
     "labels": ["imagenet_id2label"],
     "token_dataset": ["ShuffledBatchSampler", "TokenDatasetInfo", "check_token_dataset", "load_token_dataset", "load_vq_model"],
     "training_utils": ["arpg_loss", "weight_decay_param_groups"],
@@ -48,9 +48,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .labels import imagenet_id2label
     from .metrics.loading import load_metric
     from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
+    from .conversion.arpg import arpg_config_from_reference, load_reference_arpg
+    from .editing_recipes import expand_resolution
     from .editing_utils import (
         OutpaintCanvas,
-        expand_resolution,
         make_lattice_mask,
         make_outpaint_canvas,
         preprocess_mask,
@@ -58,7 +59,6 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .pipeline_arpg import ARPGPipeline
     from .pipeline_arpg_inpaint import ARPGInpaintPipeline
-    from .reference_arpg import arpg_config_from_reference, load_reference_arpg
     from .scheduling_arpg import ARPGScheduler, ARPGSchedulerOutput
     from .token_dataset import (
         ShuffledBatchSampler,

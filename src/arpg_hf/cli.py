@@ -15,91 +15,15 @@ import shutil
 import sys
 from typing import Callable, Sequence
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
+from .pipeline_loading import DTYPE_NAMES, default_device, load_pipeline, read_pipeline  # noqa: F401
+from .user_errors import USER_ERRORS, run_guarded  # noqa: F401
+
 CPU_GEMMS = ("default", "blas", "onednn", "onednn-packed")  # cpu_gemm.CPU_GEMMS (kept import-free for --help)
-# Failures that come from the user's input rather than from a bug.
-USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
-
-
-def run_guarded(function: Callable[[], object], prog: str = "arpg-hf") -> int:
-    """Runs `function`; user errors become one line on stderr and exit status 1 (130 on Ctrl-C)."""
-    try:
-        function()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as error:
-        if os.environ.get("ARPG_HF_TRACEBACK"):
-            raise
-        message = str(error).strip() or type(error).__name__
-        if isinstance(error, KeyError):
-            message = f"missing entry {message}"
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ generate
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.split(",")[0].strip().lower()).strip("_")[:40] or "class"
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_cpu_offload: bool = False,
-                  pipeline_class=None):  # fmt: skip
-    """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None), as `pipeline_class`
-    (e.g. ARPGInpaintPipeline) when given, onto `device`, or, with `model_cpu_offload`, onto the CPU with diffusers'
-    offload hooks that move each model to `device` while it runs."""
-    import torch
-
-    dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if model is None:
-        from .bundled import load_bundled_pipeline
-
-        pipeline = load_bundled_pipeline(dtype=dtype)
-    else:
-        if os.path.isdir(model):
-            if not os.path.isfile(os.path.join(model, "model_index.json")):
-                raise FileNotFoundError(
-                    f"--model {model!r} has no model_index.json: pass a folder written by save_pretrained or "
-                    "`arpg-hf convert`."
-                )
-        elif os.path.exists(model) or model.count("/") != 1 or model.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"--model {model!r} is neither a pipeline folder nor a Hub id 'owner/name'.")
-        pipeline = read_pipeline(model, dtype)
-    if pipeline_class is not None:
-        pipeline = pipeline_class(**pipeline.components)
-    if model_cpu_offload:  # on the pipeline that runs, so that it offloads again after every call
-        pipeline.enable_model_cpu_offload(device=device)
-        return pipeline
-    return pipeline.to(device)
-
-
-def read_pipeline(model: str, dtype):
-    """`ARPGPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)`; a folder that cannot be read
-    (truncated or corrupt weights, pickles only, foreign classes) is one OSError naming it and what to do."""
-    from .pipeline_arpg import ARPGPipeline
-
-    try:
-        return ARPGPipeline.from_pretrained(model, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as error:
-        if isinstance(error, FileNotFoundError) or "HF_HUB_OFFLINE" in str(error):
-            raise
-        reason = " ".join(str(error).split())[:300]
-        raise OSError(
-            f"Cannot load the pipeline {model!r}: {type(error).__name__}: {reason}. Its weights must be complete "
-            "safetensors files written by save_pretrained or `arpg-hf convert`; re-download or re-convert it."
-        ) from error
-    except Exception as error:  # safetensors' and torch's own errors for corrupt files
-        raise OSError(
-            f"Cannot load the pipeline {model!r}: {type(error).__name__}: {' '.join(str(error).split())[:300]}. "
-            "Its weight files look damaged (truncated or corrupt); re-download or re-convert it."
-        ) from error
 
 
 def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Sequence[str]) -> list[int]:
@@ -135,7 +59,7 @@ def resolve_negative_class_labels(pipeline, args: argparse.Namespace, num_labels
 def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
     """The pipeline of `--model` (as `pipeline_class` when given) on `--device` / `--dtype`, with the schedule
     overrides and progress bar settings."""
-    device = args.device or _default_device()
+    device = args.device or default_device()
     if args.quiet:
         import diffusers
         import transformers
@@ -452,7 +376,7 @@ def run_info(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .conversion import add_convert_arguments
+    from .conversion.command import add_convert_arguments
 
     parser = argparse.ArgumentParser(prog="arpg-hf", description="ARPG image generation on the Hugging Face stack.")
     parser.add_argument("--version", action="version", version=f"arpg-hf {__version__}")
@@ -478,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_generate_args(args)
             return run_generate(args) if args.command == "generate" else run_inpaint(args)
         if args.command == "convert":
-            from .conversion import run_convert
+            from .conversion.command import run_convert
 
             return run_convert(args)
         return run_info(args)

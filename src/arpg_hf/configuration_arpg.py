@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from .saved_folders import write_import_shims
+from .validation import is_int
 
 logger = logging.get_logger(__name__)
 
@@ -169,7 +170,7 @@ class ARPGConfig(PretrainedConfig):
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value, exact=True) or value < 1:
                 raise ValueError(f"ARPGConfig.{name} must be a positive integer, got {value!r}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""Zero-shot editing helpers for ARPG: masks, the pixel-to-token rule, outpainting canvases, resolution expansion.
+"""Zero-shot editing helpers for ARPG: masks, the pixel-to-token rule, outpainting canvases, lattice masks
+(`arpg_hf.editing_recipes` builds resolution expansion on them).
 
 The token rule: the VQ tokenizer maps each `f x f` pixel patch (f = `vqvae.downsample_factor`) to one token, and a token
 is regenerated when the fraction of its patch's pixels that the mask covers exceeds `coverage_threshold` (default 0:
@@ -15,6 +16,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
+
+from .validation import is_int, is_real
 
 MASK_THRESHOLD = 0.5  # mask values >= 0.5 (after scaling to [0, 1]) mean "regenerate", as diffusers binarizes masks
 _RANGE_TOLERANCE = 1e-4
@@ -153,7 +156,7 @@ def token_mask_from_pixel_mask(
 
 
 def check_coverage_threshold(coverage_threshold) -> None:
-    if isinstance(coverage_threshold, bool) or not isinstance(coverage_threshold, numbers.Real):
+    if not is_real(coverage_threshold):
         raise ValueError(f"mask_coverage_threshold must be a number in [0, 1), got {coverage_threshold!r}.")
     if not 0 <= coverage_threshold < 1:
         raise ValueError(
@@ -172,7 +175,7 @@ class OutpaintCanvas(NamedTuple):
 
 def _check_padding(padding: dict[str, int]) -> None:
     for side, value in padding.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"Padding `{side}` must be an int >= 0 (pixels), got {value!r}.")
 
 
@@ -295,7 +298,7 @@ def make_lattice_mask(
     Returns:
         `torch.FloatTensor` of shape `(height, width)`: 1 = regenerate, 0 = keep.
     """
-    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
+    if not is_int(stride) or stride < 1:
         raise ValueError(f"stride must be an int >= 1 (tokens), got {stride!r}.")
     if len(offset) != 2 or not all(isinstance(o, numbers.Integral) and 0 <= o < stride for o in offset):
         raise ValueError(f"offset must be two ints in [0, {stride}), got {offset!r}.")
@@ -307,48 +310,3 @@ def make_lattice_mask(
     token_mask = torch.ones(rows, cols)
     token_mask[offset[0] :: stride, offset[1] :: stride] = 0
     return token_mask.repeat_interleave(downsample_factor, 0).repeat_interleave(downsample_factor, 1)  # (H, W)
-
-
-def expand_resolution(
-    pipe,
-    image: Any,
-    class_labels: int | list[int] | torch.LongTensor,
-    scale: int = 2,
-    stride: int | None = None,
-    position_mode: str = "interpolate",
-    **call_kwargs,
-):
-    """Resolution expansion: turns an image (e.g. a generated 256px one) into one `scale` times larger.
-
-    Recipe: upscale the image bicubically to the larger canvas, VQ-encode it, keep a lattice of its tokens (one every
-    `stride` tokens in each direction) and regenerate all the others with [`ARPGInpaintPipeline`]. The kept lattice
-    fixes the layout and colours; the regenerated tokens add the detail the blurry upscale lacks. With
-    `position_mode="interpolate"` and `stride == scale`, the kept tokens sit exactly on the integer rotary positions of
-    the trained grid, and the new tokens fall between them.
-
-    Args:
-        pipe ([`ARPGInpaintPipeline`] or [`ARPGPipeline`]): an ARPG pipeline; a plain [`ARPGPipeline`] is wrapped with
-            the same components.
-        image: a PIL image, numpy array or tensor as [`ARPGInpaintPipeline`] accepts it, or a batch of them.
-        class_labels: class of each image.
-        scale (`int`, *optional*, defaults to 2): integer upscaling factor (each side), >= 1.
-        stride (`int`, *optional*): lattice spacing in tokens; defaults to `scale`.
-        position_mode (`str`, *optional*, defaults to `"interpolate"`): see [`ARPGInpaintPipeline.__call__`].
-        call_kwargs: passed on to the pipeline call (`num_inference_steps`, `guidance_scale`, `generator`,
-            `output_type`, ...).
-
-    Returns:
-        The pipeline's output for the `scale`-times larger canvas.
-    """
-    from .pipeline_arpg_inpaint import ARPGInpaintPipeline
-
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1:
-        raise ValueError(f"scale must be an int >= 1, got {scale!r}.")
-    if not isinstance(pipe, ARPGInpaintPipeline):
-        pipe = ARPGInpaintPipeline(**pipe.components)
-    pixels = pipe.preprocess_image(image)  # (B, 3, H, W) in [-1, 1]
-    upscaled = F.interpolate(pixels.float(), scale_factor=scale, mode="bicubic", align_corners=False)
-    upscaled = (upscaled / 2 + 0.5).clamp(0, 1)  # (B, 3, sH, sW) in [0, 1], as the pipeline takes tensors
-    height, width = upscaled.shape[-2:]
-    mask = make_lattice_mask(height, width, pipe.vqvae.downsample_factor, scale if stride is None else stride)
-    return pipe(upscaled, mask, class_labels, position_mode=position_mode, **call_kwargs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import tempfile
 from typing import Any, Callable, Mapping
@@ -21,13 +20,13 @@ from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
 from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders
 from .random_utils import draw_uniform
-from .reference_arpg import load_reference_arpg
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
 from .saved_folders import (
     config_json, download_pipeline_folder, is_package_class, is_weights_of_variant, package_module_names,
     shim_module_names, write_import_shims,
 )  # fmt: skip
 from .scheduling_arpg import ARPGScheduler
+from .validation import is_int, is_real
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)
@@ -64,7 +63,7 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
     """The (rows, cols) token grid of a `height` x `width` pixel canvas; ValueError unless both are positive
     multiples of `downsample_factor`."""
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
     if height % downsample_factor or width % downsample_factor:
         suggestion = f"{max(1, height // downsample_factor) * downsample_factor}x" \
@@ -79,7 +78,7 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
 
 def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> None:
     """ValueError unless `guidance_scale` is a finite number >= 0 that float32 (the logits' dtype) can hold."""
-    in_range = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool) and (
+    in_range = is_real(guidance_scale) and (
         math.isfinite(guidance_scale) and 0 <= guidance_scale <= FLOAT32_MAX
     )
     if not in_range:
@@ -91,7 +90,7 @@ def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> None:
 
 def check_num_inference_steps(num_inference_steps, num_tokens: int) -> None:
     """ValueError unless `num_inference_steps` is an int in [1, num_tokens] (at least one token per step)."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+    if not is_int(num_inference_steps):
         raise ValueError(f"num_inference_steps must be an int in [1, {num_tokens}], got {num_inference_steps!r}.")
     if not 1 <= num_inference_steps <= num_tokens:
         raise ValueError(
@@ -245,6 +244,8 @@ class ARPGPipelineMixin:
                 ch, encoder_ch_mult, ...), or a JSON file of them; defaults to the published VQ-16.
             scheduler ([`ARPGScheduler`], *optional*): defaults to arccos tokens per step with linear guidance.
         """
+        from .conversion.arpg import load_reference_arpg  # the integration layer, imported when converting
+
         transformer = load_reference_arpg(arpg_checkpoint, _read_json_if_path(reference_config))
         vqvae = ARPGVQModel.from_reference_checkpoint(vq_checkpoint, _read_json_if_path(vq_config))
         if vqvae.config.num_vq_embeddings != transformer.config.vocab_size:

@@ -7,7 +7,6 @@ a random order, several per step, exactly as in generation.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import numpy as np
@@ -21,6 +20,7 @@ from .modeling_arpg import ARPGForImageGeneration, check_class_labels
 from .pipeline_arpg import OUTPUT_TYPES, ARPGPipelineMixin, canvas_grid_size, check_guidance_scale
 from .rotary_2d import POSITION_MODES
 from .scheduling_arpg import ARPGScheduler
+from .validation import is_int
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)
@@ -76,7 +76,7 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
                      callback_on_step_end_tensor_inputs, position_mode="extrapolate",
                      mask_coverage_threshold=0.0):  # fmt: skip
         check_class_labels(class_labels, self.transformer.config.num_classes)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+        if not is_int(num_inference_steps):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")

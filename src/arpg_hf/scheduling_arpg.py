@@ -1,7 +1,6 @@
 """Scheduler for ARPG: random decoding order, tokens per step, guidance per step and token sampling."""
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +10,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .random_utils import draw_uniform
+from .validation import is_int, is_real
 
 TOKEN_SCHEDULES = ("arccos", "cosine")
 GUIDANCE_SCHEDULES = ("constant", "linear")
@@ -31,7 +31,7 @@ class ARPGSchedulerOutput(BaseOutput):
 
 
 def _as_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
     return int(value)
 
@@ -82,8 +82,7 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
         if sampling_method not in SAMPLING_METHODS:
             raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}.")
         if recommended_guidance_scale is not None and (
-            isinstance(recommended_guidance_scale, bool)
-            or not isinstance(recommended_guidance_scale, numbers.Real)
+            not is_real(recommended_guidance_scale)
             or recommended_guidance_scale < 0
         ):
             raise ValueError(f"`recommended_guidance_scale` must be a number >= 0, got {recommended_guidance_scale!r}.")
@@ -234,7 +233,7 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         """Raise a ValueError / TypeError for sampling arguments out of range (callable before any model work)."""
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        if not is_real(temperature):
             raise TypeError(f"`temperature` must be a float, got {type(temperature).__name__}.")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"`temperature` must be a finite value >= 0 (0 means greedy), got {temperature}.")
@@ -243,7 +242,7 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
             if top_k < 0:
                 raise ValueError(f"`top_k` must be >= 0 (0 or None disables it, 1 is greedy), got {top_k}.")
         if top_p is not None:
-            if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+            if not is_real(top_p):
                 raise TypeError(f"`top_p` must be a float, got {type(top_p).__name__}.")
             if not 0 < top_p <= 1:
                 raise ValueError(f"`top_p` must be in (0, 1] (None or 1.0 disables it), got {top_p}.")

@@ -25,15 +25,14 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from torch.func import functional_call
 
-from .checkpoint_utils import KeyRule, check_shapes, convert_state_dict, load_reference_state_dict
+from .llamagen_vq import (  # noqa: F401  (llamagen_vq_config is public here too)
+    L2_NORM_EPS, REFERENCE_GROUP_NORM_EPS, l2_normalize_rows, llamagen_vq_config,
+)
 from .saved_folders import config_json, variant_state_dict, without_load_path
+from .validation import is_int
 
 logger = logging.get_logger(__name__)
 
-# Group-norm epsilon of the reference; diffusers' Encoder/Decoder hard-code the same value (checked in __init__).
-REFERENCE_GROUP_NORM_EPS = 1e-6
-# F.normalize's default epsilon, used by the reference quantizer.
-L2_NORM_EPS = 1e-12
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -348,32 +347,15 @@ class ARPGVQModel(VQModel):
                 A `.pt` file or an in-memory state dict, raw or wrapped under `"model"` / `"module"` /
                 `"state_dict"`, with or without `module.` prefixes.
             reference_config (`dict`, *optional*):
-                The upstream VQ `ModelArgs` fields (see [`vq_config_from_reference`]); `None` means the published
-                VQ-16.
+                The upstream VQ `ModelArgs` fields (see [`~arpg_hf.conversion.vq_config_from_reference`]); `None`
+                means the published VQ-16.
 
         Returns:
             [`ARPGVQModel`] in eval mode, with the checkpoint's dtype cast to the model's (float32).
         """
-        state_dict = load_reference_state_dict(checkpoint)
-        model = cls(**vq_config_from_reference(reference_config))
-        expected = model.state_dict()
-        converted = convert_state_dict(
-            state_dict,
-            VQ_REFERENCE_KEY_MAP,
-            expected.keys(),
-            ignored_source_keys=VQ_REFERENCE_IGNORED_KEYS,
-            name="VQ reference checkpoint",
-        )
-        check_shapes(converted, expected, name="VQ reference checkpoint")
-        model.load_state_dict(converted, strict=True)
-        return model.eval()
+        from .conversion.vq import load_reference_vq  # the integration layer, imported when converting
 
-
-def l2_normalize_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Codebook rows `(num_codes, dim)` l2-normalised as LlamaGen does (F.normalize, eps 1e-12), computed in float32
-    at least and returned in the rows' dtype."""
-    compute_dtype = torch.promote_types(rows.dtype, torch.float32)
-    return F.normalize(rows.to(compute_dtype), p=2, dim=-1, eps=L2_NORM_EPS).to(rows.dtype)
+        return load_reference_vq(checkpoint, reference_config, model_class=cls)
 
 
 def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int, int]:
@@ -390,10 +372,6 @@ def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int,
     return int(shape[0]), int(shape[1])
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _validate_config(
     positive: dict[str, int], block_out_channels: Sequence[int], down_block_types: Sequence[str],
     up_block_types: Sequence[str],
@@ -401,10 +379,10 @@ def _validate_config(
     """Raises a ValueError for a non-positive size, block lists that disagree, or level widths that the group norms
     cannot split."""
     for name, value in positive.items():
-        if not _is_positive_int(value):
+        if not (is_int(value, exact=True) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     widths = list(block_out_channels) if isinstance(block_out_channels, (list, tuple)) else None
-    if not widths or not all(_is_positive_int(width) for width in widths):
+    if not widths or not all(is_int(width, exact=True) and width >= 1 for width in widths):
         raise ValueError(
             f"block_out_channels must be a non-empty list of positive integers (e.g. [128, 128, 256, 256, 512]), got "
             f"{block_out_channels!r}."
@@ -422,179 +400,6 @@ def _validate_config(
             f"Every level width must be divisible by norm_num_groups={norm_num_groups}; block_out_channels {widths} "
             f"has {bad}. Choose widths that are multiples of {norm_num_groups} or change norm_num_groups."
         )
-
-
-# ------------------------------------------------------------------------------------------ upstream key map
-
-def _conv1x1_to_linear(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], weight.shape[1])  # [C, C, 1, 1] -> [C, C]
-
-
-def _param_rules(source: str, target: str, transform_weight=None) -> list[KeyRule]:
-    """A weight and a bias rule for one module."""
-    return [
-        KeyRule(f"{source}.weight", f"{target}.weight", transform_weight),
-        KeyRule(f"{source}.bias", f"{target}.bias"),
-    ]
-
-
-def _resnet_rules(source: str, target: str) -> list[KeyRule]:
-    names = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2")]
-    names.append(("nin_shortcut", "conv_shortcut"))  # 1x1 conv where the input and output widths differ
-    return [rule for src, dst in names for rule in _param_rules(f"{source}.{src}", f"{target}.{dst}")]
-
-
-def _attention_rules(source: str, target: str) -> list[KeyRule]:
-    rules = _param_rules(f"{source}.norm", f"{target}.group_norm")
-    for src, dst in [("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]:
-        rules += _param_rules(f"{source}.{src}", f"{target}.{dst}", _conv1x1_to_linear)
-    return rules
-
-
-def _autoencoder_half_rules(part: str, blocks: str, resampler: str, resamplers: str) -> list[KeyRule]:
-    """Rules of the encoder (``blocks`` = "down_blocks") or the decoder ("up_blocks"); block indices coincide."""
-    return [
-        *_param_rules(f"{part}.conv_in", f"{part}.conv_in"),
-        *_resnet_rules(f"{part}.conv_blocks.{{}}.res.{{}}", f"{part}.{blocks}.{{}}.resnets.{{}}"),
-        *_attention_rules(f"{part}.conv_blocks.{{}}.attn.{{}}", f"{part}.{blocks}.{{}}.attentions.{{}}"),
-        *_param_rules(f"{part}.conv_blocks.{{}}.{resampler}.conv", f"{part}.{blocks}.{{}}.{resamplers}.0.conv"),
-        *_resnet_rules(f"{part}.mid.0", f"{part}.mid_block.resnets.0"),
-        *_attention_rules(f"{part}.mid.1", f"{part}.mid_block.attentions.0"),
-        *_resnet_rules(f"{part}.mid.2", f"{part}.mid_block.resnets.1"),
-        *_param_rules(f"{part}.norm_out", f"{part}.conv_norm_out"),
-        *_param_rules(f"{part}.conv_out", f"{part}.conv_out"),
-    ]
-
-
-# Upstream (LlamaGen `VQModel`) key -> ARPGVQModel key. `{}` is a block / layer index.
-VQ_REFERENCE_KEY_MAP: list[KeyRule] = [
-    *_autoencoder_half_rules("encoder", "down_blocks", "downsample", "downsamplers"),
-    *_autoencoder_half_rules("decoder", "up_blocks", "upsample", "upsamplers"),
-    *_param_rules("quant_conv", "quant_conv"),
-    *_param_rules("post_quant_conv", "post_quant_conv"),
-    KeyRule("quantize.embedding.weight", "quantize.embedding.weight", l2_normalize_rows),  # normalised once, as used
-]
-# Training-only buffer (recently used codes) present in every upstream checkpoint.
-VQ_REFERENCE_IGNORED_KEYS = ("quantize.codebook_used",)
-
-# Upstream VQ fields that do not change the inference architecture (training losses, bookkeeping, derived sizes).
-_IGNORED_REFERENCE_FIELDS = {
-    "codebook_show_usage", "commit_loss_beta", "entropy_loss_ratio", "dropout_p", "num_res_blocks", "image_size",
-    "latent_size", "_notes",
-}
-PUBLISHED_VQ16 = dict(
-    codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, encoder_ch_mult=[1, 1, 2, 2, 4],
-    decoder_ch_mult=[1, 1, 2, 2, 4], z_channels=256, ch=128, in_channels=3, out_channels=3, group_norm_groups=32,
-)
-
-
-def vq_config_from_reference(reference_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Maps upstream VQ `ModelArgs` fields to [`ARPGVQModel`] init kwargs.
-
-    Args:
-        reference_config (`dict`, *optional*):
-            Upstream fields (`codebook_size`, `codebook_embed_dim`, `codebook_l2_norm`, `encoder_ch_mult`,
-            `decoder_ch_mult`, `z_channels`, `ch`, `in_channels`, `out_channels`, `group_norm_groups`, ...). Missing
-            fields take the published VQ-16 values. Training-only fields are ignored, and so is `num_res_blocks`: the
-            upstream `VQModel` never passes it on, so the effective value is 2 (or `effective_num_res_blocks`).
-            `None` gives the published VQ-16.
-
-    Returns:
-        `dict`: keyword arguments for `ARPGVQModel(**kwargs)`.
-    """
-    given = {k: v for k, v in dict(reference_config or {}).items() if not k.startswith("_")}  # "_notes" etc.
-    fields = {**PUBLISHED_VQ16, **given}
-    if list(fields["encoder_ch_mult"])[:1] != [1]:
-        raise ValueError(
-            f"encoder_ch_mult must start with 1, got {list(fields['encoder_ch_mult'])}: upstream's first level then "
-            "widens inside its first resnet, a layout diffusers' encoder blocks cannot express (no published "
-            "tokenizer uses it)."
-        )
-    if list(fields["encoder_ch_mult"]) != list(fields["decoder_ch_mult"]):
-        raise ValueError(
-            f"encoder_ch_mult {list(fields['encoder_ch_mult'])} differs from decoder_ch_mult "
-            f"{list(fields['decoder_ch_mult'])}; ARPGVQModel supports mirrored encoder/decoder widths only."
-        )
-    required = {"norm_type": "group", "resamp_with_conv": True, "group_norm_eps": REFERENCE_GROUP_NORM_EPS}
-    for name, value in required.items():
-        if name in fields and fields[name] != value:
-            raise ValueError(f"Reference field {name}={fields[name]!r} is not supported; only {value!r} is.")
-    factor = 2 ** (len(fields["encoder_ch_mult"]) - 1)
-    if "downsample" in fields and fields["downsample"] != factor:
-        raise ValueError(
-            f"Reference field downsample={fields['downsample']} contradicts encoder_ch_mult "
-            f"{list(fields['encoder_ch_mult'])}, which downsamples by {factor}."
-        )
-    if not fields["codebook_l2_norm"]:
-        raise ValueError(
-            "Reference field codebook_l2_norm=False is not supported: ARPGVQModel is LlamaGen's l2-normalised "
-            "quantizer (every published ARPG / LlamaGen tokenizer uses it)."
-        )
-    known = set(PUBLISHED_VQ16) | set(required) | _IGNORED_REFERENCE_FIELDS
-    known |= {"downsample", "effective_num_res_blocks"}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        logger.warning(f"Ignoring unknown VQ reference config fields: {unknown}.")
-    return llamagen_vq_config(
-        in_channels=fields["in_channels"],
-        out_channels=fields["out_channels"],
-        base_channels=fields["ch"],
-        channel_multipliers=tuple(fields["encoder_ch_mult"]),
-        layers_per_block=fields.get("effective_num_res_blocks", 2),
-        z_channels=fields["z_channels"],
-        codebook_size=fields["codebook_size"],
-        codebook_embed_dim=fields["codebook_embed_dim"],
-        norm_num_groups=fields["group_norm_groups"],
-        attention=True,  # upstream VQ models always have attention at the lowest resolution
-    )
-
-
-def llamagen_vq_config(
-    base_channels: int = 128,
-    channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
-    layers_per_block: int = 2,
-    z_channels: int = 256,
-    codebook_size: int = 16384,
-    codebook_embed_dim: int = 8,
-    norm_num_groups: int = 32,
-    attention: bool = True,
-    in_channels: int = 3,
-    out_channels: int = 3,
-) -> dict[str, Any]:
-    """The [`ARPGVQModel`] (diffusers `VQModel`) configuration of a LlamaGen-style tokenizer given by its sizes:
-    `ARPGVQModel(**llamagen_vq_config(base_channels=32, channel_multipliers=(1, 2), codebook_size=512))`.
-
-    Args:
-        base_channels (`int`, *optional*, defaults to 128): width of the first level (upstream `ch`).
-        channel_multipliers (`Sequence[int]`, *optional*, defaults to `(1, 1, 2, 2, 4)`): width multiplier of every
-            level, highest resolution first (upstream `encoder_ch_mult`); the image is downsampled by
-            `2 ** (len(channel_multipliers) - 1)`.
-        layers_per_block (`int`, *optional*, defaults to 2): resnets per encoder level (the decoder has one more).
-        z_channels (`int`, *optional*, defaults to 256): channels between encoder/decoder and the quant convolutions.
-        codebook_size (`int`, *optional*, defaults to 16384), codebook_embed_dim (`int`, *optional*, defaults to 8):
-            number and dimension of the codes.
-        norm_num_groups (`int`, *optional*, defaults to 32): groups of every group norm.
-        attention (`bool`, *optional*, defaults to `True`): self-attention at the lowest resolution and in the middle
-            blocks, as in VQ-16. `False` gives a purely convolutional tokenizer (the bundled digits one).
-        in_channels (`int`, *optional*, defaults to 3), out_channels (`int`, *optional*, defaults to 3): image channels.
-    """
-    num_levels = len(channel_multipliers)
-    lowest_down, lowest_up = (
-        ("AttnDownEncoderBlock2D", "AttnUpDecoderBlock2D") if attention else ("DownEncoderBlock2D", "UpDecoderBlock2D")
-    )
-    return dict(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        down_block_types=("DownEncoderBlock2D",) * (num_levels - 1) + (lowest_down,),
-        up_block_types=(lowest_up,) + ("UpDecoderBlock2D",) * (num_levels - 1),
-        block_out_channels=tuple(base_channels * multiplier for multiplier in channel_multipliers),
-        layers_per_block=layers_per_block,
-        latent_channels=z_channels,
-        num_vq_embeddings=codebook_size,
-        vq_embed_dim=codebook_embed_dim,
-        norm_num_groups=norm_num_groups,
-        mid_block_add_attention=attention,
-    )
 
 
 # ------------------------------------------------------------------------------- folders saved before 0.2

@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     """Starts the demo; returns the exit status (1 with a one-line message for a bad --model and the like)."""
     import torch
 
-    from ..cli import load_pipeline, run_guarded
+    from ..pipeline_loading import load_pipeline
+    from ..user_errors import run_guarded
 
     args = parse_args(argv)
 

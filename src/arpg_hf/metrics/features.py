@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_positive_int
 from .inputs import images_to_uint8_batch
 
 FEATURE_KEYS = ("pool", "logits")
@@ -100,8 +101,7 @@ def extract_features(images: Sequence, feature_extractor: Callable, batch_size: 
     Returns:
         `dict[str, np.ndarray]`: `"pool"` `(N, D)` and `"logits"` `(N, C)`, float64.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size", exact=True)
     if len(images) == 0:
         raise ValueError("Got no images to extract features from.")
     device = _module_device(feature_extractor)

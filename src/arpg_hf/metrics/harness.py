@@ -1,4 +1,4 @@
-"""One call from images to the ADM metric set (FID, IS, precision, recall): what `pipelines/evaluate.py` runs."""
+"""One call from images to the ADM metric set (FID, IS, precision, recall): what `pipelines/evaluate_samples.py` runs."""
 
 from __future__ import annotations
 

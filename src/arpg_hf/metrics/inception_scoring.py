@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..validation import check_positive_int
 from .inputs import as_feature_matrix
 
 DEFAULT_SPLIT_SIZE = 5000  # ADM's evaluator
@@ -31,8 +32,7 @@ def inception_score(logits, split_size: int = DEFAULT_SPLIT_SIZE) -> tuple[float
     Returns:
         `tuple[float, float]`: the mean and the standard deviation of the per-split scores.
     """
-    if isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1:
-        raise ValueError(f"split_size must be a positive int, got {split_size!r}.")
+    check_positive_int(split_size, "split_size", exact=True)
     probabilities = _softmax(as_feature_matrix(logits, "logits"))  # (N, C), float64
     scores = []
     for start in range(0, probabilities.shape[0], split_size):

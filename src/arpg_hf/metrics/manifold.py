@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..validation import check_positive_int
 from .inputs import as_feature_matrix
 
 DEFAULT_NEAREST_K = 3
@@ -38,8 +39,7 @@ def manifold_radii(features, nearest_k: int = DEFAULT_NEAREST_K, block_size: int
 
     The sample itself (distance 0) is not counted as a neighbour; N must exceed `nearest_k`.
     """
-    if isinstance(nearest_k, bool) or not isinstance(nearest_k, int) or nearest_k < 1:
-        raise ValueError(f"nearest_k must be a positive int, got {nearest_k!r}.")
+    check_positive_int(nearest_k, "nearest_k", exact=True)
     features = _as_tensor(features, "features", min_rows=nearest_k + 1)
     radii = [
         _squared_distances(features[start : start + block_size], features).kthvalue(nearest_k + 1, dim=1).values

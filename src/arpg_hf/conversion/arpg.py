@@ -1,4 +1,5 @@
-"""Loading upstream ARPG decoder checkpoints (arpg_300m.pt / arpg_700m.pt / arpg_1b.pt and their training outputs)."""
+"""Upstream ARPG decoder checkpoints (arpg_300m.pt / arpg_700m.pt / arpg_1b.pt and their training outputs): their key
+map, the translation of their `ModelArgs` fields into an [`~arpg_hf.ARPGConfig`], and loading them."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any, Mapping
 import torch
 from transformers.utils import logging
 
-from .checkpoint_utils import KeyRule, check_shapes, convert_state_dict, load_reference_state_dict
-from .configuration_arpg import ARPGConfig
-from .modeling_arpg import ARPGForImageGeneration
+from ..configuration_arpg import ARPG_PRESETS, ARPGConfig
+from ..modeling_arpg import ARPGForImageGeneration
+from .checkpoints import KeyRule, check_shapes, convert_state_dict, load_reference_state_dict
 
 logger = logging.get_logger(__name__)
 
@@ -56,6 +57,17 @@ PUBLISHED_ARPG_L = dict(
     dim=1024, n_layer=24, n_head=16, vocab_size=16384, num_classes=1000, block_size=256, multiple_of=256,
     ffn_dim_multiplier=None, rope_base=10000, norm_eps=1e-5,
 )  # fmt: skip
+
+# Upstream ModelArgs of each published decoder size (everything else as in PUBLISHED_ARPG_L).
+PRESET_REFERENCE_FIELDS = {
+    name: {
+        **PUBLISHED_ARPG_L,
+        "dim": fields["hidden_size"],
+        "n_head": fields["num_attention_heads"],
+        "n_layer": fields["num_self_attention_layers"] + fields["num_cross_attention_layers"],
+    }
+    for name, fields in ARPG_PRESETS.items()
+}
 
 # Upstream ModelArgs field -> ARPGConfig field (copied as is).
 _RENAMED_FIELDS = {

@@ -1,6 +1,6 @@
 """Conversion of the published upstream checkpoints into Hub-ready ARPGPipeline folders.
 
-`arpg-hf convert` and `conversion/convert_arpg_to_hf.py` are thin wrappers around :func:`main`. The steps, each
+`arpg-hf convert` and `conversion/convert_arpg_to_hf.py` run it through `arpg_hf.conversion.command`. The steps, each
 failing with one clear message before anything is written:
 
 1. resolve each checkpoint argument: a local file, or a Hub file reference such as ``hp-l33/ARPG/arpg_300m.pt``;
@@ -15,7 +15,6 @@ failing with one clear message before anything is written:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -26,23 +25,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .atomic_io import staged_folder
-from .checkpoint_utils import WRAPPER_KEYS, abbreviate, load_reference_state_dict, read_checkpoint_file
-from .configuration_arpg import ARPG_PRESETS, swiglu_intermediate_size
-from .model_card import create_model_card, recommended_sampling
-from .reference_arpg import PUBLISHED_ARPG_L
-from .vq_model import PUBLISHED_VQ16
-
-# Upstream ModelArgs of each published decoder size (everything else as in PUBLISHED_ARPG_L).
-PRESET_REFERENCE_FIELDS = {
-    name: {
-        **PUBLISHED_ARPG_L,
-        "dim": fields["hidden_size"],
-        "n_head": fields["num_attention_heads"],
-        "n_layer": fields["num_self_attention_layers"] + fields["num_cross_attention_layers"],
-    }
-    for name, fields in ARPG_PRESETS.items()
-}
+from ..atomic_io import staged_folder
+from ..configuration_arpg import swiglu_intermediate_size
+from ..model_card import recommended_sampling
+from .arpg import PRESET_REFERENCE_FIELDS, PUBLISHED_ARPG_L
+from .checkpoints import WRAPPER_KEYS, abbreviate, load_reference_state_dict, read_checkpoint_file
+from .vq import PUBLISHED_VQ16
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -301,8 +289,8 @@ def convert_reference_checkpoints(
         `(pipeline, provenance)`: the pipeline (scheduler set to the recommended sampling settings of its size) and a
         list of `{"component", "source", "sha256", "layout"}` dicts describing the source files.
     """
-    from .pipeline_arpg import ARPGPipeline  # heavy imports only when converting
-    from .scheduling_arpg import ARPGScheduler
+    from ..pipeline_arpg import ARPGPipeline  # heavy imports only when converting
+    from ..scheduling_arpg import ARPGScheduler
 
     if preset is not None and reference_config is not None:
         raise ConversionError("Pass either --preset or --reference-config, not both.")
@@ -400,67 +388,3 @@ def upload_pipeline_folder(folder: str, repo_id: str, private: bool = False, tok
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload ARPG pipeline (arpg-hf)")
     return str(getattr(commit, "commit_url", commit))
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--arpg-checkpoint", required=True, metavar="PATH_OR_HUB",
-                        help="upstream decoder checkpoint: a file, or a Hub file like hp-l33/ARPG/arpg_300m.pt")
-    parser.add_argument("--vq-checkpoint", required=True, metavar="PATH_OR_HUB",
-                        help="LlamaGen VQ tokenizer checkpoint, e.g. FoundationVision/LlamaGen/vq_ds16_c2i.pt")
-    parser.add_argument("--output-dir", required=True, metavar="DIR", help="the pipeline folder to write")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--preset", choices=sorted(PRESET_REFERENCE_FIELDS),
-                      help="published decoder size (default: detected from the checkpoint's width)")
-    size.add_argument("--reference-config", metavar="JSON",
-                      help="JSON of the upstream ModelArgs fields (dim, n_layer, n_head, vocab_size, ...)")
-    parser.add_argument("--vq-config", metavar="JSON",
-                        help="JSON of the upstream VQ fields (ch, encoder_ch_mult, z_channels, codebook_size, ...); "
-                             "default: the published VQ-16")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the decoder weights")
-    parser.add_argument("--vq-dtype", choices=sorted(DTYPES), default="float32",
-                        help="dtype of the tokenizer weights (it decodes in float32 either way)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    parser.add_argument("--license", default="mit", help="license in the model card metadata")  # fmt: skip
-    return parser
-
-
-def run_convert(args: argparse.Namespace) -> str:
-    """Runs a conversion from parsed arguments; returns the output folder."""
-    check_output_dir(args.output_dir, args.overwrite)
-    pipeline, provenance = convert_reference_checkpoints(
-        args.arpg_checkpoint,
-        args.vq_checkpoint,
-        preset=args.preset,
-        reference_config=read_json_config(args.reference_config, "--reference-config"),
-        vq_config=read_json_config(args.vq_config, "--vq-config"),
-        dtype=args.dtype,
-        vq_dtype=args.vq_dtype,
-    )
-    card = create_model_card(
-        pipeline.transformer.config,
-        pipeline.scheduler.config,
-        repo_id=args.push_to_hub,
-        provenance=provenance,
-        license=args.license,
-        num_parameters=pipeline.transformer.num_parameters(),
-    )
-    folder = save_pipeline_folder(pipeline, args.output_dir, card, overwrite=args.overwrite)
-    print(f"Wrote {folder}")
-    if args.push_to_hub:
-        print(f"Uploaded to {upload_pipeline_folder(folder, args.push_to_hub, private=args.private)}")
-    return folder
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import run_guarded
-
-    parser = add_convert_arguments(
-        argparse.ArgumentParser(
-            prog="convert_arpg_to_hf.py",
-            description="Convert the published ARPG + LlamaGen VQ checkpoints into an ARPGPipeline folder.",
-        )
-    )
-    return run_guarded(lambda: run_convert(parser.parse_args(argv)), prog=parser.prog)

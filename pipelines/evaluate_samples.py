@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluates generated samples against an ADM reference batch: FID, Inception score, precision and recall.
 
-    python pipelines/evaluate.py --samples samples/arpg-l-cfg4.5 --reference VIRTUAL_imagenet256_labeled.npz \
+    python pipelines/evaluate_samples.py --samples samples/arpg-l-cfg4.5 --reference VIRTUAL_imagenet256_labeled.npz \
         --output samples/arpg-l-cfg4.5/metrics.json --device cuda
 
 --samples is a folder of images, a `pipelines/sample_fid.py` output folder (its samples.npz, else its samples/ PNGs)
@@ -14,16 +14,10 @@ found next to the samples) and prints a markdown table row.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
-
-# This file is named like the `evaluate` package; keep its folder off the import path so that `import evaluate`
-# anywhere below finds the package, not this script.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [path for path in sys.path if os.path.abspath(path or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
 
 MARKDOWN_HEADER = "| Samples | N | FID | IS | Precision | Recall |\n|---|---|---|---|---|---|"
 SETTINGS_FILE = "sampling_settings.json"
@@ -100,7 +94,7 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from arpg_hf.cli import run_guarded
+    from arpg_hf.user_errors import run_guarded
 
     arguments = parse_args()
-    sys.exit(run_guarded(lambda: main(arguments), prog="pipelines/evaluate.py"))
+    sys.exit(run_guarded(lambda: main(arguments), prog="pipelines/evaluate_samples.py"))
