@@ -28,7 +28,7 @@ import time
 import torch
 
 from arpg_hf import ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
-from arpg_hf.modeling_arpg import CPU_GEMMS
+from arpg_hf.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,8 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--raster", action="store_true", help="also decode in raster order, one token per step")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decoding step at bucketed static shapes (pipe.enable_compiled_decoding)")
-    parser.add_argument("--cpu-gemm", default="blas", choices=CPU_GEMMS,
-                        help="fuse_projections(cpu_gemm=...), float32 on CPU: BLAS on transposed weights (default), "
+    parser.add_argument("--cpu-gemm", default="default", choices=CPU_GEMMS,
+                        help="arpg_hf.cpu_gemm.use_cpu_gemm(...), float32 on CPU: plain nn.Linear (default), BLAS on "
+                             "fused transposed weights, "
                              "oneDNN on the weights as stored, or oneDNN on a pre-packed second copy")
     parser.add_argument("--cpu-packed-weights", dest="cpu_gemm", action="store_const", const="onednn-packed",
                         help="the same as --cpu-gemm onednn-packed")
@@ -200,30 +201,35 @@ def gemm_only_work(pipe, batch_size: int, steps: int, order: str, device) -> lis
     return [(2 * batch_size * n_in, 2 * batch_size * n_query) for n_in, n_query in zip(inputs, counts)]
 
 
-def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
-    """Seconds per batch of the decoding's matrix products alone, with the model's own (fused) weights and GEMM
-    (`--cpu-gemm`): the time no implementation with these kernels can beat (attention, norms, RoPE, sampling and
-    Python are left out)."""
-    from arpg_hf.fused_linear import fused_linear_outputs
+def projections_by_pass(model) -> tuple[list, list]:
+    """The linears of a decoding step, fused when the model's projections are: those that read the step's inputs
+    (Pass 1 and the shared key/value projection) and those that read its queries (Pass 2 and the head)."""
+    def linears(*modules):
+        return [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Linear)]
 
-    model = pipe.transformer
-    model.fuse_projections()
-    groups = model.projection_groups_by_pass()  # (Pass 1 groups, Pass 2 groups)
+    trunk = model.model
+    pass_one = linears(*trunk.self_layers) + linears(*(m for m in (trunk.k_proj, trunk.v_proj, trunk.kv_proj) if m))
+    return pass_one, linears(*trunk.cross_layers, model.lm_head)
+
+
+def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
+    """Seconds per batch of the decoding's matrix products alone, with the model's own modules (fused, with the
+    `--cpu-gemm` kernels): the time no implementation with these kernels can beat (attention, norms, RoPE, sampling
+    and Python are left out)."""
+    groups = projections_by_pass(pipe.transformer)  # (Pass 1 linears, Pass 2 linears)
     work = gemm_only_work(pipe, batch_size, steps, order, device)
-    widths = {group[0].in_features for pass_groups in groups for group in pass_groups}
-    inputs = {(rows, width): torch.randn(rows, width, device=device, dtype=model.dtype)
+    widths = {linear.in_features for linears in groups for linear in linears}
+    inputs = {(rows, width): torch.randn(rows, width, device=device, dtype=pipe.transformer.dtype)
               for pair in work for rows in pair for width in widths}  # fmt: skip
 
     def run():
         for rows_per_pass in work:  # (input rows, query rows)
-            for rows, pass_groups in zip(rows_per_pass, groups):
-                for group in pass_groups:
-                    fused_linear_outputs(inputs[rows, group[0].in_features], *group)
+            for rows, linears in zip(rows_per_pass, groups):
+                for linear in linears:
+                    linear(inputs[rows, linear.in_features])
 
     with torch.inference_mode():
         seconds, _ = time_call(run, device, args.warmup, args.repeats)
-    if pipe.compiled_decoding:
-        model.unfuse_projections()  # the layout the compiled graphs were traced with
     return seconds
 
 
@@ -233,9 +239,9 @@ def arithmetic_work(pipe, batch_size: int, steps: int, order: str, device) -> tu
     plus one read of the key/value cache per layer (the weights dominate)."""
     model, config = pipe.transformer, pipe.transformer.config
     element = torch.finfo(model.dtype).bits // 8
-    pass_one, pass_two = model.projection_groups_by_pass()
-    weights_one = sum(linear.weight.numel() for group in pass_one for linear in group)
-    weights_two = sum(linear.weight.numel() for group in pass_two for linear in group)
+    pass_one, pass_two = projections_by_pass(model)
+    weights_one = sum(linear.weight.numel() for linear in pass_one)
+    weights_two = sum(linear.weight.numel() for linear in pass_two)
     width, rows_per_image = config.hidden_size, 2 * batch_size  # classifier-free guidance doubles the rows
     flops = weight_bytes = cache_bytes = 0.0
     filled = 0  # cache slots per row (the class token included)
@@ -324,7 +330,8 @@ def main(argv=None):
     records = []
     for dtype_name in args.dtype:
         pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=not args.no_vq)
-        pipe.transformer.fuse_projections(cpu_gemm=args.cpu_gemm)  # the pipeline keeps this choice
+        if args.cpu_gemm != "default":
+            use_cpu_gemm(pipe.transformer, args.cpu_gemm)
         pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(

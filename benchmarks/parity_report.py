@@ -44,14 +44,14 @@ def generation_report(pipe, parity_dir):
 
 
 def first_step_logits(pipe, fixture, key, case):
-    """CFG-combined logits of step 0, computed through the same decode_step the pipeline uses."""
+    """CFG-combined logits of step 0, computed through the same step the pipeline runs (the model's forward)."""
     model = pipe.transformer
     labels = fixture[f"{key}.class_labels"]
     count = fixture[f"{key}.first_step_logits"].shape[1]
     queries = fixture[f"{key}.orders"][:count].expand(2 * len(labels), count)
     class_ids = model.class_token_ids(torch.cat([labels, torch.full_like(labels, -1)]))[:, None]
     with torch.no_grad():
-        logits = model.decode_step(class_ids, torch.full_like(class_ids, -1), queries, model.allocate_cache(2 * len(labels)))
+        logits = pipe.decode_step(class_ids, torch.full_like(class_ids, -1), queries, model.allocate_cache(2 * len(labels)))
     conditional, unconditional = logits.chunk(2)
     return unconditional + (conditional - unconditional) * case["cfg_scale_per_step"][0]
 

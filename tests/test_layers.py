@@ -19,7 +19,7 @@ LAYERS = {
     "arpg_hf": CORE,  # the lazy facade: imports only auto_classes and lazy_exports at once
     "validation": CORE, "atomic_io": CORE, "random_utils": CORE, "lazy_exports": CORE, "optional_dependencies": CORE,
     "saved_folders": CORE, "auto_classes": CORE, "configuration_arpg": CORE, "rotary_2d": CORE, "cache_arpg": CORE,
-    "fused_linear": CORE, "modeling_arpg": CORE, "compiled_decoding": CORE, "memory": CORE, "scheduling_arpg": CORE,
+    "fused_projections": CORE, "cpu_gemm": CORE, "modeling_arpg": CORE, "compiled_decoding": CORE, "memory": CORE, "scheduling_arpg": CORE,
     "llamagen_vq": CORE, "vq_model": CORE, "labels": CORE, "pipeline_arpg": CORE, "editing_utils": CORE,
     "pipeline_arpg_inpaint": CORE, "editing_recipes": CORE,
     "conversion": INTEGRATION, "model_card": INTEGRATION, "bundled": INTEGRATION, "user_errors": INTEGRATION,

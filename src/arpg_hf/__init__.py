@@ -16,6 +16,7 @@ _EXPORTS = {
     "modeling_arpg": ["ARPGForImageGeneration", "ARPGImageGenerationOutput", "ARPGModel", "ARPGPreTrainedModel"],
     "cache_arpg": ["ARPGStaticCache"],
     "compiled_decoding": ["CompiledDecoder"],
+    "cpu_gemm": ["use_cpu_gemm"],
     "scheduling_arpg": ["ARPGScheduler", "ARPGSchedulerOutput"],
     "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput", "llamagen_vq_config"],
     "pipeline_arpg": ["ARPGPipeline"],
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bundled import bundled_pipeline_path, load_bundled_pipeline
     from .cache_arpg import ARPGStaticCache
     from .configuration_arpg import ARPG_PRESETS, ARPGConfig
+    from .cpu_gemm import use_cpu_gemm
     from .labels import imagenet_id2label
     from .metrics.loading import load_metric
     from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel

@@ -7,7 +7,7 @@ import os
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from .saved_folders import write_import_shims
+from .saved_folders import SavedWithImportShims
 from .validation import is_int
 
 logger = logging.get_logger(__name__)
@@ -37,7 +37,7 @@ def swiglu_intermediate_size(hidden_size: int, multiple_of: int, ffn_dim_multipl
     return -(-hidden // multiple_of) * multiple_of
 
 
-class ARPGConfig(PretrainedConfig):
+class ARPGConfig(SavedWithImportShims, PretrainedConfig):
     r"""
     Configuration of [`ARPGForImageGeneration`]. The defaults describe ARPG-L on 256x256 ImageNet (16x16 tokens of
     the LlamaGen VQ-16 tokenizer).
@@ -148,20 +148,6 @@ class ARPGConfig(PretrainedConfig):
             self.intermediate_size = swiglu_intermediate_size(hidden_size, multiple_of, ffn_dim_multiplier)
         kwargs["auto_map"] = dict(AUTO_MAP)  # today's shims, also for folders saved before they existed
         super().__init__(**kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """`PretrainedConfig.save_pretrained`, plus the import shim that `AutoConfig.from_pretrained(folder,
-        trust_remote_code=True)` loads (`configuration_arpg.py`, see `arpg_hf.saved_folders`). With `push_to_hub`,
-        the folder is then uploaded through `push_to_hub` (`repo_id` defaults to the folder's name)."""
-        super().save_pretrained(save_directory, **({} if push_to_hub else kwargs))
-        write_import_shims(save_directory, [type(self)])
-        if push_to_hub:
-            return self.push_to_hub(kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))), **kwargs)
-
-    @classmethod
-    def register_for_auto_class(cls, auto_class="AutoConfig"):
-        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
-        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
 
     def _validate_arpg_fields(self) -> None:
         positive = (

@@ -13,7 +13,6 @@ inputs fed together see each other and everything cached, and the queries see al
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +31,11 @@ except ImportError:  # pragma: no cover
 
 from .cache_arpg import ARPGStaticCache
 from .configuration_arpg import ARPGConfig
+from .fused_projections import FusedProjections
 from .random_utils import draw_uniform
-from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, apply_rotary_2d
-from .saved_folders import VARIANT_DTYPES, variant_state_dict, write_import_shims
+from .rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D, absolute_position_embedding, apply_rotary_2d
+from .saved_folders import SavedWithImportShims
+from .validation import check_class_labels, check_orders, check_training_inputs
 
 
 @dataclass
@@ -89,71 +90,6 @@ def attend(module: nn.Module, query, key, value, attention_mask, is_causal: bool
     dropout = module.config.attention_dropout if module.training else 0.0
     output, _ = interface(module, query, key, value, attention_mask, dropout=dropout, is_causal=is_causal)
     return output.flatten(2)
-
-
-class FusedProjections:
-    """Mixin of a module whose bias-free projections of one input can run as one GEMM, as diffusers'
-    `fuse_qkv_projections()` does: `fuse_projections()` swaps in a real `nn.Linear` holding the parts' weights side by
-    side (e.g. `qkv_proj` for `q_proj`, `k_proj`, `v_proj`) and removes the parts; `unfuse_projections()` swaps them
-    back. State dicts always hold the parts, so saved folders keep the checkpoint layout."""
-
-    fusions: dict[str, tuple[str, ...]] = {}  # fused name -> the names of its parts
-
-    def register_fusions(self) -> None:
-        """Called at the end of `__init__`: no fused projection yet, and the state-dict hooks."""
-        for fused_name in self.fusions:
-            setattr(self, fused_name, None)
-        self.register_state_dict_post_hook(_state_dict_with_parts)
-        self.register_load_state_dict_pre_hook(_load_parts_into_fused)
-
-    def project(self, hidden_states: torch.Tensor, fused_name: str) -> tuple[torch.Tensor, ...]:
-        """The parts' outputs, through the fused projection when there is one."""
-        fused = getattr(self, fused_name)
-        if fused is None:
-            return tuple(getattr(self, name)(hidden_states) for name in self.fusions[fused_name])
-        return fused(hidden_states).chunk(len(self.fusions[fused_name]), dim=-1)
-
-    def fuse_projections(self) -> None:
-        for fused_name, names in self.fusions.items():
-            if getattr(self, fused_name) is not None:
-                continue
-            parts = [getattr(self, name) for name in names]
-            weight = parts[0].weight
-            fused = nn.Linear(weight.shape[1], len(parts) * weight.shape[0], bias=False, device="meta")
-            with torch.no_grad():
-                fused.weight = nn.Parameter(torch.cat([part.weight for part in parts]), weight.requires_grad)
-            setattr(self, fused_name, fused)
-            for name in names:
-                setattr(self, name, None)
-
-    def unfuse_projections(self) -> None:
-        for fused_name, names in self.fusions.items():
-            fused = getattr(self, fused_name)
-            if fused is None:
-                continue
-            with torch.no_grad():
-                for name, weight in zip(names, fused.weight.chunk(len(names))):
-                    part = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-                    part.weight = nn.Parameter(weight.clone(), fused.weight.requires_grad)
-                    setattr(self, name, part)
-            setattr(self, fused_name, None)
-
-
-def _state_dict_with_parts(module: FusedProjections, state_dict, prefix, local_metadata) -> None:
-    """State-dict hook: a fused weight is saved as its parts (own storage each), under the parts' names."""
-    for fused_name, names in module.fusions.items():
-        weight = state_dict.pop(f"{prefix}{fused_name}.weight", None)
-        if weight is not None:
-            for name, part in zip(names, weight.chunk(len(names))):
-                state_dict[f"{prefix}{name}.weight"] = part.clone()
-
-
-def _load_parts_into_fused(module: FusedProjections, state_dict, prefix, *args) -> None:
-    """Load hook: parts given under their own names load into the fused weight when the module is fused."""
-    for fused_name, names in module.fusions.items():
-        keys = [f"{prefix}{name}.weight" for name in names]
-        if getattr(module, fused_name) is not None and all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{fused_name}.weight"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
 class ARPGMLP(FusedProjections, nn.Module):
@@ -251,7 +187,7 @@ class ARPGCrossAttentionLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ffn_norm(hidden_states))
 
 
-class ARPGPreTrainedModel(PreTrainedModel):
+class ARPGPreTrainedModel(SavedWithImportShims, PreTrainedModel):
     config_class = ARPGConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -317,20 +253,15 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
     ) -> ARPGModelOutput:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): embedding ids of the inputs: class tokens
-                (`config.class_token_offset + c`, or the null class) and image tokens.
-            input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): raster position of each input on
-                the grid, -1 for a class token.
+            input_ids, input_position_ids (`torch.LongTensor` of shape `(batch, num_inputs)`): embedding ids (class
+                and image tokens) and raster positions (-1 for a class token) of the inputs.
             query_position_ids (`torch.LongTensor` of shape `(batch, num_queries)`): raster positions to predict.
-            past_key_values ([`ARPGStaticCache`], *optional*): decoding cache, updated in place.
-            cache_position (`torch.LongTensor` of shape `(num_inputs,)`, *optional*): the cache slots the inputs go
-                to; by default the next free ones (`past_key_values.advance`), or `0..num_inputs-1` without a cache.
+            past_key_values ([`ARPGStaticCache`], *optional*), cache_position (`(num_inputs,)`, *optional*): the
+                decoding cache, updated in place, and the inputs' slots in it (default: the next free ones).
             attention_ends (`tuple` of two `torch.LongTensor`, *optional*): the mask rule: input j sees the key slots
-                below `attention_ends[0][j]`, query i those below `attention_ends[1][i]`. By default, without a cache
-                every input is its own step (causal: input j and query j see inputs 0..j); with a cache the inputs
-                form one step and every row sees every filled slot.
-            grid_size (`tuple[int, int]`, *optional*): the (height, width) the positions refer to.
-            position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
+                below `attention_ends[0][j]`, query i those below `attention_ends[1][i]`. Default: causal without a
+                cache (input j and query j see inputs 0..j); with one, the inputs form one step and see every slot.
+            grid_size (`tuple[int, int]`, *optional*), position_mode (`str`): see [`ARPGRotaryEmbedding2D`].
         """
         cache = past_key_values
         if cache_position is None:
@@ -345,8 +276,9 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
         hidden_states = self.embed_tokens(input_ids)  # (B, N, D)
         queries = self.embed_tokens(torch.full_like(query_position_ids, self.config.mask_token_id))  # (B, M, D)
         if self.position_embeddings is not None:
-            hidden_states = hidden_states + self.absolute_position_embedding(input_position_ids, grid_size, position_mode)
-            queries = queries + self.absolute_position_embedding(query_position_ids, grid_size, position_mode)
+            trained = (self.config.grid_height, self.config.grid_width)
+            for ids, states in ((input_position_ids, hidden_states), (query_position_ids, queries)):
+                states += absolute_position_embedding(self.position_embeddings, ids, trained, grid_size, position_mode)
         hidden_states = self.token_dropout(hidden_states)
         for layer in self.self_layers:
             hidden_states = layer(hidden_states, input_rotary, input_mask, is_causal, cache, cache_position)
@@ -358,39 +290,6 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
         for layer in self.cross_layers:
             queries = layer(queries, query_rotary, key, value, query_mask, is_causal)
         return ARPGModelOutput(last_hidden_state=self.norm(queries), past_key_values=cache)
-
-    def absolute_position_embedding(
-        self, position_ids: torch.LongTensor, grid_size: tuple[int, int] | None = None, position_mode: str = "extrapolate"
-    ) -> torch.Tensor:
-        """The learned absolute embedding (`config.absolute_position_embeddings`) of raster positions on `grid_size`,
-        zero for the class slot (-1): `(batch, seq, hidden_size)`.
-
-        On the trained grid every position takes its own row of the table. On another canvas the table is read as an
-        image over the trained (row, col) range: "interpolate" scales (row, col) into that range as the rotary
-        embedding does and samples bilinearly; "extrapolate" keeps integer (row, col) and clamps them into it, so
-        cells beyond the trained grid take the embedding of the nearest edge cell.
-        """
-        table = self.position_embeddings  # rows read through the module: offload hooks see every use
-        trained = (self.config.grid_height, self.config.grid_width)
-        height, width = trained if grid_size is None else tuple(grid_size)
-        positions = position_ids.clamp(min=0)  # the class slot is zeroed below
-        if (height, width) == trained:
-            embedding = table(positions)  # (B, N, D)
-        else:
-            coordinates = torch.stack([torch.div(positions, width, rounding_mode="floor"), positions % width]).float()
-            if position_mode == "interpolate":
-                scale = torch.tensor([trained[0] / height, trained[1] / width], device=positions.device)
-                coordinates = coordinates * scale[:, None, None]
-            limits = torch.tensor([trained[0] - 1, trained[1] - 1], device=positions.device)[:, None, None]
-            coordinates = torch.minimum(coordinates, limits)  # (2, B, N): (row, col) in the trained range
-            low = coordinates.floor().long()  # (2, B, N)
-            high = torch.minimum(low + 1, limits)
-            fraction = (coordinates - low).to(table.weight.dtype)[..., None]  # (2, B, N, 1)
-            row_low, row_high = low[0] * trained[1], high[0] * trained[1]
-            top = table(row_low + low[1]) * (1 - fraction[1]) + table(row_low + high[1]) * fraction[1]
-            bottom = table(row_high + low[1]) * (1 - fraction[1]) + table(row_high + high[1]) * fraction[1]
-            embedding = top * (1 - fraction[0]) + bottom * fraction[0]  # (B, N, D)
-        return embedding.masked_fill((position_ids == CLASS_POSITION)[..., None], 0.0)
 
 
 def attention_masks(attention_ends, num_keys: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -487,7 +386,7 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         """The step of teacher forcing: `(inputs, input_positions, query_positions, targets, orders)`, each
         `(batch, seq)`: the class token then the shuffled tokens but the last, at their positions (-1 for the class),
         queries at every position in decoding order, and their targets."""
-        batch_size, seq_len = self._check_training_inputs(input_ids, class_labels, labels)
+        batch_size, seq_len = check_training_inputs(input_ids, class_labels, labels, self.config)
         input_ids, class_labels, device = input_ids.long(), class_labels.long(), input_ids.device
         if self.training and self.config.class_dropout_prob > 0:
             drop = draw_uniform((batch_size,), generator, device) < self.config.class_dropout_prob
@@ -503,30 +402,6 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         input_positions = torch.cat([torch.full_like(class_ids, CLASS_POSITION), orders[:, :-1]], dim=1)  # (B, L)
         targets = shuffled if labels is None else labels.to(device=device, dtype=torch.long).gather(1, orders)
         return inputs, input_positions, orders, targets, orders
-
-    def _check_training_inputs(self, input_ids, class_labels, labels=None) -> tuple[int, int]:
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"input_ids must be an integer tensor of shape (batch, {self.config.num_image_tokens}), got "
-                f"{input_ids.dtype} of shape {tuple(input_ids.shape)}."
-            )
-        batch_size, seq_len = input_ids.shape
-        if seq_len != self.config.num_image_tokens:
-            raise ValueError(
-                f"input_ids has {seq_len} tokens per image; this model's grid is {self.config.grid_height}x"
-                f"{self.config.grid_width} = {self.config.num_image_tokens} tokens."
-            )
-        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, {self.config.vocab_size}), got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]. Tokenize images with the matching VQ model."
-            )
-        if class_labels.shape != (batch_size,):
-            raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}.")
-        check_class_labels(class_labels, self.config.num_classes)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
-        return batch_size, seq_len
 
     # ------------------------------------------------------------------------------------------- decoding
     def fuse_projections(self) -> None:
@@ -555,57 +430,6 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             dtype=dtype if dtype is not None else self.dtype,
             device=device if device is not None else self.device,
             key_block=key_block,
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, variant: str | None = None,
-                        push_to_hub: bool = False, **kwargs):  # fmt: skip
-        """`PreTrainedModel.save_pretrained`, plus: a variant named "fp16" or "bf16" is written in that dtype, and
-        the import shims that `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads are written beside
-        the weights (see `arpg_hf.saved_folders`). With `push_to_hub`, the folder is then uploaded (`repo_id`
-        defaults to its name)."""
-        if variant in VARIANT_DTYPES:
-            kwargs["state_dict"] = variant_state_dict(kwargs.get("state_dict") or self.state_dict(), variant)
-        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-        hub_kwargs = {name: kwargs.pop(name) for name in ("commit_message", "private", "token", "create_pr") if name in kwargs}
-        super().save_pretrained(save_directory, *args, variant=variant, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_import_shims(save_directory, [type(self)])
-            if push_to_hub:
-                return self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_kwargs)
-
-    @classmethod
-    def register_for_auto_class(cls, auto_class="AutoModel"):
-        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
-        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
-
-
-def check_class_labels(class_labels: torch.Tensor, num_classes: int, allow_null: bool = False) -> None:
-    """Raises ValueError unless every label lies in [0, num_classes) (or is -1, the null class, when allowed)."""
-    if class_labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"class_labels must be an integer tensor, got {class_labels.dtype}.")
-    if class_labels.numel() == 0:
-        return
-    low = -1 if allow_null else 0
-    if class_labels.min() < low or class_labels.max() >= num_classes:
-        raise ValueError(
-            f"Class labels must lie in [0, {num_classes}), got values in [{int(class_labels.min())}, "
-            f"{int(class_labels.max())}]."
-        )
-
-
-def check_orders(orders: torch.Tensor, batch_size: int | None, seq_len: int) -> None:
-    """Raises ValueError unless each row of `orders` is a permutation of 0..seq_len-1."""
-    if orders.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"orders must be an integer tensor, got {orders.dtype}.")
-    expected = (seq_len,) if orders.ndim == 1 else (batch_size, seq_len)
-    if orders.ndim not in (1, 2) or tuple(orders.shape) != tuple(expected):
-        raise ValueError(
-            f"orders must have shape ({seq_len},) or ({batch_size}, {seq_len}), got {tuple(orders.shape)}."
-        )
-    reference = torch.arange(seq_len, device=orders.device)
-    if not torch.equal(orders.sort(dim=-1).values, reference.expand_as(orders)):
-        raise ValueError(
-            f"Each row of orders must be a permutation of 0..{seq_len - 1} (every raster position exactly once)."
         )
 
 

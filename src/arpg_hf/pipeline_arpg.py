@@ -18,7 +18,7 @@ from .configuration_arpg import ARPGConfig
 from .atomic_io import carry_over, staged_folder
 from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
-from .modeling_arpg import ARPGForImageGeneration, check_class_labels, check_orders
+from .modeling_arpg import ARPGForImageGeneration
 from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
 from .saved_folders import (
@@ -26,7 +26,7 @@ from .saved_folders import (
     shim_module_names, write_import_shims,
 )  # fmt: skip
 from .scheduling_arpg import ARPGScheduler
-from .validation import is_int, is_real
+from .validation import check_class_labels, check_orders, is_int, is_real
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)

@@ -16,11 +16,11 @@ from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.utils import logging
 
 from .editing_utils import check_coverage_threshold, mask_processor, preprocess_mask, token_mask_from_pixel_mask
-from .modeling_arpg import ARPGForImageGeneration, check_class_labels
+from .modeling_arpg import ARPGForImageGeneration
 from .pipeline_arpg import OUTPUT_TYPES, ARPGPipelineMixin, canvas_grid_size, check_guidance_scale
 from .rotary_2d import POSITION_MODES
 from .scheduling_arpg import ARPGScheduler
-from .validation import is_int
+from .validation import check_class_labels, is_int
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)

@@ -106,3 +106,35 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, N, Dh/2)
     rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)  # (B, H, N, Dh/2, 2)
     return rotated.flatten(-2).to(x.dtype)  # (B, H, N, Dh)
+
+
+def absolute_position_embedding(table: nn.Embedding, position_ids: torch.LongTensor, trained: tuple[int, int],
+                                grid_size: tuple[int, int] | None = None, position_mode: str = "extrapolate") -> torch.Tensor:  # fmt: skip
+    """The learned absolute embedding (`table`, one row per position of the `trained` grid; see
+    `ARPGConfig.absolute_position_embeddings`) of raster positions on `grid_size`, zero for the class slot (-1):
+    `(batch, seq, hidden_size)`. Rows are read by calling `table`, so that offload hooks see every use.
+
+    On the trained grid every position takes its own row of the table. On another canvas the table is read as an
+    image over the trained (row, col) range: "interpolate" scales (row, col) into that range as the rotary
+    embedding does and samples bilinearly; "extrapolate" keeps integer (row, col) and clamps them into it, so
+    cells beyond the trained grid take the embedding of the nearest edge cell.
+    """
+    height, width = trained if grid_size is None else tuple(grid_size)
+    positions = position_ids.clamp(min=0)  # the class slot is zeroed below
+    if (height, width) == trained:
+        embedding = table(positions)  # (B, N, D)
+    else:
+        coordinates = torch.stack([torch.div(positions, width, rounding_mode="floor"), positions % width]).float()
+        if position_mode == "interpolate":
+            scale = torch.tensor([trained[0] / height, trained[1] / width], device=positions.device)
+            coordinates = coordinates * scale[:, None, None]
+        limits = torch.tensor([trained[0] - 1, trained[1] - 1], device=positions.device)[:, None, None]
+        coordinates = torch.minimum(coordinates, limits)  # (2, B, N): (row, col) in the trained range
+        low = coordinates.floor().long()  # (2, B, N)
+        high = torch.minimum(low + 1, limits)
+        fraction = (coordinates - low).to(table.weight.dtype)[..., None]  # (2, B, N, 1)
+        row_low, row_high = low[0] * trained[1], high[0] * trained[1]
+        top = table(row_low + low[1]) * (1 - fraction[1]) + table(row_low + high[1]) * fraction[1]
+        bottom = table(row_high + low[1]) * (1 - fraction[1]) + table(row_high + high[1]) * fraction[1]
+        embedding = top * (1 - fraction[0]) + bottom * fraction[0]  # (B, N, D)
+    return embedding.masked_fill((position_ids == CLASS_POSITION)[..., None], 0.0)

@@ -77,6 +77,28 @@ def write_import_shims(folder: str | os.PathLike, classes: Iterable[type]) -> No
         write_text_atomically(os.path.join(folder, f"{shim_name(members[0])}.py"), text)
 
 
+class SavedWithImportShims:
+    """Mixin of the transformers classes (config and model): `save_pretrained` also writes the import shims that
+    `Auto*.from_pretrained(folder, trust_remote_code=True)` loads, writes a variant named "fp16" or "bf16" in that
+    dtype, and with `push_to_hub` uploads the folder (`repo_id` defaults to its name)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs):
+        if kwargs.get("variant") in VARIANT_DTYPES:
+            kwargs["state_dict"] = variant_state_dict(kwargs.get("state_dict") or self.state_dict(), kwargs["variant"])
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+        hub = {name: kwargs.pop(name) for name in ("commit_message", "private", "token", "create_pr") if name in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_import_shims(save_directory, [type(self)])
+            if push_to_hub:
+                return self.push_to_hub(repo_id, **hub, **{k: v for k, v in kwargs.items() if k == "max_shard_size"})
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class=None):
+        """Does nothing: transformers calls it after a `trust_remote_code` load so that later saves copy the class's
+        source files into the folder; ARPG folders always carry their `auto_map` and import shims instead."""
+
+
 def without_load_path(config: dict[str, Any]) -> dict[str, Any]:
     """A config as saved: without `_name_or_path`, where the model was loaded from (no part of the new folder)."""
     return {key: value for key, value in config.items() if key != "_name_or_path"}
