@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from arpg_hf import ARPGConfig, ARPGForImageGeneration
-from arpg_hf.rotary_2d import CLASS_POSITION
+from arpg_hf.rotary_2d import CLASS_POSITION, absolute_position_embedding
 
 from .conftest import randomize_, tiny_config
 
@@ -18,6 +18,11 @@ def first_query_logits(model, position_ids, grid_size=None):
             class_id, input_position_ids=torch.full((1, 1), CLASS_POSITION),
             query_position_ids=torch.tensor([position_ids]), past_key_values=cache, grid_size=grid_size,
         ).logits[0]  # (M, V)
+
+
+def embed(model, positions, grid_size=None, position_mode="extrapolate"):
+    """The model's absolute embedding of raster positions (trained grid 4x4)."""
+    return absolute_position_embedding(model.model.position_embeddings, positions, (4, 4), grid_size, position_mode)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +69,13 @@ def test_table_is_saved_and_restored(positional_model, tmp_path):
 def test_embedding_on_the_trained_grid_and_the_class_slot(positional_model):
     table = positional_model.model.position_embeddings.weight
     positions = torch.tensor([[CLASS_POSITION, 0, 7, 15]])
-    embedding = positional_model.model.absolute_position_embedding(positions)
+    embedding = embed(positional_model, positions)
     assert embedding.shape == (1, 4, 32)
     assert torch.equal(embedding[0, 0], torch.zeros(32))
     torch.testing.assert_close(embedding[0, 1:], table[[0, 7, 15]], atol=0, rtol=0)
     # Passing the trained grid explicitly is the same lookup, in either mode.
     for mode in ("extrapolate", "interpolate"):
-        explicit = positional_model.model.absolute_position_embedding(positions, (4, 4), mode)
+        explicit = embed(positional_model, positions, (4, 4), mode)
         torch.testing.assert_close(explicit, embedding, atol=0, rtol=0)
 
 
@@ -79,7 +84,7 @@ def test_extrapolate_clamps_to_the_nearest_trained_cell(positional_model):
     # On an 8x8 canvas: (1, 2) is inside the trained range; (6, 3) and (2, 7) and (7, 7) lie beyond it.
     rows_cols = [(1, 2), (6, 3), (2, 7), (7, 7)]
     positions = torch.tensor([[r * 8 + c for r, c in rows_cols]])
-    embedding = positional_model.model.absolute_position_embedding(positions, (8, 8), "extrapolate")[0]
+    embedding = embed(positional_model, positions, (8, 8), "extrapolate")[0]
     expected = torch.stack([table[1, 2], table[3, 3], table[2, 3], table[3, 3]])
     torch.testing.assert_close(embedding, expected, atol=1e-6, rtol=0)
 
@@ -88,7 +93,7 @@ def test_interpolate_samples_the_table_bilinearly(positional_model):
     table = positional_model.model.position_embeddings.weight.reshape(4, 4, 32)
     # A 8x8 canvas scales (row, col) by 1/2: even cells land on trained cells, odd ones halfway between them.
     positions = torch.tensor([[2 * 8 + 4, 3 * 8 + 4, 3 * 8 + 5, 7 * 8 + 7]])
-    embedding = positional_model.model.absolute_position_embedding(positions, (8, 8), "interpolate")[0]
+    embedding = embed(positional_model, positions, (8, 8), "interpolate")[0]
     expected = torch.stack([
         table[1, 2],
         (table[1, 2] + table[2, 2]) / 2,  # (1.5, 2)

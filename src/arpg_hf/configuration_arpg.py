@@ -149,6 +149,8 @@ class ARPGConfig(SavedWithImportShims, PretrainedConfig):
         kwargs["auto_map"] = dict(AUTO_MAP)  # today's shims, also for folders saved before they existed
         super().__init__(**kwargs)
 
+    _save_options = ()  # PretrainedConfig.save_pretrained takes the folder (and push_to_hub) only
+
     def _validate_arpg_fields(self) -> None:
         positive = (
             "vocab_size", "num_classes", "grid_height", "grid_width", "hidden_size", "num_attention_heads",

@@ -82,16 +82,22 @@ class SavedWithImportShims:
     `Auto*.from_pretrained(folder, trust_remote_code=True)` loads, writes a variant named "fp16" or "bf16" in that
     dtype, and with `push_to_hub` uploads the folder (`repo_id` defaults to its name)."""
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs):
-        if kwargs.get("variant") in VARIANT_DTYPES:
-            kwargs["state_dict"] = variant_state_dict(kwargs.get("state_dict") or self.state_dict(), kwargs["variant"])
+    _save_options = ("is_main_process", "state_dict", "max_shard_size", "variant")  # what the base class takes
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, state_dict=None,
+                        push_to_hub: bool = False, max_shard_size=None, variant: str | None = None, **kwargs):  # fmt: skip
+        # Named parameters: diffusers' pipeline saving passes `variant` and `max_shard_size` only when they are named.
+        if variant in VARIANT_DTYPES:
+            state_dict = variant_state_dict(self.state_dict() if state_dict is None else state_dict, variant)
+        given = dict(is_main_process=is_main_process, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant)
+        kwargs.update({name: value for name, value in given.items() if value is not None and name in self._save_options})
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
         hub = {name: kwargs.pop(name) for name in ("commit_message", "private", "token", "create_pr") if name in kwargs}
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        super().save_pretrained(save_directory, **kwargs)
+        if is_main_process:
             write_import_shims(save_directory, [type(self)])
             if push_to_hub:
-                return self.push_to_hub(repo_id, **hub, **{k: v for k, v in kwargs.items() if k == "max_shard_size"})
+                return self.push_to_hub(repo_id, **hub, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
 
     @classmethod
     def register_for_auto_class(cls, auto_class=None):
