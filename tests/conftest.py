@@ -57,6 +57,51 @@ def tiny_config(**overrides):
     return ARPGConfig(**fields)
 
 
+# The tiny tokenizer of the tiny pipelines: downsample factor 2 (8x8 images <-> the 4x4 grid of tiny_config), 32 codes.
+TINY_VQ_SIZES = dict(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
+
+
+def get_dummy_transformer(seed: int = 0, **config_overrides):
+    """A tiny ARPGForImageGeneration (`tiny_config(**config_overrides)`), every parameter redrawn from `seed`, in eval
+    mode."""
+    from arpg_hf import ARPGForImageGeneration
+
+    return randomize_(ARPGForImageGeneration(tiny_config(**config_overrides)), seed=seed).eval()
+
+
+def get_dummy_vq(seed: int | None = None, **sizes):
+    """A tiny ARPGVQModel in eval mode, `llamagen_vq_config(**{**TINY_VQ_SIZES, **sizes})`. Its weights are the default
+    initialisation, drawn from torch's global generator: seeded with `seed` first, or as it stands if `seed` is None."""
+    from arpg_hf import ARPGVQModel, llamagen_vq_config
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ARPGVQModel(**llamagen_vq_config(**{**TINY_VQ_SIZES, **sizes})).eval()
+
+
+def get_dummy_components(seed: int = 0, vq_sizes: dict | None = None, scheduler_config: dict | None = None,
+                         **config_overrides) -> dict:
+    """The components of a tiny pipeline, as diffusers' pipeline tests build them: `get_dummy_transformer(seed,
+    **config_overrides)`, `get_dummy_vq(**vq_sizes)` and `ARPGScheduler(**scheduler_config)`. The global generator is
+    seeded with 0 before the transformer is built (which draws from it too), so the VQ model's default initialisation
+    is the same on every call."""
+    from arpg_hf import ARPGScheduler
+
+    torch.manual_seed(0)
+    transformer = get_dummy_transformer(seed, **config_overrides)
+    vqvae = get_dummy_vq(**(vq_sizes or {}))
+    return {"transformer": transformer, "vqvae": vqvae, "scheduler": ARPGScheduler(**(scheduler_config or {}))}
+
+
+def get_dummy_pipeline(pipeline_class=None, **kwargs):
+    """`pipeline_class(**get_dummy_components(**kwargs))` (ARPGPipeline by default), its progress bar disabled."""
+    from arpg_hf import ARPGPipeline
+
+    pipe = (pipeline_class or ARPGPipeline)(**get_dummy_components(**kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @contextlib.contextmanager
 def recording_calls(owner, name: str):
     """Records every call of the method `owner.name` while the block runs: yields a list that receives one

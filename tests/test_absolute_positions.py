@@ -6,7 +6,7 @@ import torch
 from arpg_hf import ARPGConfig, ARPGForImageGeneration
 from arpg_hf.rotary_2d import CLASS_POSITION, absolute_position_embedding
 
-from .conftest import randomize_, tiny_config
+from .conftest import get_dummy_transformer, tiny_config
 
 
 def first_query_logits(model, position_ids, grid_size=None):
@@ -27,7 +27,7 @@ def embed(model, positions, grid_size=None, position_mode="extrapolate"):
 
 @pytest.fixture(scope="module")
 def positional_model():
-    return randomize_(ARPGForImageGeneration(tiny_config(absolute_position_embeddings=True)), seed=5).eval()
+    return get_dummy_transformer(seed=5, absolute_position_embeddings=True)
 
 
 def test_off_by_default_and_in_every_published_preset():
@@ -47,7 +47,7 @@ def test_non_boolean_flag_raises():
 def test_rope_only_first_prediction_ignores_position_and_the_table_fixes_that(positional_model):
     """Relative RoPE alone: the first query attends to the class token only, so every position gets the same logits.
     With the table, the first prediction depends on where the token lands."""
-    rope_only = randomize_(ARPGForImageGeneration(tiny_config()), seed=5).eval()
+    rope_only = get_dummy_transformer(seed=5)
     plain = first_query_logits(rope_only, [0, 5, 15])
     torch.testing.assert_close(plain[0], plain[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(plain[0], plain[2], atol=1e-6, rtol=0)
@@ -104,8 +104,7 @@ def test_interpolate_samples_the_table_bilinearly(positional_model):
 
 
 def test_training_gradient_reaches_the_table():
-    model = ARPGForImageGeneration(tiny_config(absolute_position_embeddings=True))
-    randomize_(model, seed=1).train()
+    model = get_dummy_transformer(seed=1, absolute_position_embeddings=True).train()
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32, (3, 16), generator=generator)
     model(tokens, torch.tensor([0, 1, 2]), generator=generator).loss.backward()

@@ -7,14 +7,11 @@ under test; inductor's code generation would take minutes on the CI CPU).
 import pytest
 import torch
 
-from arpg_hf import (
-    ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel, CompiledDecoder,
-    llamagen_vq_config,
-)  # fmt: skip
+from arpg_hf import ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, CompiledDecoder
 from arpg_hf.compiled_decoding import bucket_size
 from arpg_hf.rotary_2d import CLASS_POSITION
 
-from .conftest import randomize_, tiny_config
+from .conftest import get_dummy_pipeline, get_dummy_transformer, tiny_config
 
 pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): torch.compile builds, ~35 s
 
@@ -35,17 +32,13 @@ def pipelines():
     """(eager pipeline, compiled pipeline, its backend) over the same weights (with absolute positions: every code
     path of the step)."""
     torch._dynamo.reset()
-    transformer = randomize_(ARPGForImageGeneration(tiny_config(absolute_position_embeddings=True)), seed=2)
-    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
-    vqvae = ARPGVQModel(**sizes).eval()
-    eager = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae, scheduler=ARPGScheduler())
-    compiled_transformer = ARPGForImageGeneration(transformer.config).eval()
-    compiled_transformer.load_state_dict(transformer.state_dict())
-    compiled = ARPGPipeline(transformer=compiled_transformer, vqvae=vqvae, scheduler=ARPGScheduler())
+    eager = get_dummy_pipeline(seed=2, absolute_position_embeddings=True)
+    compiled_transformer = ARPGForImageGeneration(eager.transformer.config).eval()
+    compiled_transformer.load_state_dict(eager.transformer.state_dict())
+    compiled = ARPGPipeline(transformer=compiled_transformer, vqvae=eager.vqvae, scheduler=ARPGScheduler())
     backend = CountingBackend()
     compiled.enable_compiled_decoding(backend=backend)
-    for pipe in (eager, compiled):
-        pipe.set_progress_bar_config(disable=True)
+    compiled.set_progress_bar_config(disable=True)
     return eager, compiled, backend
 
 
@@ -64,7 +57,7 @@ def test_bad_buckets_raise():
 def test_padded_step_equals_the_eager_step(attn_implementation, key_block):
     """The static-shape step (inputs and queries padded, explicit cache slots and mask ends, the whole cache or the
     filled slots rounded up to a block) gives the eager logits, with either attention."""
-    model = randomize_(ARPGForImageGeneration(tiny_config()), seed=4).eval()
+    model = get_dummy_transformer(seed=4)
     model.set_attn_implementation(attn_implementation)
     eager_cache = model.allocate_cache(2)
     padded_cache = model.allocate_cache(2, max_length=17 + 7, key_block=key_block or 17 + 7)

@@ -3,16 +3,14 @@
 import pytest
 import torch
 
-from arpg_hf import ARPGForImageGeneration
 from arpg_hf.rotary_2d import CLASS_POSITION
 
-from .conftest import randomize_, tiny_config
+from .conftest import get_dummy_transformer
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["rope-only", "absolute-positions"])
 def model(request):
-    config = tiny_config(absolute_position_embeddings=request.param)
-    return randomize_(ARPGForImageGeneration(config), seed=11).eval()
+    return get_dummy_transformer(seed=11, absolute_position_embeddings=request.param)
 
 
 def step(model, inputs, positions, queries, cache):

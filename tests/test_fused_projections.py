@@ -5,16 +5,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from arpg_hf import ARPGForImageGeneration
 from arpg_hf.cpu_gemm import CPU_GEMMS, OneDNNLinear, PackedOneDNNLinear, onednn_available, use_cpu_gemm
 from arpg_hf.rotary_2d import CLASS_POSITION, ARPGRotaryEmbedding2D
 
-from .conftest import randomize_, tiny_config
+from .conftest import get_dummy_transformer
 
 
 @pytest.fixture
 def model():
-    return randomize_(ARPGForImageGeneration(tiny_config(absolute_position_embeddings=True)), seed=3).eval()
+    return get_dummy_transformer(seed=3, absolute_position_embeddings=True)
 
 
 def decoding_logits(model):

@@ -13,31 +13,19 @@ from arpg_hf import (
     ARPGInpaintPipeline,
     ARPGPipeline,
     ARPGScheduler,
-    ARPGVQModel,
     expand_resolution,
-    llamagen_vq_config,
     make_outpaint_canvas,
 )
 from arpg_hf.rotary_2d import CLASS_POSITION
 
-from .conftest import randomize_, read_json, tiny_config
+from .conftest import get_dummy_pipeline, get_dummy_transformer, read_json
 from .fixtures.build_tiny_pipeline import FIXTURE_DIR
-
-
-def build_pipeline(grid=4, seed=1):
-    """Tiny transformer (trained grid `grid` x `grid`, 32 codes, 5 classes) + a VQ with downsample factor 2."""
-    torch.manual_seed(0)
-    transformer = randomize_(ARPGForImageGeneration(tiny_config(grid_height=grid, grid_width=grid)), seed=seed).eval()
-    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
-    vqvae = ARPGVQModel(**sizes).eval()
-    pipe = ARPGInpaintPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    return build_pipeline()
+    """Tiny transformer (trained grid 4 x 4, 32 codes, 5 classes) + a VQ with downsample factor 2."""
+    return get_dummy_pipeline(ARPGInpaintPipeline, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +211,7 @@ def test_coverage_threshold_keeps_partly_covered_tokens(pipe, images):
 @pytest.mark.parametrize("position_mode", ["extrapolate", "interpolate"])
 def test_twice_the_trained_width_inpaints_and_outpaints(position_mode):
     """A 16x32-token canvas on a model trained on 16x16 tokens."""
-    pipe = build_pipeline(grid=16, seed=2)
+    pipe = get_dummy_pipeline(ARPGInpaintPipeline, seed=2, grid_height=16, grid_width=16)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # 16x16 tokens
     canvas = make_outpaint_canvas(image, right=32)  # 32x64 pixels, 16x32 tokens, the right half masked
     kwargs = dict(num_inference_steps=8, generator=torch.Generator().manual_seed(0), position_mode=position_mode)
@@ -351,7 +339,7 @@ def test_loads_from_a_saved_arpg_pipeline_and_from_components(tmp_path):
 def test_causal_prefill_matches_the_teacher_forced_forward():
     """Prefilled known tokens are a causal prefix of a training order: the first query's logits are those of the
     training forward at the same index."""
-    model = randomize_(ARPGForImageGeneration(tiny_config()), seed=5).eval()
+    model = get_dummy_transformer(seed=5)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 32, (2, 16), generator=generator)
     known = torch.tensor([0, 3, 4, 9, 10, 15])  # raster order, as the pipeline feeds them

@@ -5,12 +5,12 @@ from safetensors.torch import load_file
 from arpg_hf import ARPGConfig, ARPGForImageGeneration
 from arpg_hf.modeling_arpg import CLASS_POSITION
 
-from .conftest import randomize_, tiny_config
+from .conftest import get_dummy_transformer, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return randomize_(ARPGForImageGeneration(tiny_config())).eval()
+    return get_dummy_transformer()
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -133,7 +133,7 @@ def test_labels_default_to_inputs_and_ignore_index(tiny_model):
 
 
 def test_class_dropout_only_in_training():
-    model = randomize_(ARPGForImageGeneration(tiny_config(class_dropout_prob=0.999)))
+    model = get_dummy_transformer(class_dropout_prob=0.999).train()
     input_ids = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(7))
     orders = torch.arange(16)
     null_labels = torch.full((4,), -1)
@@ -157,7 +157,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     labels = torch.tensor([1, 2])
     grads = []
     for checkpointing in (False, True):
-        model = randomize_(ARPGForImageGeneration(tiny_config())).train()
+        model = get_dummy_transformer().train()
         if checkpointing:
             model.activation_checkpointing_enable()  # transformers >= 5 name of gradient_checkpointing_enable
             assert model.is_activation_checkpointing

@@ -3,22 +3,15 @@
 import pytest
 import torch
 
-from arpg_hf import (
-    ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel, llamagen_vq_config,
-)  # fmt: skip
+from arpg_hf import ARPGInpaintPipeline
 
-from .conftest import randomize_, recording_calls, tiny_config
+from .conftest import get_dummy_pipeline, recording_calls
 
 
 @pytest.fixture(scope="module")
 def pipe():
     """A tiny pipeline with a constant guidance schedule (the scale is the same at every step)."""
-    transformer = randomize_(ARPGForImageGeneration(tiny_config()), seed=3).eval()
-    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
-    vqvae = ARPGVQModel(**sizes).eval()
-    pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler(guidance_schedule="constant"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return get_dummy_pipeline(seed=3, scheduler_config=dict(guidance_schedule="constant"))
 
 
 def greedy(pipe, labels, guidance_scale, **kwargs):

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from arpg_hf import ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel, llamagen_vq_config
+from arpg_hf import ARPGPipeline, ARPGScheduler
 from arpg_hf.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 
-from .conftest import randomize_, read_json, recording_calls, tiny_config
+from .conftest import get_dummy_pipeline, read_json, recording_calls
 
 CASES = read_json("cases.json")["generate"]["cases"]
 
@@ -86,13 +86,7 @@ def test_end_to_end_images_match_reference(reference, generate_fixture, parity_d
 # ------------------------------------------------------------------------------------------- tiny pipeline
 @pytest.fixture(scope="module")
 def tiny_pipeline():
-    torch.manual_seed(0)
-    transformer = randomize_(ARPGForImageGeneration(tiny_config()), seed=1).eval()
-    sizes = llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=32)
-    vqvae = ARPGVQModel(**sizes).eval()
-    pipe = ARPGPipeline(transformer=transformer, vqvae=vqvae, scheduler=ARPGScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return get_dummy_pipeline(seed=1)
 
 
 def test_output_types(tiny_pipeline):
@@ -147,21 +141,15 @@ def test_callback_sees_progress_and_can_edit_tokens(tiny_pipeline):
     assert tokens.max() <= 3
 
 
-def test_label_names(tiny_pipeline, reference):
+def test_label_names(reference):
     assert reference.id2label == {i: str(i) for i in range(10)}
     assert reference.get_label_ids(["3", "7"]) == [3, 7]
-    imagenet = ARPGPipeline(
-        transformer=ARPGForImageGeneration(tiny_config(num_classes=1000)), vqvae=tiny_pipeline.vqvae,
-        scheduler=ARPGScheduler(),
-    )  # fmt: skip
+    imagenet = get_dummy_pipeline(num_classes=1000)
     assert imagenet.get_label_ids(["tabby cat", "golden retriever"]) == [281, 207]
     with pytest.raises(ValueError, match="tabby cat"):
         imagenet.get_label_ids("taby cat")
     names = {0: "zero", 1: "one, uno", 2: "two", 3: "three", 4: "four"}
-    named = ARPGPipeline(
-        transformer=ARPGForImageGeneration(tiny_config(id2label=names)), vqvae=tiny_pipeline.vqvae,
-        scheduler=ARPGScheduler(),
-    )  # fmt: skip
+    named = get_dummy_pipeline(id2label=names)
     assert named.id2label == names
     assert named.get_label_ids(["uno", "four"]) == [1, 4]
 

@@ -32,7 +32,7 @@ from arpg_hf.training_utils import (
     weight_decay_param_groups,
 )
 
-from .conftest import randomize_, tiny_config
+from .conftest import get_dummy_transformer, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PIPELINE = str(ROOT / "tests" / "fixtures" / "tiny-arpg-pipeline")  # its VQ has 16 codes
@@ -52,7 +52,7 @@ train_script = load_train_module()
 
 
 def test_arpg_loss_is_the_model_loss_on_the_chosen_views():
-    model = randomize_(ARPGForImageGeneration(tiny_config(class_dropout_prob=0.5)))
+    model = get_dummy_transformer(class_dropout_prob=0.5).train()
     codes = torch.randint(0, 32, (3, 4, 16), generator=torch.Generator().manual_seed(0))  # (B, n_crops, L)
     labels = torch.tensor([0, 4, 2])
     loss = arpg_loss(model, codes, labels, generator=torch.Generator().manual_seed(7))

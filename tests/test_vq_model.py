@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from arpg_hf.conversion.vq import VQ_REFERENCE_KEY_MAP, vq_config_from_reference
 from arpg_hf.vq_model import ARPGVQModel, llamagen_vq_config
 
-from .conftest import PARITY_DIR
+from .conftest import PARITY_DIR, get_dummy_vq
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,8 @@ def encoded(model, vq_fixture):
         return model.encode(vq_fixture["x"])
 
 
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = dict(
-        base_channels=32, channel_multipliers=(1, 2), z_channels=8, codebook_size=16, codebook_embed_dim=4
-    )
-    return ARPGVQModel(**llamagen_vq_config(**{**config, **overrides})).eval()
+# A tokenizer with downsample factor 4 and 16 codes of 4 dimensions (get_dummy_vq's sizes otherwise).
+TINY_SIZES = dict(base_channels=32, channel_multipliers=(1, 2), z_channels=8, codebook_size=16, codebook_embed_dim=4)
 
 
 # ------------------------------------------------------------------------------------------------- parity
@@ -136,7 +132,7 @@ def test_a_saved_folder_is_a_stock_diffusers_vq_model(model, vq_fixture, e2e_fix
 
 
 def test_quantizer_first_index_wins_ties():
-    model = tiny_model()
+    model = get_dummy_vq(seed=0, **TINY_SIZES)
     rows = model.quantize.embedding.weight
     with torch.no_grad():
         rows[3] = rows[7]  # two equal codes
@@ -147,8 +143,8 @@ def test_quantizer_first_index_wins_ties():
 
 
 def test_half_precision_model_decodes_in_float32():
-    model_bf16 = tiny_model().to(torch.bfloat16)
-    model_rounded = tiny_model().to(torch.bfloat16).to(torch.float32)  # same weights, stored in float32
+    model_bf16 = get_dummy_vq(seed=0, **TINY_SIZES).to(torch.bfloat16)
+    model_rounded = get_dummy_vq(seed=0, **TINY_SIZES).to(torch.bfloat16).to(torch.float32)  # same weights, in float32
     indices = torch.randint(0, 16, (2, 3, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sample = model_bf16.decode(indices).sample
@@ -281,9 +277,9 @@ def test_attention_free_tokenizer():
 
     config = dict(base_channels=8, channel_multipliers=(1, 1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
                   norm_num_groups=4)  # fmt: skip
-    local = ARPGVQModel(**llamagen_vq_config(**config, attention=False)).eval()
+    local = get_dummy_vq(**config, attention=False)
     assert not any(isinstance(module, Attention) for module in local.modules())
-    assert any(isinstance(module, Attention) for module in ARPGVQModel(**llamagen_vq_config(**config)).modules())
+    assert any(isinstance(module, Attention) for module in get_dummy_vq(**config).modules())
     assert local.config.mid_block_add_attention is False
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arpg_hf import ARPGVQModel, llamagen_vq_config
+from arpg_hf import ARPGVQModel
 from arpg_hf.vq_training import (
     codebook_perplexity,
     codebook_rows,
@@ -20,14 +20,15 @@ from arpg_hf.vq_training import (
     vq_training_loss,
 )
 
+from .conftest import get_dummy_vq
+
 
 def tiny_vq(**overrides) -> ARPGVQModel:
     """A tokenizer set up for training: free codebook rows that the model sees l2-normalised."""
-    torch.manual_seed(0)
     fields = dict(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
                   codebook_embed_dim=4, norm_num_groups=4)  # fmt: skip
     fields.update(overrides)
-    vq = ARPGVQModel(**llamagen_vq_config(**fields))
+    vq = get_dummy_vq(seed=0, **fields).train()
     register_codebook_normalization(vq)
     return vq
 
