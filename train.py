@@ -88,24 +88,38 @@ def parse_args(argv=None):
     data.add_argument("--dataloader_num_workers", type=int, default=0)
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--model_config", type=str, default=None,
+        "--model_config",
+        type=str,
+        default=None,
         help=f"Preset ({', '.join(ARPG_PRESETS)}; vocab, grid and classes follow the data) or an ARPGConfig "
         "config.json / folder.",
-    )  # fmt: skip
+    )
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Pipeline to fine-tune.")
-    model.add_argument("--vqvae", type=str, default=None,
-                       help="Tokenizer (pipeline or ARPGVQModel folder / Hub id), saved into the output.")  # fmt: skip
+    model.add_argument(
+        "--vqvae",
+        type=str,
+        default=None,
+        help="Tokenizer (pipeline or ARPGVQModel folder / Hub id), saved into the output.",
+    )
     model.add_argument("--dropout", type=float, default=None, help="Override token, residual and FFN dropout.")
     model.add_argument("--class_dropout_prob", type=float, default=None, help="Override the class dropout (CFG).")
     model.add_argument("--gradient_checkpointing", action="store_true")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--train_batch_size", type=int, default=32, help="Images per device per micro-step.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    optim.add_argument("--learning_rate", type=float, default=None,
-                       help="Absolute peak rate. Default: --base_learning_rate x global batch / 256.")  # fmt: skip
+    optim.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Absolute peak rate. Default: --base_learning_rate x global batch / 256.",
+    )
     optim.add_argument("--base_learning_rate", type=float, default=1e-4, help="Rate per 256 images of global batch.")
-    optim.add_argument("--lr_scheduler", type=str, default="cosine",
-                       help='transformers schedule: "cosine", "constant", "constant_with_warmup", ...')  # fmt: skip
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        help='transformers schedule: "cosine", "constant", "constant_with_warmup", ...',
+    )
     optim.add_argument("--lr_warmup_steps", type=int, default=None)
     optim.add_argument("--lr_warmup_ratio", type=float, default=None, help="Warmup as a fraction of max_train_steps.")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
@@ -114,11 +128,13 @@ def parse_args(argv=None):
     optim.add_argument("--adam_epsilon", type=float, default=1e-8)
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument(
-        "--max_bad_steps", type=int, default=3,
+        "--max_bad_steps",
+        type=int,
+        default=3,
         help="Stop (exit status 1, no final pipeline) after this many optimizer steps in a row with a non-finite loss "
         "or gradient norm (their updates are skipped, and no checkpoint is written meanwhile) or a zero gradient norm. "
         "Default 3; 0 turns the check off (it costs one synchronisation per optimizer step).",
-    )  # fmt: skip
+    )
     optim.add_argument("--num_train_epochs", type=int, default=100)
     optim.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides the epochs.")
     optim.add_argument("--use_ema", action="store_true")
@@ -127,15 +143,18 @@ def parse_args(argv=None):
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", type=str, required=True)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                     help="Defaults to the accelerate config.")  # fmt: skip
+    run.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Defaults to the accelerate config."
+    )
     run.add_argument("--checkpointing_steps", type=int, default=500)
     run.add_argument("--checkpoints_total_limit", type=int, default=None)
     run.add_argument(
-        "--resume_from_checkpoint", type=str, default=None,
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
         help='"latest" (the newest checkpoint whose files match their recorded sha256 sums; damaged ones are skipped '
-        'with a warning, and with none intact a new run starts) or a checkpoint-N folder (a damaged one is an error).',
-    )  # fmt: skip
+        "with a warning, and with none intact a new run starts) or a checkpoint-N folder (a damaged one is an error).",
+    )
     run.add_argument("--report_to", type=str, default="none", help='"tensorboard", "wandb", "all" or "none".')
     run.add_argument("--logging_dir", type=str, default="logs")
     run.add_argument("--logging_steps", type=int, default=10)
@@ -283,9 +302,13 @@ def validate_data(accelerator, dataset, info, config, vqvae, source) -> None:
     """Every process scans its share of the rows; a problem anywhere stops every process before training."""
     try:
         check_token_dataset(
-            dataset, info, config, codebook_size=vqvae.config.num_vq_embeddings if vqvae is not None else None,
-            source=source, shard=(accelerator.process_index, accelerator.num_processes),
-        )  # fmt: skip
+            dataset,
+            info,
+            config,
+            codebook_size=vqvae.config.num_vq_embeddings if vqvae is not None else None,
+            source=source,
+            shard=(accelerator.process_index, accelerator.num_processes),
+        )
         problem = None
     except ValueError as error:
         problem = str(error)
@@ -300,9 +323,16 @@ def check_training_memory(args, accelerator, config: ARPGConfig, sharded: bool) 
     process alike (`InsufficientMemoryError`), before the model, the optimizer or a batch is allocated."""
     num_shards = accelerator.num_processes if sharded else 1
     activation_bytes = 2 if accelerator.mixed_precision in ("fp16", "bf16") else 4
-    required = training_memory(config, args.train_batch_size, config.num_image_tokens, args.use_ema,
-                               args.gradient_checkpointing, dtype_bytes=4, activation_bytes=activation_bytes,
-                               num_shards=num_shards)  # fmt: skip
+    required = training_memory(
+        config,
+        args.train_batch_size,
+        config.num_image_tokens,
+        args.use_ema,
+        args.gradient_checkpointing,
+        dtype_bytes=4,
+        activation_bytes=activation_bytes,
+        num_shards=num_shards,
+    )
     sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if accelerator.device.type == "cpu" else 1
     layers = config.num_self_attention_layers + config.num_cross_attention_layers
     details = [f"{config.num_image_tokens} tokens per image", f"{layers} layers"]
@@ -357,32 +387,45 @@ def training_plan(args, num_samples: int, num_processes: int) -> dict:
     else:
         warmup = args.lr_warmup_steps or 0
     learning_rate = args.learning_rate or scale_learning_rate(args.base_learning_rate, global_batch)
-    return dict(global_batch_size=global_batch, steps_per_epoch=steps_per_epoch, max_train_steps=max_steps,
-                warmup_steps=warmup, learning_rate=learning_rate)  # fmt: skip
+    return dict(
+        global_batch_size=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        max_train_steps=max_steps,
+        warmup_steps=warmup,
+        learning_rate=learning_rate,
+    )
 
 
 def make_dataloader(dataset, args, accelerator, start_micro_step: int, num_micro_steps: int):
     sampler = ShuffledBatchSampler(
-        len(dataset), args.train_batch_size, accelerator.num_processes, accelerator.process_index, seed=args.seed,
-        start_batch=start_micro_step, num_batches=num_micro_steps,
-    )  # fmt: skip
+        len(dataset),
+        args.train_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        seed=args.seed,
+        start_batch=start_micro_step,
+        num_batches=num_micro_steps,
+    )
     return torch.utils.data.DataLoader(
-        dataset.with_format("numpy", columns=["codes", "label"]), batch_sampler=sampler,
-        collate_fn=collate_token_batch, num_workers=args.dataloader_num_workers,
+        dataset.with_format("numpy", columns=["codes", "label"]),
+        batch_sampler=sampler,
+        collate_fn=collate_token_batch,
+        num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
-    )  # fmt: skip
+    )
 
 
 def check_distributed_support(args, accelerator) -> bool:
     """Checks the options against the parallelism in use. Returns whether the weights are sharded (FSDP, DeepSpeed
     ZeRO-3): the full weights then exist only when gathered, which validation and the final save do."""
     zero3 = (
-        accelerator.distributed_type == DistributedType.DEEPSPEED
-        and accelerator.state.deepspeed_plugin.zero_stage == 3
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     )
     if zero3 and args.use_ema:
-        raise ValueError("--use_ema is not supported with DeepSpeed ZeRO-3 (its partitioned parameters are not torch "
-                         "tensors the EMA can follow). Use FSDP, DDP or ZeRO-1/2, or drop --use_ema.")  # fmt: skip
+        raise ValueError(
+            "--use_ema is not supported with DeepSpeed ZeRO-3 (its partitioned parameters are not torch "
+            "tensors the EMA can follow). Use FSDP, DDP or ZeRO-1/2, or drop --use_ema."
+        )
     if accelerator.distributed_type == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
         if getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
@@ -434,12 +477,22 @@ def write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema) ->
         save_torch_state(ema.state_dict(), os.path.join(directory, ema_file(accelerator)))
 
     state = dict(
-        global_step=global_step, micro_step=global_step * args.gradient_accumulation_steps,
-        train_batch_size=args.train_batch_size, num_processes=accelerator.num_processes,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, **plan,
-    )  # fmt: skip
-    path = save_checkpoint(accelerator, args.output_dir, global_step, state, write_extra, args.checkpoints_total_limit,
-                           write_local=write_local if sharded_ema else None)  # fmt: skip
+        global_step=global_step,
+        micro_step=global_step * args.gradient_accumulation_steps,
+        train_batch_size=args.train_batch_size,
+        num_processes=accelerator.num_processes,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        **plan,
+    )
+    path = save_checkpoint(
+        accelerator,
+        args.output_dir,
+        global_step,
+        state,
+        write_extra,
+        args.checkpoints_total_limit,
+        write_local=write_local if sharded_ema else None,
+    )
     logger.info(f"Saved {path}")
 
 
@@ -452,8 +505,10 @@ def report_resume_choice(args, choice) -> None:
     elif choice.checkpoint is None and args.resume_from_checkpoint:
         logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
     if choice.checkpoint is not None and not choice.verified:
-        logger.warning(f"{choice.checkpoint} records no checksums (written before checkpoints did): resuming from it "
-                       "without verifying its files.")  # fmt: skip
+        logger.warning(
+            f"{choice.checkpoint} records no checksums (written before checkpoints did): resuming from it "
+            "without verifying its files."
+        )
 
 
 def resume(args, accelerator, choice, plan, lr_scheduler, ema) -> int:
@@ -517,8 +572,9 @@ def log_validation(args, accelerator, model, vqvae, scheduler, ema, step: int) -
         pipeline.set_progress_bar_config(disable=True)
         steps = min(args.validation_inference_steps, config.num_image_tokens)
         generator = torch.Generator().manual_seed(args.seed)
-        images = pipeline(labels, num_inference_steps=steps, guidance_scale=args.validation_guidance_scale,
-                          generator=generator).images  # fmt: skip
+        images = pipeline(
+            labels, num_inference_steps=steps, guidance_scale=args.validation_guidance_scale, generator=generator
+        ).images
     finally:
         transformer.train()
         if ema is not None:
@@ -585,28 +641,37 @@ def save_pipeline(args, accelerator, model, vqvae, scheduler, ema, plan, summary
         from huggingface_hub import create_repo, upload_folder
 
         repo_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo).repo_id
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=f"Training step {summary['steps']}",
-                      ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", f"{STAGING_PREFIX}*", "logs/*",
-                                       "validation/*"])  # fmt: skip
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message=f"Training step {summary['steps']}",
+            ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", f"{STAGING_PREFIX}*", "logs/*", "validation/*"],
+        )
 
 
 def write_model_card(args, transformer, scheduler, plan, summary, folder: str) -> None:
     from arpg_hf.model_card import create_model_card
 
     training = {
-        "steps": summary["steps"], "global batch size": plan["global_batch_size"],
+        "steps": summary["steps"],
+        "global batch size": plan["global_batch_size"],
         "learning rate": f"{plan['learning_rate']:.3g} ({args.lr_scheduler}, {plan['warmup_steps']} warmup steps)",
         "optimizer": f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), weight decay {args.adam_weight_decay}",
-        "mixed precision": summary["mixed_precision"], "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
+        "mixed precision": summary["mixed_precision"],
+        "EMA": f"decay {args.ema_decay}" if args.use_ema else "no",
         "final loss": f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-",
         "data": args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir)),
-    }  # fmt: skip
+    }
     card = create_model_card(
-        transformer.config, dict(scheduler.config), repo_id=args.hub_model_id,
-        base_model=args.pretrained_model_name_or_path, datasets=[args.dataset_name] if args.dataset_name else None,
-        training=training, results=[],
+        transformer.config,
+        dict(scheduler.config),
+        repo_id=args.hub_model_id,
+        base_model=args.pretrained_model_name_or_path,
+        datasets=[args.dataset_name] if args.dataset_name else None,
+        training=training,
+        results=[],
         num_parameters=transformer.num_parameters(),
-    )  # fmt: skip
+    )
     card.save(os.path.join(folder, "README.md"))
 
 
@@ -627,8 +692,10 @@ def check_step(args, accelerator, guard: BadStepGuard, grad_norm, step: int) -> 
     problem, skip = guard.end_step(accelerator, grad_norm, step)
     if problem:
         action = "its update is skipped" if skip else "it is applied"
-        logger.warning(f"Step {step}: {problem}; {action} (bad step {guard.streak} in a row, "
-                       f"--max_bad_steps {args.max_bad_steps} stop the run).")  # fmt: skip
+        logger.warning(
+            f"Step {step}: {problem}; {action} (bad step {guard.streak} in a row, "
+            f"--max_bad_steps {args.max_bad_steps} stop the run)."
+        )
     return skip
 
 
@@ -649,10 +716,12 @@ class MetricsWindow:
         elapsed = time.perf_counter() - self.start
         images = self.steps * self.plan["global_batch_size"]
         metrics = {
-            "loss": accelerator.reduce(self.loss / self.micro_steps, reduction="mean").item(), "lr": learning_rate,
-            "epoch": global_step / self.plan["steps_per_epoch"], "samples_per_second": images / elapsed,
+            "loss": accelerator.reduce(self.loss / self.micro_steps, reduction="mean").item(),
+            "lr": learning_rate,
+            "epoch": global_step / self.plan["steps_per_epoch"],
+            "samples_per_second": images / elapsed,
             "tokens_per_second": images * self.tokens_per_image / elapsed,
-        }  # fmt: skip
+        }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         self.loss.zero_()
@@ -663,8 +732,10 @@ class MetricsWindow:
 def checkpoint_unless_bad(args, accelerator, guard, global_step, plan, lr_scheduler, ema) -> None:
     """Writes checkpoint-N, unless step N was bad (the same on every process: the guard's flags were all-reduced)."""
     if guard.streak:
-        logger.warning(f"Not writing checkpoint-{global_step}: step {global_step} was bad; the previous checkpoint "
-                       "stays the latest.")  # fmt: skip
+        logger.warning(
+            f"Not writing checkpoint-{global_step}: step {global_step} was bad; the previous checkpoint "
+            "stays the latest."
+        )
         return
     write_checkpoint(args, accelerator, global_step, plan, lr_scheduler, ema)
 
@@ -680,8 +751,10 @@ def train(args, accelerator, model, optimizer, lr_scheduler, ema, dataset, plan,
         dataset, args, accelerator, start_step * accumulation, (max_steps - start_step) * accumulation
     )
     first_rows = loader.batch_sampler.batch_indices(start_step * accumulation) if max_steps > start_step else []
-    logger.info(f"process {accelerator.process_index}/{accelerator.num_processes}: first micro-batch rows {first_rows}",
-                main_process_only=False)  # fmt: skip
+    logger.info(
+        f"process {accelerator.process_index}/{accelerator.num_processes}: first micro-batch rows {first_rows}",
+        main_process_only=False,
+    )
     progress = tqdm(range(max_steps), initial=start_step, desc="steps", disable=not accelerator.is_local_main_process)
     global_step, micro_step, last_loss = start_step, start_step * accumulation, None
     window = MetricsWindow(accelerator.device, plan, tokens_per_image)
@@ -752,9 +825,11 @@ def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to, project_config=project,
-    )  # fmt: skip
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+    )
     enable_fsdp_on_cpu(accelerator)  # accelerate runs an FSDP config as DDP on CPU otherwise
     check_world_size(accelerator)
     logger.info(f"Parallelism: {describe_distributed(accelerator)}")
@@ -772,9 +847,11 @@ def main(args):
     plan = training_plan(args, len(dataset), accelerator.num_processes)
     plan["seed"] = args.seed
     optimizer = torch.optim.AdamW(
-        weight_decay_param_groups(model, args.adam_weight_decay), lr=plan["learning_rate"],
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )  # fmt: skip
+        weight_decay_param_groups(model, args.adam_weight_decay),
+        lr=plan["learning_rate"],
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
     from transformers import get_scheduler
 
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, plan["warmup_steps"], plan["max_train_steps"])

@@ -43,38 +43,81 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--raster", action="store_true", help="also decode in raster order, one token per step")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the decoding step at bucketed static shapes (pipe.enable_compiled_decoding)")
-    parser.add_argument("--cpu-gemm", default="default", choices=CPU_GEMMS,
-                        help="arpg_hf.cpu_gemm.use_cpu_gemm(...), float32 on CPU: plain nn.Linear (default), BLAS on "
-                             "fused transposed weights, "
-                             "oneDNN on the weights as stored, or oneDNN on a pre-packed second copy")
-    parser.add_argument("--cpu-packed-weights", dest="cpu_gemm", action="store_const", const="onednn-packed",
-                        help="the same as --cpu-gemm onednn-packed")
-    parser.add_argument("--compile-mode", default=None,
-                        help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) or max-autotune")
-    parser.add_argument("--compile-buckets", type=int, nargs="+", default=None,
-                        help="padded step sizes with --compile (default: powers of two); fewer buckets, fewer graphs")
-    parser.add_argument("--compile-key-block", type=int, default=None,
-                        help="with --compile: attention reads the cache up to the filled slots rounded up to a "
-                             "multiple of this (e.g. 64) instead of the whole cache")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
-                        help="the decoder's attention: F.scaled_dot_product_attention (default) or plain matmul + "
-                             "softmax (which torch.compile fuses on its own)")
-    parser.add_argument("--no-vq", action="store_true",
-                        help="skip the VQ decoding measurement (the tokenizer is not even built)")
-    parser.add_argument("--gemm-bound", action="store_true",
-                        help="also time the step's matrix products alone (same weights, same rows per step): the "
-                             "practical bound of this BLAS on this machine")
-    parser.add_argument("--arithmetic-bound", action="store_true",
-                        help="also measure this device's peak GEMM rate and memory bandwidth and report the run's "
-                             "arithmetic bound (FLOPs / peak or bytes moved / bandwidth, whichever is larger) and the "
-                             "share of it reached")
-    parser.add_argument("--generator-device", default="cpu",
-                        help="device of the torch.Generator that draws the order and the tokens (cpu: the same draws "
-                             "on every device; cuda: no host-to-device copy of the uniforms per step)")
-    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                        help="after timing, profile one call and print the ROWS most expensive operators/kernels")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step at bucketed static shapes (pipe.enable_compiled_decoding)",
+    )
+    parser.add_argument(
+        "--cpu-gemm",
+        default="default",
+        choices=CPU_GEMMS,
+        help="arpg_hf.cpu_gemm.use_cpu_gemm(...), float32 on CPU: plain nn.Linear (default), BLAS on "
+        "fused transposed weights, "
+        "oneDNN on the weights as stored, or oneDNN on a pre-packed second copy",
+    )
+    parser.add_argument(
+        "--cpu-packed-weights",
+        dest="cpu_gemm",
+        action="store_const",
+        const="onednn-packed",
+        help="the same as --cpu-gemm onednn-packed",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode with --compile, e.g. reduce-overhead (CUDA graphs) or max-autotune",
+    )
+    parser.add_argument(
+        "--compile-buckets",
+        type=int,
+        nargs="+",
+        default=None,
+        help="padded step sizes with --compile (default: powers of two); fewer buckets, fewer graphs",
+    )
+    parser.add_argument(
+        "--compile-key-block",
+        type=int,
+        default=None,
+        help="with --compile: attention reads the cache up to the filled slots rounded up to a "
+        "multiple of this (e.g. 64) instead of the whole cache",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="the decoder's attention: F.scaled_dot_product_attention (default) or plain matmul + "
+        "softmax (which torch.compile fuses on its own)",
+    )
+    parser.add_argument(
+        "--no-vq", action="store_true", help="skip the VQ decoding measurement (the tokenizer is not even built)"
+    )
+    parser.add_argument(
+        "--gemm-bound",
+        action="store_true",
+        help="also time the step's matrix products alone (same weights, same rows per step): the "
+        "practical bound of this BLAS on this machine",
+    )
+    parser.add_argument(
+        "--arithmetic-bound",
+        action="store_true",
+        help="also measure this device's peak GEMM rate and memory bandwidth and report the run's "
+        "arithmetic bound (FLOPs / peak or bytes moved / bandwidth, whichever is larger) and the "
+        "share of it reached",
+    )
+    parser.add_argument(
+        "--generator-device",
+        default="cpu",
+        help="device of the torch.Generator that draws the order and the tokens (cpu: the same draws "
+        "on every device; cuda: no host-to-device copy of the uniforms per step)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after timing, profile one call and print the ROWS most expensive operators/kernels",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -157,24 +200,41 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
 
     def generate():
         generator = torch.Generator(device=args.generator_device).manual_seed(args.seed)
-        return pipe(labels, num_inference_steps=steps, guidance_scale=args.guidance_scale, generator=generator,
-                    orders=orders, output_type="latent").images  # fmt: skip
+        return pipe(
+            labels,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance_scale,
+            generator=generator,
+            orders=orders,
+            output_type="latent",
+        ).images
 
     with torch.inference_mode():
         seconds, memory = time_call(generate, device, args.warmup, args.repeats)
         if args.profile:
             print_profile(generate, device, args.profile)
     return dict(
-        preset=args.preset, batch_size=batch_size, num_inference_steps=steps, order=order, dtype=dtype_name,
-        device=str(device), compiled=bool(args.compile), images_per_second=batch_size / seconds,
-        seconds_per_batch=seconds, peak_memory_mb=memory, guidance_scale=args.guidance_scale,
-        token_schedule=args.token_schedule, threads=torch.get_num_threads() if device.type == "cpu" else None,
+        preset=args.preset,
+        batch_size=batch_size,
+        num_inference_steps=steps,
+        order=order,
+        dtype=dtype_name,
+        device=str(device),
+        compiled=bool(args.compile),
+        images_per_second=batch_size / seconds,
+        seconds_per_batch=seconds,
+        peak_memory_mb=memory,
+        guidance_scale=args.guidance_scale,
+        token_schedule=args.token_schedule,
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
         attn_implementation=pipe.transformer.config._attn_implementation,
-        cpu_gemm=args.cpu_gemm, cpu_packed_weights=args.cpu_gemm == "onednn-packed",
+        cpu_gemm=args.cpu_gemm,
+        cpu_packed_weights=args.cpu_gemm == "onednn-packed",
         compile_mode=args.compile_mode if args.compile else None,
         compile_buckets=args.compile_buckets if args.compile else None,
-        compile_key_block=args.compile_key_block if args.compile else None, generator_device=args.generator_device,
-    )  # fmt: skip
+        compile_key_block=args.compile_key_block if args.compile else None,
+        generator_device=args.generator_device,
+    )
 
 
 def print_profile(function, device, rows: int) -> None:
@@ -204,6 +264,7 @@ def gemm_only_work(pipe, batch_size: int, steps: int, order: str, device) -> lis
 def projections_by_pass(model) -> tuple[list, list]:
     """The linears of a decoding step, fused when the model's projections are: those that read the step's inputs
     (Pass 1 and the shared key/value projection) and those that read its queries (Pass 2 and the head)."""
+
     def linears(*modules):
         return [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Linear)]
 
@@ -219,8 +280,12 @@ def gemm_only_seconds(pipe, args, batch_size, steps, order, device) -> float:
     groups = projections_by_pass(pipe.transformer)  # (Pass 1 linears, Pass 2 linears)
     work = gemm_only_work(pipe, batch_size, steps, order, device)
     widths = {linear.in_features for linears in groups for linear in linears}
-    inputs = {(rows, width): torch.randn(rows, width, device=device, dtype=pipe.transformer.dtype)
-              for pair in work for rows in pair for width in widths}  # fmt: skip
+    inputs = {
+        (rows, width): torch.randn(rows, width, device=device, dtype=pipe.transformer.dtype)
+        for pair in work
+        for rows in pair
+        for width in widths
+    }
 
     def run():
         for rows_per_pass in work:  # (input rows, query rows)
@@ -250,8 +315,14 @@ def arithmetic_work(pipe, batch_size: int, steps: int, order: str, device) -> tu
         keys_one = filled + (new + 1) / 2  # on average over the new inputs (each sees the cache and those before it)
         filled += new
         flops += 2 * (input_rows * weights_one + query_rows * weights_two)
-        flops += 4 * width * (input_rows * keys_one * config.num_self_attention_layers
-                              + query_rows * filled * config.num_cross_attention_layers)  # fmt: skip
+        flops += (
+            4
+            * width
+            * (
+                input_rows * keys_one * config.num_self_attention_layers
+                + query_rows * filled * config.num_cross_attention_layers
+            )
+        )
         weight_bytes += (weights_one + weights_two) * element
         layers = config.num_self_attention_layers + config.num_cross_attention_layers
         cache_bytes += 2 * rows_per_image * filled * width * element * layers
@@ -287,9 +358,14 @@ def arithmetic_bound(pipe, record: dict, device, peaks) -> dict:
     flops, moved = arithmetic_work(pipe, record["batch_size"], record["num_inference_steps"], record["order"], device)
     peak_flops, bandwidth = peaks
     bound = max(flops / peak_flops, moved / bandwidth)
-    return dict(tflop_per_batch=flops / 1e12, gb_moved_per_batch=moved / 1e9, peak_gemm_gflops=peak_flops / 1e9,
-                memory_gb_per_second=bandwidth / 1e9, arithmetic_bound_seconds_per_batch=bound,
-                share_of_arithmetic_bound=bound / record["seconds_per_batch"])  # fmt: skip
+    return dict(
+        tflop_per_batch=flops / 1e12,
+        gb_moved_per_batch=moved / 1e9,
+        peak_gemm_gflops=peak_flops / 1e9,
+        memory_gb_per_second=bandwidth / 1e9,
+        arithmetic_bound_seconds_per_batch=bound,
+        share_of_arithmetic_bound=bound / record["seconds_per_batch"],
+    )
 
 
 def measure_vq(pipe, args, batch_size, device):
@@ -298,14 +374,19 @@ def measure_vq(pipe, args, batch_size, device):
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.grid_height, config.grid_width), device=device)
     with torch.inference_mode():
         seconds, memory = time_call(lambda: pipe.vqvae.decode(tokens).sample, device, args.warmup, args.repeats)
-    return dict(vq_decode_seconds_per_batch=seconds, vq_decode_images_per_second=batch_size / seconds,
-                vq_decode_peak_memory_mb=memory)  # fmt: skip
+    return dict(
+        vq_decode_seconds_per_batch=seconds,
+        vq_decode_images_per_second=batch_size / seconds,
+        vq_decode_peak_memory_mb=memory,
+    )
 
 
 def markdown_table(records):
-    header = ("| preset | order | batch | steps | dtype | device | compiled | tokens: s / batch | tokens: img / s "
-              "| peak MB | VQ decode: s / batch | VQ decode: img / s | GEMMs alone: s / batch (share) "
-              "| arithmetic bound: s / batch (share) |")  # fmt: skip
+    header = (
+        "| preset | order | batch | steps | dtype | device | compiled | tokens: s / batch | tokens: img / s "
+        "| peak MB | VQ decode: s / batch | VQ decode: img / s | GEMMs alone: s / batch (share) "
+        "| arithmetic bound: s / batch (share) |"
+    )
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in records:
         vq_seconds, vq_rate = r.get("vq_decode_seconds_per_batch"), r.get("vq_decode_images_per_second")
@@ -335,9 +416,10 @@ def main(argv=None):
         pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(
-                buckets=args.compile_buckets, key_block=args.compile_key_block,
+                buckets=args.compile_buckets,
+                key_block=args.compile_key_block,
                 **({"mode": args.compile_mode} if args.compile_mode else {}),
-            )  # fmt: skip
+            )
         peaks = device_peaks(device, DTYPES[dtype_name]) if args.arithmetic_bound else None
         for batch_size in args.batch_size:
             first = len(records)
@@ -346,7 +428,9 @@ def main(argv=None):
                 record = measure(pipe, args, batch_size, steps, dtype_name, order, device)
                 if args.gemm_bound:
                     bound = gemm_only_seconds(pipe, args, batch_size, record["num_inference_steps"], order, device)
-                    record.update(gemm_only_seconds_per_batch=bound, share_of_gemm_bound=bound / record["seconds_per_batch"])
+                    record.update(
+                        gemm_only_seconds_per_batch=bound, share_of_gemm_bound=bound / record["seconds_per_batch"]
+                    )
                 if peaks:
                     record.update(arithmetic_bound(pipe, record, device, peaks))
                 records.append(record)

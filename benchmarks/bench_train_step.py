@@ -53,8 +53,9 @@ def run(args) -> dict:
     model = ARPGForImageGeneration(config).to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(weight_decay_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        weight_decay_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(0, config.vocab_size, (args.batch_size, args.n_crops, config.num_image_tokens), device=device)
@@ -78,13 +79,21 @@ def run(args) -> dict:
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)
     result = dict(
-        preset=args.preset, parameters=model.num_parameters(), device=str(device), dtype=args.dtype,
-        batch_size=args.batch_size, tokens_per_image=config.num_image_tokens, steps=args.steps,
-        step_seconds_median=step_time, step_seconds=times,
+        preset=args.preset,
+        parameters=model.num_parameters(),
+        device=str(device),
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        tokens_per_image=config.num_image_tokens,
+        steps=args.steps,
+        step_seconds_median=step_time,
+        step_seconds=times,
         tokens_per_second=args.batch_size * config.num_image_tokens / step_time,
-        samples_per_second=args.batch_size / step_time, threads=torch.get_num_threads(),
-        gradient_checkpointing=args.gradient_checkpointing, final_loss=float(loss.detach()),
-    )  # fmt: skip
+        samples_per_second=args.batch_size / step_time,
+        threads=torch.get_num_threads(),
+        gradient_checkpointing=args.gradient_checkpointing,
+        final_loss=float(loss.detach()),
+    )
     if device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(device)
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -27,9 +27,14 @@ import time
 import torch
 
 from arpg_hf import (
-    ARPGConfig, ARPGForImageGeneration, ARPGInpaintPipeline, ARPGPipeline, ARPGScheduler, ARPGVQModel,
+    ARPGConfig,
+    ARPGForImageGeneration,
+    ARPGInpaintPipeline,
+    ARPGPipeline,
+    ARPGScheduler,
+    ARPGVQModel,
     llamagen_vq_config,
-)  # fmt: skip
+)
 
 
 def parse_args(argv=None):
@@ -38,10 +43,18 @@ def parse_args(argv=None):
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode to check (e.g. reduce-overhead)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick dry run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decoding comparisons")
-    parser.add_argument("--compile-key-block", type=int, default=None,
-                        help="compiled attention reads the cache in blocks of this many slots (key_block)")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
-                        help="attention of every pipeline (set_attn_implementation)")
+    parser.add_argument(
+        "--compile-key-block",
+        type=int,
+        default=None,
+        help="compiled attention reads the cache in blocks of this many slots (key_block)",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="attention of every pipeline (set_attn_implementation)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-inference-steps", type=int, default=16)
     parser.add_argument("--json", dest="json_path", default=None)
@@ -50,9 +63,17 @@ def parse_args(argv=None):
 
 def small_config() -> ARPGConfig:
     return ARPGConfig(
-        vocab_size=512, num_classes=10, grid_height=8, grid_width=8, hidden_size=256, num_attention_heads=4,
-        num_self_attention_layers=3, num_cross_attention_layers=3, multiple_of=64, absolute_position_embeddings=True,
-    )  # fmt: skip
+        vocab_size=512,
+        num_classes=10,
+        grid_height=8,
+        grid_width=8,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_self_attention_layers=3,
+        num_cross_attention_layers=3,
+        multiple_of=64,
+        absolute_position_embeddings=True,
+    )
 
 
 def build(config: ARPGConfig, device, dtype=torch.float32, seed: int = 0, attn_implementation="sdpa") -> ARPGPipeline:
@@ -63,10 +84,14 @@ def build(config: ARPGConfig, device, dtype=torch.float32, seed: int = 0, attn_i
     for name, parameter in transformer.named_parameters():
         if "embed" in name:
             torch.nn.init.normal_(parameter, std=0.5)
-    vqvae = ARPGVQModel(**llamagen_vq_config(base_channels=32, channel_multipliers=(1, 1), z_channels=32,
-                                             codebook_size=config.vocab_size))  # fmt: skip
-    pipe = ARPGPipeline(transformer=transformer.to(device, dtype).eval(), vqvae=vqvae.to(device).eval(),
-                        scheduler=ARPGScheduler())  # fmt: skip
+    vqvae = ARPGVQModel(
+        **llamagen_vq_config(
+            base_channels=32, channel_multipliers=(1, 1), z_channels=32, codebook_size=config.vocab_size
+        )
+    )
+    pipe = ARPGPipeline(
+        transformer=transformer.to(device, dtype).eval(), vqvae=vqvae.to(device).eval(), scheduler=ARPGScheduler()
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -74,8 +99,14 @@ def build(config: ARPGConfig, device, dtype=torch.float32, seed: int = 0, attn_i
 def generate(pipe, args, labels) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        return pipe(labels, num_inference_steps=args.num_inference_steps, guidance_scale=3.0, top_k=50,
-                    generator=generator, output_type="latent").images.cpu()  # fmt: skip
+        return pipe(
+            labels,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=3.0,
+            top_k=50,
+            generator=generator,
+            output_type="latent",
+        ).images.cpu()
 
 
 def inpaint(pipe, args, canvas: torch.Tensor, mask: torch.Tensor, labels, compile_kwargs=None) -> torch.Tensor:
@@ -87,9 +118,15 @@ def inpaint(pipe, args, canvas: torch.Tensor, mask: torch.Tensor, labels, compil
     generator = torch.Generator().manual_seed(2)
     with torch.inference_mode():
         return inpainter(
-            canvas, mask, labels, num_inference_steps=args.num_inference_steps, guidance_scale=3.0, top_k=50,
-            generator=generator, output_type="latent",
-        ).images.cpu()  # fmt: skip
+            canvas,
+            mask,
+            labels,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=3.0,
+            top_k=50,
+            generator=generator,
+            output_type="latent",
+        ).images.cpu()
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,8 +141,12 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False
     config = small_config()
     labels = torch.arange(args.batch_size) % config.num_classes
-    record = {"device": str(device), "torch": torch.__version__, "attn_implementation": args.attn_implementation,
-              "compile_key_block": args.compile_key_block}  # fmt: skip
+    record = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "attn_implementation": args.attn_implementation,
+        "compile_key_block": args.compile_key_block,
+    }
     failures = []
 
     def compare(name, a, b, must_match):
@@ -119,8 +160,12 @@ def main(argv=None):
     eager = build(config, device, attn_implementation=attention)
     eager_tokens = generate(eager, args, labels)
     compare("float32_device_vs_cpu", eager_tokens, reference, must_match=True)
-    compare("bfloat16_device_vs_float32_cpu", generate(build(config, device, torch.bfloat16, attn_implementation=attention),
-            args, labels), reference, must_match=False)  # fmt: skip
+    compare(
+        "bfloat16_device_vs_float32_cpu",
+        generate(build(config, device, torch.bfloat16, attn_implementation=attention), args, labels),
+        reference,
+        must_match=False,
+    )
 
     # Inpainting on a 16x32-token-pixel canvas (2x the trained width): right half regenerated.
     factor = eager.vqvae.downsample_factor
@@ -134,17 +179,26 @@ def main(argv=None):
     for mode in modes:
         name = mode or "default"
         compiled = build(config, device, attn_implementation=attention)
-        compile_kwargs = dict(backend=args.compile_backend, key_block=args.compile_key_block,
-                              **({"mode": mode} if mode else {}))  # fmt: skip
+        compile_kwargs = dict(
+            backend=args.compile_backend, key_block=args.compile_key_block, **({"mode": mode} if mode else {})
+        )
         compiled.enable_compiled_decoding(**compile_kwargs)
         start = time.perf_counter()
         first = generate(compiled, args, labels)
         record[f"compiled_{name}_first_call_seconds"] = time.perf_counter() - start
         compare(f"compiled_{name}_vs_eager_device", first, eager_tokens, must_match=True)
-        compare(f"compiled_{name}_second_call_vs_eager_device", generate(compiled, args, labels), eager_tokens,
-                must_match=True)  # fmt: skip
-        compare(f"compiled_{name}_inpaint_wide_vs_eager", inpaint(compiled, args, canvas.to(device),
-                mask.to(device), labels[:2], compile_kwargs), eager_inpaint, must_match=True)  # fmt: skip
+        compare(
+            f"compiled_{name}_second_call_vs_eager_device",
+            generate(compiled, args, labels),
+            eager_tokens,
+            must_match=True,
+        )
+        compare(
+            f"compiled_{name}_inpaint_wide_vs_eager",
+            inpaint(compiled, args, canvas.to(device), mask.to(device), labels[:2], compile_kwargs),
+            eager_inpaint,
+            must_match=True,
+        )
         torch._dynamo.reset()
 
     record["failures"] = failures

@@ -57,13 +57,16 @@ def main(args) -> None:
         loaders = {
             "ARPGForImageGeneration.from_pretrained": ARPGForImageGeneration.from_pretrained,
             "AutoModel.from_pretrained(trust_remote_code=True)": lambda path, **kwargs: AutoModel.from_pretrained(
-                path, trust_remote_code=True, **kwargs),
-        }  # fmt: skip
+                path, trust_remote_code=True, **kwargs
+            ),
+        }
         for name, load in loaders.items():
             start = time.perf_counter()
             loaded = load(folder, variant=args.variant)
-            print(f"{name}: {type(loaded).__name__} in {time.perf_counter() - start:.1f} s, every tensor equal: "
-                  f"{equal_state_dicts(loaded, expected)}")  # fmt: skip
+            print(
+                f"{name}: {type(loaded).__name__} in {time.perf_counter() - start:.1f} s, every tensor equal: "
+                f"{equal_state_dicts(loaded, expected)}"
+            )
             del loaded
     print(f"peak RSS of the process: {peak_rss_gb():.1f} GB")
 

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from arpg_hf import ARPGInpaintPipeline
-from arpg_hf.digits import GRID_SIZE, NUM_CLASSES, load_digits_split, pixels_from_images, render_digits
 # A script's own folder is first on the import path, so its sibling benchmark imports as a top-level module.
 from quality_digits import classifier_accuracy, load_pipeline, train_classifier
+
+from arpg_hf import ARPGInpaintPipeline
+from arpg_hf.digits import GRID_SIZE, NUM_CLASSES, load_digits_split, pixels_from_images, render_digits
 
 TARGETS = {"true_class_accuracy": 0.90, "other_class_follow_rate": 0.60}
 
@@ -44,13 +45,24 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, help="pipeline folder (default: the bundled digits pipeline)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="default: the recommended steps")
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the recommended scale")
-    parser.add_argument("--other_guidance_scale", type=float, default=None,
-                        help="guidance of the other-class edit (default: --guidance_scale)")
-    parser.add_argument("--negative_original_class", action="store_true",
-                        help="other-class edit: guide away from the digit's own class (negative_class_labels) instead "
-                             "of the null class")
-    parser.add_argument("--guidance_schedule", choices=("constant", "linear"), default=None,
-                        help="override the scheduler's guidance schedule")
+    parser.add_argument(
+        "--other_guidance_scale",
+        type=float,
+        default=None,
+        help="guidance of the other-class edit (default: --guidance_scale)",
+    )
+    parser.add_argument(
+        "--negative_original_class",
+        action="store_true",
+        help="other-class edit: guide away from the digit's own class (negative_class_labels) instead "
+        "of the null class",
+    )
+    parser.add_argument(
+        "--guidance_schedule",
+        choices=("constant", "linear"),
+        default=None,
+        help="override the scheduler's guidance schedule",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both edits")
     parser.add_argument("--top_k", type=int, default=None, help="top-k filter of both edits")
     parser.add_argument("--masked_rows", type=float, default=0.5, help="fraction of the image height masked (bottom)")
@@ -76,11 +88,21 @@ def inpaint(pipe, images, mask, labels, grid_size, args, guidance_scale, negativ
         batch = images[start : start + args.batch_size]
         generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
         tokens.append(
-            pipe(batch, mask, labels[start : start + len(batch)].tolist(), num_inference_steps=args.num_inference_steps,
-                 guidance_scale=guidance_scale, generator=generators, temperature=args.temperature, top_k=args.top_k,
-                 output_type="latent", negative_class_labels=None if negative_labels is None else
-                 negative_labels[start : start + len(batch)].tolist()).images
-        )  # fmt: skip
+            pipe(
+                batch,
+                mask,
+                labels[start : start + len(batch)].tolist(),
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                output_type="latent",
+                negative_class_labels=None
+                if negative_labels is None
+                else negative_labels[start : start + len(batch)].tolist(),
+            ).images
+        )
     tokens = torch.cat(tokens)
     with torch.no_grad():
         decoded = pipe.decode_tokens(tokens, grid_size).float()  # (n, 3, H, W) in [-1, 1]
@@ -101,9 +123,11 @@ def real_bottom_references(classifier, train, test_pixels, other_labels, kept_ro
         k_nearest_hits += follows[by_distance[:k]].mean()
         any_hits += bool(follows.any())
     count = len(other_labels)
-    return {"real_continuation_follow_rate": nearest_hits / count,
-            f"real_continuation_{k}_nearest_follow_rate": float(k_nearest_hits / count),
-            "best_real_bottom_follow_rate": any_hits / count}  # fmt: skip
+    return {
+        "real_continuation_follow_rate": nearest_hits / count,
+        f"real_continuation_{k}_nearest_follow_rate": float(k_nearest_hits / count),
+        "best_real_bottom_follow_rate": any_hits / count,
+    }
 
 
 def main(argv=None):
@@ -115,7 +139,9 @@ def main(argv=None):
     pipe = ARPGInpaintPipeline(**load_pipeline(args.model).components)
     pipe.set_progress_bar_config(disable=True)
     if args.guidance_schedule:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, guidance_schedule=args.guidance_schedule)
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, guidance_schedule=args.guidance_schedule
+        )
     count = len(test) if args.limit is None else min(args.limit, len(test))
     images = render_digits(test.pixels[:count])
     true_labels = test.labels[:count]
@@ -135,11 +161,14 @@ def main(argv=None):
     guidance = args.guidance_scale or pipe.scheduler.config.get("recommended_guidance_scale")
     other_guidance = args.other_guidance_scale or guidance
     other_negative = true_labels if args.negative_original_class else None
-    for name, labels, scale, negative in (("true", true_labels, guidance, None),
-                                          ("other", other_labels, other_guidance, other_negative)):  # fmt: skip
+    for name, labels, scale, negative in (
+        ("true", true_labels, guidance, None),
+        ("other", other_labels, other_guidance, other_negative),
+    ):
         start = time.perf_counter()
-        tokens, generated = inpaint(pipe, images, mask, labels, (height // factor, width // factor), args, scale,
-                                    negative)  # fmt: skip
+        tokens, generated = inpaint(
+            pipe, images, mask, labels, (height // factor, width // factor), args, scale, negative
+        )
         seconds = time.perf_counter() - start
         predictions = classifier.predict(pixels_from_images(generated).reshape(count, -1) / 16.0)
         results[name] = dict(
@@ -150,8 +179,9 @@ def main(argv=None):
         )
         strips[name] = generated[: args.strip_count]
     real_accuracy = classifier_accuracy(classifier, test.flat_pixels()[:count], true_labels)
-    references = real_bottom_references(classifier, train, test.pixels[:count], other_labels,
-                                        int(round(GRID_SIZE * (1 - args.masked_rows))))  # fmt: skip
+    references = real_bottom_references(
+        classifier, train, test.pixels[:count], other_labels, int(round(GRID_SIZE * (1 - args.masked_rows)))
+    )
     report = dict(
         num_test_digits=count,
         masked_fraction=args.masked_rows,
@@ -178,25 +208,32 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "editing_digits.json"), "w", encoding="utf-8") as file:
         json.dump(report, file, indent=2)
     save_strip(images[: args.strip_count], mask, strips, os.path.join(args.output_dir, "editing_digits.png"))
-    print("| test digits | masked | steps | guidance (true / other class) | true class kept | other class followed "
-          "| kept tokens exact |")
+    print(
+        "| test digits | masked | steps | guidance (true / other class) | true class kept | other class followed "
+        "| kept tokens exact |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {count} | bottom {args.masked_rows:.0%} | {report['num_inference_steps']} "
-          f"| {report['guidance_scale']} / {other_guidance} {report['guidance_schedule']} "
-          f"| {report['true_class_accuracy']:.1%} | {report['other_class_follow_rate']:.1%} "
-          f"| {report['kept_tokens_identical']} |")  # fmt: skip
-    print(f"classifier on real test digits: {real_accuracy:.1%}; new class followed with real bottom halves: "
-          f"{references['real_continuation_follow_rate']:.1%} (nearest top half), "
-          f"{references['real_continuation_10_nearest_follow_rate']:.1%} (10 nearest), "
-          f"{references['best_real_bottom_follow_rate']:.1%} (best of all); wall time {report['wall_time_s']:.0f} s")
+    print(
+        f"| {count} | bottom {args.masked_rows:.0%} | {report['num_inference_steps']} "
+        f"| {report['guidance_scale']} / {other_guidance} {report['guidance_schedule']} "
+        f"| {report['true_class_accuracy']:.1%} | {report['other_class_follow_rate']:.1%} "
+        f"| {report['kept_tokens_identical']} |"
+    )
+    print(
+        f"classifier on real test digits: {real_accuracy:.1%}; new class followed with real bottom halves: "
+        f"{references['real_continuation_follow_rate']:.1%} (nearest top half), "
+        f"{references['real_continuation_10_nearest_follow_rate']:.1%} (10 nearest), "
+        f"{references['best_real_bottom_follow_rate']:.1%} (best of all); wall time {report['wall_time_s']:.0f} s"
+    )
     return report
 
 
 def save_strip(sources, mask, strips, path):
     """Rows: source, masked source, regenerated with the true class, regenerated with another class."""
     masked = [Image.composite(Image.new("RGB", image.size, (255, 128, 128)), image, mask) for image in sources]
-    rows = [sources, masked] + [[Image.fromarray((a * 255).round().astype(np.uint8)) for a in strips[k]]
-                                for k in ("true", "other")]  # fmt: skip
+    rows = [sources, masked] + [
+        [Image.fromarray((a * 255).round().astype(np.uint8)) for a in strips[k]] for k in ("true", "other")
+    ]
     width, height = sources[0].size
     canvas = Image.new("RGB", (width * len(sources), height * len(rows)), "white")
     for r, row in enumerate(rows):

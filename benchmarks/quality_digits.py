@@ -45,11 +45,22 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the bundled digits pipeline).")
     parser.add_argument("--num_per_class", type=int, default=100)
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 64])
-    parser.add_argument("--guidance_scales", type=float, nargs="+", default=None,
-                        help="Extra guidance scales, measured at --sweep_steps (the recommended one is always run).")  # fmt: skip
-    parser.add_argument("--sweep_steps", type=int, default=None, help="Steps of the guidance sweep (default: recommended).")
-    parser.add_argument("--token_schedule", choices=("arccos", "cosine"), default=None, help="Override the scheduler's.")
-    parser.add_argument("--guidance_schedule", choices=("constant", "linear"), default=None, help="Override the scheduler's.")
+    parser.add_argument(
+        "--guidance_scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Extra guidance scales, measured at --sweep_steps (the recommended one is always run).",
+    )
+    parser.add_argument(
+        "--sweep_steps", type=int, default=None, help="Steps of the guidance sweep (default: recommended)."
+    )
+    parser.add_argument(
+        "--token_schedule", choices=("arccos", "cosine"), default=None, help="Override the scheduler's."
+    )
+    parser.add_argument(
+        "--guidance_schedule", choices=("constant", "linear"), default=None, help="Override the scheduler's."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -113,8 +124,9 @@ def generate(pipeline, num_per_class: int, steps: int, guidance: float, seed: in
     for offset in range(0, len(labels), batch_size):
         batch_labels = labels[offset : offset + batch_size].tolist()
         generators = [torch.Generator().manual_seed(s) for s in seeds[offset : offset + batch_size]]
-        output = pipeline(batch_labels, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                          output_type="np")  # fmt: skip
+        output = pipeline(
+            batch_labels, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np"
+        )
         images.append(output.images)
     return np.concatenate(images), labels, time.perf_counter() - start
 
@@ -130,7 +142,9 @@ def tokenizer_metrics(pipeline, test, classifier) -> dict:
     pixels = pixels_from_images(((reconstruction + 1) / 2).permute(0, 2, 3, 1).numpy())  # (n, 8, 8)
     return {
         "psnr_db": float(psnr(reconstruction, images).mean()),
-        "classifier_accuracy_on_reconstructions": classifier_accuracy(classifier, pixels.reshape(len(test), -1), test.labels),
+        "classifier_accuracy_on_reconstructions": classifier_accuracy(
+            classifier, pixels.reshape(len(test), -1), test.labels
+        ),
         "mean_abs_grey_level_error": float(np.abs(pixels - test.pixels).mean()),
     }
 
@@ -194,8 +208,10 @@ def settings_to_run(args, recommended_steps: int, recommended_guidance: float) -
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| steps | guidance | class consistency | FD ratio | near-copies | images/s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| steps | guidance | class consistency | FD ratio | near-copies | images/s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         lines.append(
             f"| {r['steps']} | {r['guidance_scale']:g} | {100 * r['class_consistency']:.1f} % | {r['fd_ratio']:.2f} | "
@@ -213,29 +229,38 @@ def main(args):
     scheduler_config = pipeline.scheduler.config
     steps_default = scheduler_config.get("recommended_num_inference_steps") or 16
     guidance_default = scheduler_config.get("recommended_guidance_scale") or 4.0
-    near_copy_threshold = min(nearest_distances(train.flat_pixels(), train.flat_pixels(), exclude_self=True).min(),
-                              nearest_distances(test.flat_pixels(), train.flat_pixels()).min())  # fmt: skip
+    near_copy_threshold = min(
+        nearest_distances(train.flat_pixels(), train.flat_pixels(), exclude_self=True).min(),
+        nearest_distances(test.flat_pixels(), train.flat_pixels()).min(),
+    )
     reference = {
         "classifier": "sklearn SVC(C=10, gamma='scale') on 64 grey levels / 16, real train split only",
         "classifier_accuracy_real_test": classifier_accuracy(classifier, test.flat_pixels(), test.labels),
         "fd_train_test": frechet_distance(train.flat_pixels(), test.flat_pixels()),
         "near_copy_threshold": float(near_copy_threshold),
-        "real_test_median_nearest_train_distance": float(np.median(nearest_distances(test.flat_pixels(), train.flat_pixels()))),
-        "num_train": len(train), "num_test": len(test),
-    }  # fmt: skip
+        "real_test_median_nearest_train_distance": float(
+            np.median(nearest_distances(test.flat_pixels(), train.flat_pixels()))
+        ),
+        "num_train": len(train),
+        "num_test": len(test),
+    }
     print(json.dumps(reference, indent=2))
     tokenizer = tokenizer_metrics(pipeline, test, classifier)
     print(json.dumps({"tokenizer": tokenizer}, indent=2))
     floor_images, floor_labels = independent_tokens_baseline(pipeline, train, args.num_per_class, args.seed)
     floor = measure(pixels_from_images(floor_images), floor_labels, float("nan"), classifier, train, test, reference)
-    reference["independent_tokens_baseline"] = {key: floor[key] for key in
-                                                ("class_consistency", "fd_ratio", "near_copy_share")}  # fmt: skip
+    reference["independent_tokens_baseline"] = {
+        key: floor[key] for key in ("class_consistency", "fd_ratio", "near_copy_share")
+    }
     print(json.dumps({"independent_tokens_baseline": reference["independent_tokens_baseline"]}, indent=2))
     results = []
     for steps, guidance in settings_to_run(args, steps_default, guidance_default):
         images, labels, seconds = generate(pipeline, args.num_per_class, steps, guidance, args.seed, args.batch_size)
-        entry = {"steps": steps, "guidance_scale": guidance,
-                 **measure(pixels_from_images(images), labels, seconds, classifier, train, test, reference)}  # fmt: skip
+        entry = {
+            "steps": steps,
+            "guidance_scale": guidance,
+            **measure(pixels_from_images(images), labels, seconds, classifier, train, test, reference),
+        }
         results.append(entry)
         print(json.dumps(entry))
         if (steps, guidance) == (steps_default, guidance_default):
@@ -246,19 +271,29 @@ def main(args):
     targets = {
         "class_consistency_at_16_steps >= 0.95": at_16["class_consistency"] >= TARGETS["class_consistency"],
         "fd_ratio_at_16_steps <= 2.0": at_16["fd_ratio"] <= TARGETS["fd_ratio"],
-        "near_copy_share <= 0.05 (every setting)": all(r["near_copy_share"] <= TARGETS["near_copy_share"] for r in results),
+        "near_copy_share <= 0.05 (every setting)": all(
+            r["near_copy_share"] <= TARGETS["near_copy_share"] for r in results
+        ),
         "wall_time_s < 600": wall_time < TARGETS["wall_time_s"],
-    }  # fmt: skip
+    }
     report = {
         "model": args.model or "bundled (arpg_hf.load_bundled_pipeline)",
-        "num_per_class": args.num_per_class, "seed": args.seed, "threads": args.threads,
-        "recommended": {"steps": steps_default, "guidance_scale": guidance_default,
-                        "token_schedule": scheduler_config.get("token_schedule"),
-                        "guidance_schedule": scheduler_config.get("guidance_schedule")},
-        "reference": reference, "tokenizer": tokenizer, "results": results, "targets_met": targets,
-        "wall_time_s": wall_time, "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                              "torch": torch.__version__},
-    }  # fmt: skip
+        "num_per_class": args.num_per_class,
+        "seed": args.seed,
+        "threads": args.threads,
+        "recommended": {
+            "steps": steps_default,
+            "guidance_scale": guidance_default,
+            "token_schedule": scheduler_config.get("token_schedule"),
+            "guidance_schedule": scheduler_config.get("guidance_schedule"),
+        },
+        "reference": reference,
+        "tokenizer": tokenizer,
+        "results": results,
+        "targets_met": targets,
+        "wall_time_s": wall_time,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
+    }
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "quality_digits.json"), "w") as file:
         json.dump(report, file, indent=2)

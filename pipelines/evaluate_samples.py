@@ -60,8 +60,10 @@ def markdown_row(name: str, metrics: dict) -> str:
     def cell(key, digits):
         return f"{metrics[key]:.{digits}f}" if key in metrics else "-"
 
-    return (f"| {name} | {metrics['num_samples']} | {cell('fid', 2)} | {cell('inception_score', 1)} | "
-            f"{cell('precision', 3)} | {cell('recall', 3)} |")  # fmt: skip
+    return (
+        f"| {name} | {metrics['num_samples']} | {cell('fid', 2)} | {cell('inception_score', 1)} | "
+        f"{cell('precision', 3)} | {cell('recall', 3)} |"
+    )
 
 
 def main(args) -> dict:
@@ -74,19 +76,32 @@ def main(args) -> dict:
     statistics = (reference["mu"], reference["sigma"]) if "mu" in reference and "sigma" in reference else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate_images(
-        samples, reference.get("images"), statistics, feature_extractor=args.feature_extractor,
-        inception_weights=args.inception_weights, batch_size=args.batch_size, nearest_k=args.nearest_k,
-        split_size=args.split_size, device=device, progress=True,
-    )  # fmt: skip
+        samples,
+        reference.get("images"),
+        statistics,
+        feature_extractor=args.feature_extractor,
+        inception_weights=args.inception_weights,
+        batch_size=args.batch_size,
+        nearest_k=args.nearest_k,
+        split_size=args.split_size,
+        device=device,
+        progress=True,
+    )
     name = args.name or os.path.basename(os.path.normpath(args.samples))
     report = {
-        "metrics": metrics, "samples": os.path.abspath(args.samples), "reference": os.path.abspath(args.reference),
-        "feature_extractor": args.feature_extractor, "nearest_k": args.nearest_k, "split_size": args.split_size,
+        "metrics": metrics,
+        "samples": os.path.abspath(args.samples),
+        "reference": os.path.abspath(args.reference),
+        "feature_extractor": args.feature_extractor,
+        "nearest_k": args.nearest_k,
+        "split_size": args.split_size,
         "fid_reference": "reference mu/sigma" if statistics is not None else "reference images",
-        "sampling_settings": read_settings(args.samples), "markdown_row": markdown_row(name, metrics),
-    }  # fmt: skip
-    output = args.output or os.path.join(args.samples if os.path.isdir(args.samples) else os.path.dirname(
-        os.path.abspath(args.samples)), "metrics.json")  # fmt: skip
+        "sampling_settings": read_settings(args.samples),
+        "markdown_row": markdown_row(name, metrics),
+    }
+    output = args.output or os.path.join(
+        args.samples if os.path.isdir(args.samples) else os.path.dirname(os.path.abspath(args.samples)), "metrics.json"
+    )
     with open(output, "w", encoding="utf-8") as file:
         json.dump(report, file, indent=2)
     print(f"{MARKDOWN_HEADER}\n{report['markdown_row']}\n\nmetrics: {output}")

@@ -43,9 +43,12 @@ def parse_args(argv=None):
     parser.add_argument("--grid_height", type=int, default=None, help="Defaults to a square grid.")
     parser.add_argument("--grid_width", type=int, default=None)
     parser.add_argument("--resolution", type=int, default=None, help="Recorded in tokenizer_info.json.")
-    parser.add_argument("--class_names", type=str, default=None,
-                        help='"imagenet" (ImageNet-1k names) or a text file with one name per line; default: the '
-                        "folder names.")  # fmt: skip
+    parser.add_argument(
+        "--class_names",
+        type=str,
+        default=None,
+        help='"imagenet" (ImageNet-1k names) or a text file with one name per line; default: the folder names.',
+    )
     parser.add_argument("--shard_size", type=int, default=50000)
     args = parser.parse_args(argv)
     if args.shard_size < 1:
@@ -133,8 +136,12 @@ def main(args) -> None:
     height, width = grid_of(num_tokens, args.grid_height, args.grid_width)
     features = token_features(n_crops, num_tokens, names, codebook_size)
     num_shards = math.ceil(len(items) / args.shard_size)
-    check_shard_count(args.output_dir, num_shards, f"--shard_size {args.shard_size}",
-                      "repeat the original --npy_dir and --shard_size to resume that import")  # fmt: skip
+    check_shard_count(
+        args.output_dir,
+        num_shards,
+        f"--shard_size {args.shard_size}",
+        "repeat the original --npy_dir and --shard_size to resume that import",
+    )
     os.makedirs(os.path.join(args.output_dir, DATA_SUBDIR), exist_ok=True)
     remove_staging_leftovers(args.output_dir)
     progress = tqdm(total=len(items), desc="importing", unit="img")
@@ -147,12 +154,16 @@ def main(args) -> None:
         arrays = [read_codes(p) for p, _ in chunk]
         for (p, _), array in zip(chunk, arrays):
             if array.shape != (n_crops, num_tokens):
-                raise ValueError(f"{p}: codes of shape {array.shape}, but {items[0][0]} has {first.shape}; every file "
-                                 "needs the same number of crops and tokens.")  # fmt: skip
+                raise ValueError(
+                    f"{p}: codes of shape {array.shape}, but {items[0][0]} has {first.shape}; every file "
+                    "needs the same number of crops and tokens."
+                )
         codes = np.stack(arrays)  # (n, n_crops, L)
         if codes.min() < 0 or codes.max() >= codebook_size:
-            raise ValueError(f"Codes in [{codes.min()}, {codes.max()}] do not fit a {codebook_size}-code tokenizer; "
-                             "pass the right --codebook_size or --vqvae.")  # fmt: skip
+            raise ValueError(
+                f"Codes in [{codes.min()}, {codes.max()}] do not fit a {codebook_size}-code tokenizer; "
+                "pass the right --codebook_size or --vqvae."
+            )
         rows = datasets.Dataset.from_dict(
             {"codes": codes.astype(features["codes"].dtype), "label": [label for _, label in chunk]}, features=features
         )
@@ -160,11 +171,20 @@ def main(args) -> None:
         progress.update(len(chunk))
     progress.close()
     TokenDatasetInfo(
-        grid_height=height, grid_width=width, codebook_size=codebook_size, n_crops=n_crops, resolution=args.resolution,
-        class_names=features["label"].names, vqvae=args.vqvae, augmentation="imported", num_samples=len(items),
-    ).save(args.output_dir)  # fmt: skip
-    print(f"Imported {len(items)} images x {n_crops} crops ({height}x{width} tokens, {len(names)} classes) into "
-          f"{num_shards} shard(s) in {args.output_dir}")  # fmt: skip
+        grid_height=height,
+        grid_width=width,
+        codebook_size=codebook_size,
+        n_crops=n_crops,
+        resolution=args.resolution,
+        class_names=features["label"].names,
+        vqvae=args.vqvae,
+        augmentation="imported",
+        num_samples=len(items),
+    ).save(args.output_dir)
+    print(
+        f"Imported {len(items)} images x {n_crops} crops ({height}x{width} tokens, {len(names)} classes) into "
+        f"{num_shards} shard(s) in {args.output_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -67,15 +67,26 @@ def main(args):
     edit = pipe(source, mask, [args.class_b], generator=seeded(), paste_back=True, **common).images[0]
     side = 3 * cols // 2 * factor  # 1.5 times the width on each side: four times as wide in all
     canvas = make_outpaint_canvas(source, left=side, right=side)
-    outpaint = pipe(canvas.image, canvas.mask_image, [args.class_a], generator=seeded(), paste_back=True,
-                    **common).images[0]  # fmt: skip
+    outpaint = pipe(
+        canvas.image, canvas.mask_image, [args.class_a], generator=seeded(), paste_back=True, **common
+    ).images[0]
     expand = expand_resolution(pipe, source, [args.class_a], scale=2, generator=seeded(), **common).images[0]
     wide = {
-        mode: generate([args.class_a], width=2 * cols * factor, position_mode=mode, generator=seeded(), **common).images[0]
+        mode: generate(
+            [args.class_a], width=2 * cols * factor, position_mode=mode, generator=seeded(), **common
+        ).images[0]
         for mode in ("extrapolate", "interpolate")
     }
-    named = dict(source=source, mask=mask, inpaint=inpaint, edit=edit, outpaint=outpaint, expand=expand,
-                 wide_extrapolate=wide["extrapolate"], wide_interpolate=wide["interpolate"])  # fmt: skip
+    named = dict(
+        source=source,
+        mask=mask,
+        inpaint=inpaint,
+        edit=edit,
+        outpaint=outpaint,
+        expand=expand,
+        wide_extrapolate=wide["extrapolate"],
+        wide_interpolate=wide["interpolate"],
+    )
     for name, image in named.items():
         image.save(output / f"{name}.png")
     side_by_side([source, mask, inpaint, edit, expand]).save(output / "editing.png")

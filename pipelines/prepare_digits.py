@@ -13,7 +13,13 @@ import argparse
 import json
 import os
 
-from arpg_hf.digits import DEFAULT_SCALE, DEFAULT_SPLIT_SEED, DEFAULT_TEST_FRACTION, export_image_folder, load_digits_split
+from arpg_hf.digits import (
+    DEFAULT_SCALE,
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_FRACTION,
+    export_image_folder,
+    load_digits_split,
+)
 
 
 def parse_args(argv=None):
@@ -33,8 +39,13 @@ def main(args):
         if os.path.isdir(directory) and os.listdir(directory):
             raise SystemExit(f"{directory} is not empty; remove it or choose another --output_dir.")
         counts[name] = export_image_folder(split, directory, args.scale)
-    split_info = {"test_fraction": args.test_fraction, "seed": args.seed, "scale": args.scale,
-                  "train_rows": train.indices.tolist(), "test_rows": test.indices.tolist()}  # fmt: skip
+    split_info = {
+        "test_fraction": args.test_fraction,
+        "seed": args.seed,
+        "scale": args.scale,
+        "train_rows": train.indices.tolist(),
+        "test_rows": test.indices.tolist(),
+    }
     with open(os.path.join(args.output_dir, "split.json"), "w") as file:
         json.dump(split_info, file)
     print(json.dumps({"output_dir": args.output_dir, **counts}))

@@ -41,13 +41,24 @@ SEED_RULE = "image i: torch.Generator().manual_seed(SeedSequence([seed, i]).gene
 NPZ_FILE = "samples.npz"
 SAMPLES_SUBDIR = "samples"
 # Settings that change the images; a resumed run must repeat them exactly.
-IMAGE_SETTINGS = ("model", "classes", "num_samples_per_class", "num_samples", "seed", "seed_rule",
-                  "num_inference_steps", "guidance_scale", "scheduler", "temperature", "top_k", "top_p", "dtype",
-                  "image_size")  # fmt: skip
-# Temporary names of earlier versions of this script (visible names): removed like our hidden leftovers.
-LEGACY_TEMPORARY = re.compile(
-    r"^(\d{6,}\.png\.tmp\.png|samples\.npz\.tmp-\d+\.npz|sampling_settings\.json\.tmp-\d+)$"
+IMAGE_SETTINGS = (
+    "model",
+    "classes",
+    "num_samples_per_class",
+    "num_samples",
+    "seed",
+    "seed_rule",
+    "num_inference_steps",
+    "guidance_scale",
+    "scheduler",
+    "temperature",
+    "top_k",
+    "top_p",
+    "dtype",
+    "image_size",
 )
+# Temporary names of earlier versions of this script (visible names): removed like our hidden leftovers.
+LEGACY_TEMPORARY = re.compile(r"^(\d{6,}\.png\.tmp\.png|samples\.npz\.tmp-\d+\.npz|sampling_settings\.json\.tmp-\d+)$")
 LABEL_CHUNK = 1 << 16  # labels written to the .npz per chunk
 
 
@@ -122,22 +133,33 @@ def sampling_settings(args, pipe, world_size: int) -> dict:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ValueError(f"--class_ids {bad} are outside [0, {num_classes}) for this model.")
-    steps, guidance = pipe.default_sampling_settings(args.num_inference_steps, args.guidance_scale,
-                                                     pipe.transformer.config.num_image_tokens)  # fmt: skip
+    steps, guidance = pipe.default_sampling_settings(
+        args.num_inference_steps, args.guidance_scale, pipe.transformer.config.num_image_tokens
+    )
     factor = pipe.vqvae.downsample_factor
     config = pipe.transformer.config
     return {
-        "model": args.model or "bundled:digits-pipeline", "classes": classes,
-        "num_samples_per_class": args.num_samples_per_class, "num_samples": len(classes) * args.num_samples_per_class,
-        "seed": args.seed, "seed_rule": SEED_RULE,
-        "num_inference_steps": steps, "guidance_scale": guidance,
+        "model": args.model or "bundled:digits-pipeline",
+        "classes": classes,
+        "num_samples_per_class": args.num_samples_per_class,
+        "num_samples": len(classes) * args.num_samples_per_class,
+        "seed": args.seed,
+        "seed_rule": SEED_RULE,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
         "scheduler": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "dtype": args.dtype,
         "image_size": [config.grid_height * factor, config.grid_width * factor],
-        "class_names": [pipe.id2label[c] for c in classes], "batch_size": args.batch_size,
-        "num_processes": world_size, "arpg_hf_version": arpg_hf.__version__, "torch_version": torch.__version__,
+        "class_names": [pipe.id2label[c] for c in classes],
+        "batch_size": args.batch_size,
+        "num_processes": world_size,
+        "arpg_hf_version": arpg_hf.__version__,
+        "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
 
 
 def check_resume(output_dir: str, settings: dict) -> None:
@@ -230,10 +252,14 @@ def sample_indices(pipe, batches, settings: dict, progress) -> int:
         # CPU generators: the same draws whatever device the model runs on.
         generators = [torch.Generator().manual_seed(sample_seed(settings["seed"], i)) for i in batch]
         images = pipe(
-            [sample_class(classes, per_class, i) for i in batch], num_inference_steps=settings["num_inference_steps"],
-            guidance_scale=settings["guidance_scale"], generator=generators, temperature=settings["temperature"],
-            top_k=settings["top_k"], top_p=settings["top_p"],
-        ).images  # fmt: skip
+            [sample_class(classes, per_class, i) for i in batch],
+            num_inference_steps=settings["num_inference_steps"],
+            guidance_scale=settings["guidance_scale"],
+            generator=generators,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+        ).images
         for index, image in zip(batch, images):
             # A PNG that exists is complete: written to a hidden temporary sibling, then renamed.
             write_atomically(sample_path(output_dir, index), lambda temporary: image.save(temporary, format="PNG"))
@@ -261,11 +287,15 @@ def write_npz(output_dir: str, settings: dict) -> str:
             except FileNotFoundError:
                 raise ValueError(f"{path} is missing; rerun the same command to draw it.") from None
             except Exception as error:  # noqa: BLE001 - PIL raises many types on a damaged file
-                raise ValueError(f"{path} cannot be read ({error_reason(error)}); delete it and rerun the same command "
-                                 "to draw it again.") from None  # fmt: skip
+                raise ValueError(
+                    f"{path} cannot be read ({error_reason(error)}); delete it and rerun the same command "
+                    "to draw it again."
+                ) from None
             if array.shape != shape[1:]:
-                raise ValueError(f"{path} is {array.shape[1]}x{array.shape[0]} px, but the samples are {shape[2]}x"
-                                 f"{shape[1]}; delete it and rerun the same command to draw it again.")  # fmt: skip
+                raise ValueError(
+                    f"{path} is {array.shape[1]}x{array.shape[0]} px, but the samples are {shape[2]}x"
+                    f"{shape[1]}; delete it and rerun the same command to draw it again."
+                )
             yield array[None]
 
     def labels():
@@ -292,8 +322,11 @@ def main(args) -> dict:
     # The memory of one batch (the pipeline checks it on every call too): a --batch_size that does not fit is refused
     # before anything is created, with one line naming the estimate and the budget.
     config = pipe.transformer.config
-    pipe.check_memory(min(args.batch_size, settings["num_samples"]), (config.grid_height, config.grid_width),
-                      settings["num_inference_steps"])  # fmt: skip
+    pipe.check_memory(
+        min(args.batch_size, settings["num_samples"]),
+        (config.grid_height, config.grid_width),
+        settings["num_inference_steps"],
+    )
     # Everything is validated: only now is anything written.
     if accelerator.is_main_process:
         os.makedirs(os.path.join(args.output_dir, SAMPLES_SUBDIR), exist_ok=True)
@@ -301,8 +334,12 @@ def main(args) -> dict:
         write_json(os.path.join(args.output_dir, SETTINGS_FILE), settings)
     accelerator.wait_for_everyone()
     mine = range(accelerator.process_index, settings["num_samples"], accelerator.num_processes)
-    progress = tqdm(total=len(mine), desc=f"sampling (process {accelerator.process_index})", unit="img",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(
+        total=len(mine),
+        desc=f"sampling (process {accelerator.process_index})",
+        unit="img",
+        disable=not accelerator.is_local_main_process,
+    )
     try:
         batches = pending_batches(args.output_dir, mine, args.batch_size, progress)
         drawn = sample_indices(pipe, batches, {**settings, "output_dir": args.output_dir}, progress)

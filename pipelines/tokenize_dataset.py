@@ -58,30 +58,42 @@ def parse_args(argv=None):
     source.add_argument("--image_dir", type=str, default=None, help="Image folder, one sub-folder per class.")
     source.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or local dataset folder.")
     source.add_argument("--dataset_config_name", type=str, default=None)
-    source.add_argument("--data_files", type=str, nargs="+", default=None,
-                        help="Parquet/arrow files (with --dataset_name parquet or arrow).")  # fmt: skip
+    source.add_argument(
+        "--data_files",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Parquet/arrow files (with --dataset_name parquet or arrow).",
+    )
     source.add_argument("--split", type=str, default="train")
     source.add_argument("--image_column", type=str, default="image")
     source.add_argument("--label_column", type=str, default="label")
     source.add_argument("--max_samples", type=int, default=None, help="Tokenize only the first N images (debugging).")
     source.add_argument("--cache_dir", type=str, default=None)
-    parser.add_argument("--vqvae", type=str, default=None,
-                        help="Pipeline folder/id (its vqvae/ subfolder) or ARPGVQModel folder/id.")  # fmt: skip
+    parser.add_argument(
+        "--vqvae", type=str, default=None, help="Pipeline folder/id (its vqvae/ subfolder) or ARPGVQModel folder/id."
+    )
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--ten_crop", action="store_true", help="LlamaGen ten crop (5 crops, x2 with flips).")
     parser.add_argument("--no_flip", action="store_true", help="Do not add horizontally flipped views (evaluation).")
-    parser.add_argument("--crop_range", type=float, default=DEFAULT_CROP_RANGE,
-                        help="Ten crop: resize the short side to resolution x this.")  # fmt: skip
+    parser.add_argument(
+        "--crop_range",
+        type=float,
+        default=DEFAULT_CROP_RANGE,
+        help="Ten crop: resize the short side to resolution x this.",
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Images per encoder batch (x n_crops views).")
     parser.add_argument("--shard_size", type=int, default=10000, help="Images per output shard (unit of resumption).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Encoder dtype.")
     parser.add_argument("--verify", action="store_true", help="Decode stored codes of --output_dir to verify.png.")
     parser.add_argument("--num_verify", type=int, default=8, help="Rows decoded by --verify.")
-    parser.add_argument("--skip_bad_images", action="store_true",
-                        help=f"Leave out images that cannot be read (listed in OUTPUT_DIR/{SKIPPED_FILE}) instead of "
-                        "stopping.")  # fmt: skip
+    parser.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help=f"Leave out images that cannot be read (listed in OUTPUT_DIR/{SKIPPED_FILE}) instead of stopping.",
+    )
     args = parser.parse_args(argv)
     if not args.verify and (args.image_dir is None) == (args.dataset_name is None):
         parser.error("Pass exactly one of --image_dir or --dataset_name (or --verify to check an existing output).")
@@ -107,9 +119,12 @@ def load_image_dataset(args):
         dataset = datasets.load_from_disk(args.dataset_name)
     else:
         dataset = datasets.load_dataset(
-            args.dataset_name, args.dataset_config_name, data_files=args.data_files, split=args.split,
+            args.dataset_name,
+            args.dataset_config_name,
+            data_files=args.data_files,
+            split=args.split,
             cache_dir=args.cache_dir,
-        )  # fmt: skip
+        )
     if args.image_column not in dataset.column_names:
         raise ValueError(
             f"No image column {args.image_column!r} in the source; columns: {dataset.column_names}. Set --image_column."
@@ -198,12 +213,14 @@ def bad_image_message(record: dict, args) -> str:
 
 
 @torch.no_grad()
-def encode_shard(vqvae, images: AugmentedImages, args, progress, n_crops: int,
-                 num_tokens: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:  # fmt: skip
+def encode_shard(
+    vqvae, images: AugmentedImages, args, progress, n_crops: int, num_tokens: int
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Codes `(n, n_crops, tokens)` and labels `(n,)` of the readable images of one shard, and the records of the
     unreadable ones (row, path, reason). An unreadable image raises UnreadableImageError unless --skip_bad_images."""
-    loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
-                                         collate_fn=collate_views)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        images, batch_size=args.batch_size, num_workers=args.dataloader_num_workers, collate_fn=collate_views
+    )
     all_codes, all_labels, skipped = [np.zeros((0, n_crops, num_tokens), np.int64)], [np.zeros(0, np.int64)], []
     for views, labels, bad in loader:  # views: (b, n_crops, 3, R, R)
         if bad and not args.skip_bad_images:
@@ -270,8 +287,12 @@ def tokenize(args) -> None:
     n_crops, grid = num_views(args.ten_crop, flip), args.resolution // factor
     features = token_features(n_crops, grid * grid, names, vqvae.config.num_vq_embeddings)
     num_shards = math.ceil(len(dataset) / args.shard_size)
-    check_shard_count(args.output_dir, num_shards, f"--shard_size {args.shard_size}",
-                      "repeat the original source, --max_samples and --shard_size to resume that run")  # fmt: skip
+    check_shard_count(
+        args.output_dir,
+        num_shards,
+        f"--shard_size {args.shard_size}",
+        "repeat the original source, --max_samples and --shard_size to resume that run",
+    )
     # Everything is validated: only now is anything written.
     if accelerator.is_main_process:
         os.makedirs(os.path.join(args.output_dir, DATA_SUBDIR), exist_ok=True)
@@ -280,8 +301,12 @@ def tokenize(args) -> None:
     mine = range(accelerator.process_index, num_shards, accelerator.num_processes)
     todo = [s for s in mine if not os.path.isfile(shard_path(args.output_dir, s, num_shards))]
     total = sum(min(args.shard_size, len(dataset) - s * args.shard_size) for s in todo)
-    progress = tqdm(total=total, desc=f"tokenizing (process {accelerator.process_index})", unit="img",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(
+        total=total,
+        desc=f"tokenizing (process {accelerator.process_index})",
+        unit="img",
+        disable=not accelerator.is_local_main_process,
+    )
     try:
         for shard in todo:
             start, stop = shard * args.shard_size, min(len(dataset), (shard + 1) * args.shard_size)
@@ -318,16 +343,26 @@ def tokenize(args) -> None:
         source = os.path.abspath(args.vqvae) if os.path.isdir(args.vqvae) else args.vqvae
         num_samples = len(dataset) - len(skipped)
         info = TokenDatasetInfo(
-            grid_height=grid, grid_width=grid, codebook_size=vqvae.config.num_vq_embeddings, n_crops=n_crops,
-            resolution=args.resolution, class_names=features["label"].names, vqvae=source,
-            augmentation=augmentation_name(args.ten_crop, flip), num_samples=num_samples,
-        )  # fmt: skip
+            grid_height=grid,
+            grid_width=grid,
+            codebook_size=vqvae.config.num_vq_embeddings,
+            n_crops=n_crops,
+            resolution=args.resolution,
+            class_names=features["label"].names,
+            vqvae=source,
+            augmentation=augmentation_name(args.ten_crop, flip),
+            num_samples=num_samples,
+        )
         info.save(args.output_dir)
         if skipped:
-            print(f"Skipped {len(skipped)} unreadable image(s) of {len(dataset)}; they are listed in {skipped_path}.",
-                  file=sys.stderr)  # fmt: skip
-        print(f"Wrote {num_samples} images x {n_crops} views ({grid}x{grid} tokens, {len(names)} classes) in "
-              f"{num_shards} shard(s) to {args.output_dir}")  # fmt: skip
+            print(
+                f"Skipped {len(skipped)} unreadable image(s) of {len(dataset)}; they are listed in {skipped_path}.",
+                file=sys.stderr,
+            )
+        print(
+            f"Wrote {num_samples} images x {n_crops} views ({grid}x{grid} tokens, {len(names)} classes) in "
+            f"{num_shards} shard(s) to {args.output_dir}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ verify
@@ -358,8 +393,10 @@ def verify(args) -> str:
     write_atomically(path, lambda temporary: grid_image.save(temporary, format="PNG"))
     labels = np.asarray(rows["label"]).tolist()
     names = info.class_names if info and info.class_names else None
-    print(f"Decoded {len(labels)} rows (labels {labels}{' = ' + str([names[i] for i in labels]) if names else ''}) "
-          f"to {path}; codes in [{int(codes.min())}, {int(codes.max())}], {len(dataset)} rows in total.")  # fmt: skip
+    print(
+        f"Decoded {len(labels)} rows (labels {labels}{' = ' + str([names[i] for i in labels]) if names else ''}) "
+        f"to {path}; codes in [{int(codes.min())}, {int(codes.max())}], {len(dataset)} rows in total."
+    )
     return path
 
 

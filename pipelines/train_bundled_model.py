@@ -34,23 +34,53 @@ STAGES = ("prepare", "tokenizer", "tokenize", "train", "package", "benchmark")
 # and held-out NLL agree); vocabulary, grid and classes follow the tokenizer. Absolute position embeddings: with RoPE
 # alone the model cannot tell where on the 8x8 canvas a token lies (see ARPGConfig.absolute_position_embeddings).
 ARPG_CONFIG = dict(
-    vocab_size=32, num_classes=10, grid_height=8, grid_width=8, hidden_size=128, num_attention_heads=4,
-    num_self_attention_layers=4, num_cross_attention_layers=4, multiple_of=32, token_dropout=0.0,
-    residual_dropout=0.0, ffn_dropout=0.0, absolute_position_embeddings=True,
-)  # fmt: skip
+    vocab_size=32,
+    num_classes=10,
+    grid_height=8,
+    grid_width=8,
+    hidden_size=128,
+    num_attention_heads=4,
+    num_self_attention_layers=4,
+    num_cross_attention_layers=4,
+    multiple_of=32,
+    token_dropout=0.0,
+    residual_dropout=0.0,
+    ffn_dropout=0.0,
+    absolute_position_embeddings=True,
+)
 # Sampling settings written into the packaged scheduler config (chosen with the benchmark's guidance sweep).
-RECOMMENDED = dict(token_schedule="arccos", guidance_schedule="linear", recommended_guidance_scale=2.0,
-                   recommended_num_inference_steps=16)  # fmt: skip
-ACCELERATE = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]  # fmt: skip
+RECOMMENDED = dict(
+    token_schedule="arccos",
+    guidance_schedule="linear",
+    recommended_guidance_scale=2.0,
+    recommended_num_inference_steps=16,
+)
+ACCELERATE = [
+    "accelerate",
+    "launch",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work_dir", default="/tmp/digits-work")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES) + ["package"])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of every stage (1 is the robust choice on a busy shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of every stage (1 is the robust choice on a busy shared CPU)",
+    )
     parser.add_argument("--tokenizer_steps", type=int, default=600)
     parser.add_argument("--train_steps", type=int, default=4000)
     return parser.parse_args(argv)
@@ -58,7 +88,13 @@ def parse_args(argv=None):
 
 def run(command: list[str], threads: int, **env) -> None:
     print("+ " + " ".join(shlex.quote(part) for part in command), flush=True)
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", **env}
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "ACCELERATE_USE_CPU": "1",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
     subprocess.run(command, check=True, cwd=REPO, env=environment)
 
 
@@ -66,31 +102,127 @@ def stage_commands(args) -> dict[str, list[list[str]]]:
     work = args.work_dir
     return {
         "prepare": [[sys.executable, "pipelines/prepare_digits.py", "--output_dir", f"{work}/images"]],
-        "tokenizer": [ACCELERATE + [
-            "pipelines/train_tokenizer.py", "--image_dir", f"{work}/images/train",
-            "--eval_image_dir", f"{work}/images/test", "--output_dir", f"{work}/vq", "--resolution", "32",
-            "--base_channels", "16", "--channel_multipliers", "1", "1", "2", "--layers_per_block", "1",
-            "--z_channels", "32", "--codebook_size", "32", "--codebook_embed_dim", "8", "--norm_num_groups", "8", "--no_attention",
-            "--train_batch_size", "32", "--max_train_steps", str(args.tokenizer_steps), "--learning_rate", "1.5e-3",
-            "--checkpointing_steps", "250", "--logging_steps", "50", "--dead_code_window", "100", "--seed", "0",
-            "--resume_from_checkpoint", "latest",
-        ]],  # fmt: skip
-        "tokenize": [[
-            sys.executable, "pipelines/tokenize_dataset.py", "--image_dir", f"{work}/images/train",
-            "--vqvae", f"{work}/vq", "--output_dir", f"{work}/tokens", "--resolution", "32", "--no_flip",
-        ]],  # fmt: skip
-        "train": [ACCELERATE + [
-            "train.py", "--train_data_dir", f"{work}/tokens", "--model_config", f"{work}/arpg_config.json",
-            "--vqvae", f"{work}/vq", "--output_dir", f"{work}/arpg", "--train_batch_size", "32",
-            "--max_train_steps", str(args.train_steps), "--learning_rate", "1e-3", "--lr_scheduler", "cosine",
-            "--lr_warmup_steps", "200", "--adam_weight_decay", "0.05", "--use_ema", "--ema_decay", "0.998",
-            "--checkpointing_steps", "500", "--checkpoints_total_limit", "2", "--logging_steps", "50",
-            "--seed", "0", "--mixed_precision", "no", "--resume_from_checkpoint", "latest",
-        ]],  # fmt: skip
-        "benchmark": [[
-            sys.executable, "benchmarks/quality_digits.py", "--model", PACKAGE_DIR, "--output_dir", f"{work}/benchmark",
-            "--grid", GRID_PATH, "--guidance_scales", "1.0", "1.5", "3.0", "4.0", "6.0",
-        ]],  # fmt: skip
+        "tokenizer": [
+            ACCELERATE
+            + [
+                "pipelines/train_tokenizer.py",
+                "--image_dir",
+                f"{work}/images/train",
+                "--eval_image_dir",
+                f"{work}/images/test",
+                "--output_dir",
+                f"{work}/vq",
+                "--resolution",
+                "32",
+                "--base_channels",
+                "16",
+                "--channel_multipliers",
+                "1",
+                "1",
+                "2",
+                "--layers_per_block",
+                "1",
+                "--z_channels",
+                "32",
+                "--codebook_size",
+                "32",
+                "--codebook_embed_dim",
+                "8",
+                "--norm_num_groups",
+                "8",
+                "--no_attention",
+                "--train_batch_size",
+                "32",
+                "--max_train_steps",
+                str(args.tokenizer_steps),
+                "--learning_rate",
+                "1.5e-3",
+                "--checkpointing_steps",
+                "250",
+                "--logging_steps",
+                "50",
+                "--dead_code_window",
+                "100",
+                "--seed",
+                "0",
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        ],
+        "tokenize": [
+            [
+                sys.executable,
+                "pipelines/tokenize_dataset.py",
+                "--image_dir",
+                f"{work}/images/train",
+                "--vqvae",
+                f"{work}/vq",
+                "--output_dir",
+                f"{work}/tokens",
+                "--resolution",
+                "32",
+                "--no_flip",
+            ]
+        ],
+        "train": [
+            ACCELERATE
+            + [
+                "train.py",
+                "--train_data_dir",
+                f"{work}/tokens",
+                "--model_config",
+                f"{work}/arpg_config.json",
+                "--vqvae",
+                f"{work}/vq",
+                "--output_dir",
+                f"{work}/arpg",
+                "--train_batch_size",
+                "32",
+                "--max_train_steps",
+                str(args.train_steps),
+                "--learning_rate",
+                "1e-3",
+                "--lr_scheduler",
+                "cosine",
+                "--lr_warmup_steps",
+                "200",
+                "--adam_weight_decay",
+                "0.05",
+                "--use_ema",
+                "--ema_decay",
+                "0.998",
+                "--checkpointing_steps",
+                "500",
+                "--checkpoints_total_limit",
+                "2",
+                "--logging_steps",
+                "50",
+                "--seed",
+                "0",
+                "--mixed_precision",
+                "no",
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        ],
+        "benchmark": [
+            [
+                sys.executable,
+                "benchmarks/quality_digits.py",
+                "--model",
+                PACKAGE_DIR,
+                "--output_dir",
+                f"{work}/benchmark",
+                "--grid",
+                GRID_PATH,
+                "--guidance_scales",
+                "1.0",
+                "1.5",
+                "3.0",
+                "4.0",
+                "6.0",
+            ]
+        ],
     }
 
 
@@ -109,10 +241,15 @@ def package(args) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
     card = create_model_card(
-        pipeline.transformer.config, dict(pipeline.scheduler.config), model_name="ARPG digits (bundled with arpg-hf)",
-        datasets=["sklearn digits"], training=training_summary(args.work_dir), results=[],
-        num_parameters=pipeline.transformer.num_parameters(), tags=["digits"],
-    )  # fmt: skip
+        pipeline.transformer.config,
+        dict(pipeline.scheduler.config),
+        model_name="ARPG digits (bundled with arpg-hf)",
+        datasets=["sklearn digits"],
+        training=training_summary(args.work_dir),
+        results=[],
+        num_parameters=pipeline.transformer.num_parameters(),
+        tags=["digits"],
+    )
     card.content = card.content.replace("## Usage", benchmark_section(args.work_dir) + "## Usage", 1)
     card.save(os.path.join(staging, "README.md"))
     shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
@@ -122,15 +259,19 @@ def package(args) -> None:
 
 
 def training_summary(work: str) -> dict:
-    summary = {"data": "sklearn digits, fixed stratified split (seed 0): 1,438 train images (test images unseen)",
-               "recipe": "`python pipelines/train_bundled_model.py` (arpg-hf)"}  # fmt: skip
+    summary = {
+        "data": "sklearn digits, fixed stratified split (seed 0): 1,438 train images (test images unseen)",
+        "recipe": "`python pipelines/train_bundled_model.py` (arpg-hf)",
+    }
     vq_summary = os.path.join(work, "vq", "training_summary.json")
     if os.path.isfile(vq_summary):
         with open(vq_summary) as file:
             vq = json.load(file)
         held_out = vq.get("eval", vq["train"])
-        summary["tokenizer"] = (f"ARPGVQModel 32x32 -> 8x8 tokens, 32 codes; test PSNR {held_out['psnr']:.1f} dB, "
-                                f"{held_out['codes_used']} codes used")  # fmt: skip
+        summary["tokenizer"] = (
+            f"ARPGVQModel 32x32 -> 8x8 tokens, 32 codes; test PSNR {held_out['psnr']:.1f} dB, "
+            f"{held_out['codes_used']} codes used"
+        )
     card_path = os.path.join(work, "arpg", "README.md")
     if os.path.isfile(card_path):
         for line in open(card_path, encoding="utf-8"):
@@ -148,11 +289,15 @@ def benchmark_section(work: str) -> str:
     with open(path) as file:
         report = json.load(file)
     reference, tokenizer = report["reference"], report["tokenizer"]
-    lines = ["| steps | guidance | class consistency | FD ratio | near-copies | images/s (CPU) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| steps | guidance | class consistency | FD ratio | near-copies | images/s (CPU) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['steps']} | {r['guidance_scale']:g} | {100 * r['class_consistency']:.1f} % | "
-                     f"{r['fd_ratio']:.2f} | {100 * r['near_copy_share']:.1f} % | {r['images_per_second']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['steps']} | {r['guidance_scale']:g} | {100 * r['class_consistency']:.1f} % | "
+            f"{r['fd_ratio']:.2f} | {100 * r['near_copy_share']:.1f} % | {r['images_per_second']:.0f} |"
+        )
     return (
         "## Quality\n\n"
         f"Measured with `python benchmarks/quality_digits.py` ({report['num_per_class']} samples per digit, seeds fixed) "
@@ -162,12 +307,18 @@ def benchmark_section(work: str) -> str:
         "between samples and the test split, divided by that between the train and test splits; near-copies: "
         "samples closer to a training image than any two distinct real images are to each other. Tokenizer: test "
         f"PSNR {tokenizer['psnr_db']:.1f} dB, judge accuracy on reconstructions "
-        f"{100 * tokenizer['classifier_accuracy_on_reconstructions']:.1f} %.\n\n" + "\n".join(lines) + "\n\n"
-        + ("" if all(report["targets_met"].values()) else
-           "Not all quality targets of the project are met yet (" + ", ".join(
-               name for name, met in report["targets_met"].items() if not met) + "): a small model trained for "
-           "minutes on a shared CPU; most samples are recognisable, but their pixel statistics are still far from "
-           "real digits.\n\n")
+        f"{100 * tokenizer['classifier_accuracy_on_reconstructions']:.1f} %.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + (
+            ""
+            if all(report["targets_met"].values())
+            else "Not all quality targets of the project are met yet ("
+            + ", ".join(name for name, met in report["targets_met"].items() if not met)
+            + "): a small model trained for "
+            "minutes on a shared CPU; most samples are recognisable, but their pixel statistics are still far from "
+            "real digits.\n\n"
+        )
     )
 
 

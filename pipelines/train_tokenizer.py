@@ -62,8 +62,11 @@ def parse_args(argv=None):
     model.add_argument("--codebook_size", type=int, default=128)
     model.add_argument("--codebook_embed_dim", type=int, default=8)
     model.add_argument("--norm_num_groups", type=int, default=8)
-    model.add_argument("--no_attention", action="store_true",
-                       help="A purely convolutional tokenizer (no self-attention): local codes, an easier prior.")
+    model.add_argument(
+        "--no_attention",
+        action="store_true",
+        help="A purely convolutional tokenizer (no self-attention): local codes, an easier prior.",
+    )
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--train_batch_size", type=int, default=64)
     optim.add_argument("--max_train_steps", type=int, default=1500)
@@ -73,8 +76,15 @@ def parse_args(argv=None):
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--commitment_beta", type=float, default=DEFAULT_COMMITMENT_BETA)
     optim.add_argument("--reconstruction_loss", choices=RECONSTRUCTION_LOSSES, default="mse")
-    optim.add_argument("--dead_code_window", type=int, default=100, help="Restart codes unused for this many steps (0: never).")
-    optim.add_argument("--dead_code_restart_until", type=float, default=0.8, help="Fraction of training after which no restarts happen.")
+    optim.add_argument(
+        "--dead_code_window", type=int, default=100, help="Restart codes unused for this many steps (0: never)."
+    )
+    optim.add_argument(
+        "--dead_code_restart_until",
+        type=float,
+        default=0.8,
+        help="Fraction of training after which no restarts happen.",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", required=True)
     run.add_argument("--seed", type=int, default=0)
@@ -113,12 +123,18 @@ def load_images(directory: str, resolution: int) -> torch.Tensor:
 def build_model(args) -> ARPGVQModel:
     if args.vq_config:
         return ARPGVQModel.from_config(ARPGVQModel.load_config(args.vq_config))
-    return ARPGVQModel(**llamagen_vq_config(
-        base_channels=args.base_channels, channel_multipliers=tuple(args.channel_multipliers),
-        layers_per_block=args.layers_per_block, z_channels=args.z_channels, codebook_size=args.codebook_size,
-        codebook_embed_dim=args.codebook_embed_dim, norm_num_groups=args.norm_num_groups,
-        attention=not args.no_attention,
-    ))  # fmt: skip
+    return ARPGVQModel(
+        **llamagen_vq_config(
+            base_channels=args.base_channels,
+            channel_multipliers=tuple(args.channel_multipliers),
+            layers_per_block=args.layers_per_block,
+            z_channels=args.z_channels,
+            codebook_size=args.codebook_size,
+            codebook_embed_dim=args.codebook_embed_dim,
+            norm_num_groups=args.norm_num_groups,
+            attention=not args.no_attention,
+        )
+    )
 
 
 def batch_rows(step: int, num_images: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -161,7 +177,11 @@ def resume_step(accelerator, args) -> int:
         return 0
     path = args.resume_from_checkpoint
     if path == "latest":
-        names = [n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-")] if os.path.isdir(args.output_dir) else []
+        names = (
+            [n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-")]
+            if os.path.isdir(args.output_dir)
+            else []
+        )
         if not names:
             logger.info("No checkpoint to resume from; starting a new run.")
             return 0
@@ -187,8 +207,11 @@ def evaluate(vq: ARPGVQModel, images: torch.Tensor, batch_size: int = 256) -> di
         values.append(psnr(vq.decode(encoded.latents).sample, batch).cpu())
         counts += codebook_usage(encoded.indices.cpu(), vq.config.num_vq_embeddings)
     vq.train()
-    return {"psnr": float(torch.cat(values).mean()), "codes_used": int((counts > 0).sum()),
-            "perplexity": codebook_perplexity(counts)}  # fmt: skip
+    return {
+        "psnr": float(torch.cat(values).mean()),
+        "codes_used": int((counts > 0).sum()),
+        "perplexity": codebook_perplexity(counts),
+    }
 
 
 def train_step(accelerator, vq, optimizer, images, args, usage) -> dict:
@@ -199,22 +222,32 @@ def train_step(accelerator, vq, optimizer, images, args, usage) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     usage += codebook_usage(out.indices.detach().cpu(), usage.numel())
-    return {"loss": out.loss.item(), "rec": out.reconstruction_loss.item(), "codebook": out.codebook_loss.item(),
-            "commit": out.commitment_loss.item(), "latents": out.latents}  # fmt: skip
+    return {
+        "loss": out.loss.item(),
+        "rec": out.reconstruction_loss.item(),
+        "codebook": out.codebook_loss.item(),
+        "commit": out.commitment_loss.item(),
+        "latents": out.latents,
+    }
 
 
 def main(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              project_config=ProjectConfiguration(project_dir=args.output_dir))  # fmt: skip
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, project_config=ProjectConfiguration(project_dir=args.output_dir)
+    )
     set_seed(args.seed)
     images = load_images(args.image_dir, args.resolution)
     logger.info(f"{len(images)} training images of {args.resolution}x{args.resolution} from {args.image_dir}")
     vq = build_model(args)
     register_codebook_normalization(vq)  # free rows for the optimizer, seen normalised by the model
     vq.train()
-    logger.info(f"ARPGVQModel with {sum(p.numel() for p in vq.parameters()):,} parameters, downsample {vq.downsample_factor}")
-    optimizer = torch.optim.AdamW(vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.adam_weight_decay)
+    logger.info(
+        f"ARPGVQModel with {sum(p.numel() for p in vq.parameters()):,} parameters, downsample {vq.downsample_factor}"
+    )
+    optimizer = torch.optim.AdamW(
+        vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.adam_weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.lr_warmup_steps, args.max_train_steps)
     )
@@ -225,9 +258,13 @@ def main(args):
     if start == 0:  # data-dependent codebook initialisation from the first batch's latents
         with torch.no_grad():
             first = images[batch_rows(0, len(images), args.train_batch_size, args.seed)].to(accelerator.device)
-            init_codebook_from_latents(model, normalized_latents(model, model.quant_conv(model.encoder(first))), generator)
+            init_codebook_from_latents(
+                model, normalized_latents(model, model.quant_conv(model.encoder(first))), generator
+            )
     usage = torch.zeros(model.config.num_vq_embeddings, dtype=torch.long)
-    progress = tqdm(range(args.max_train_steps), initial=start, desc="steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        range(args.max_train_steps), initial=start, desc="steps", disable=not accelerator.is_local_main_process
+    )
     window, window_start, history = [], time.perf_counter(), []
     for step in range(start, args.max_train_steps):
         batch = images[batch_rows(step, len(images), args.train_batch_size, args.seed)].to(accelerator.device)
@@ -241,9 +278,15 @@ def main(args):
             usage.zero_()
         progress.update(1)
         if (step + 1) % args.logging_steps == 0 or step in (start, args.max_train_steps - 1):
-            entry = {"step": step + 1, "loss": sum(window) / len(window), "rec": metrics["rec"],
-                     "codebook": metrics["codebook"], "commit": metrics["commit"], "lr": scheduler.get_last_lr()[0],
-                     "images_per_second": len(window) * args.train_batch_size / (time.perf_counter() - window_start)}  # fmt: skip
+            entry = {
+                "step": step + 1,
+                "loss": sum(window) / len(window),
+                "rec": metrics["rec"],
+                "codebook": metrics["codebook"],
+                "commit": metrics["commit"],
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_second": len(window) * args.train_batch_size / (time.perf_counter() - window_start),
+            }
             entry.update({k: metrics[k] for k in ("codes_used", "restarted") if k in metrics})
             history.append(entry)
             progress.set_postfix(loss=f"{entry['loss']:.4f}")
@@ -261,7 +304,10 @@ def main(args):
             summary["eval"] = evaluate(model, load_images(args.eval_image_dir, args.resolution))
         with open(os.path.join(args.output_dir, "training_summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
-        logger.info(f"Saved the tokenizer to {args.output_dir}: " + json.dumps({k: v for k, v in summary.items() if k != "history"}))
+        logger.info(
+            f"Saved the tokenizer to {args.output_dir}: "
+            + json.dumps({k: v for k, v in summary.items() if k != "history"})
+        )
 
 
 if __name__ == "__main__":

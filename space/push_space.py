@@ -27,8 +27,9 @@ def build_space_folder(output_dir: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     for name in SPACE_FILES:
         shutil.copy2(os.path.join(SPACE_DIR, name), os.path.join(output_dir, name))
-    shutil.copytree(PACKAGE_DIR, os.path.join(output_dir, "arpg_hf"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+    shutil.copytree(
+        PACKAGE_DIR, os.path.join(output_dir, "arpg_hf"), ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     return output_dir
 
 

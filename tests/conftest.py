@@ -49,10 +49,20 @@ def tiny_config(**overrides):
     from arpg_hf import ARPGConfig
 
     fields = dict(
-        vocab_size=32, num_classes=5, grid_height=4, grid_width=4, hidden_size=32, num_attention_heads=2,
-        num_self_attention_layers=2, num_cross_attention_layers=2, multiple_of=16, token_dropout=0.0,
-        residual_dropout=0.0, ffn_dropout=0.0, class_dropout_prob=0.0,
-    )  # fmt: skip
+        vocab_size=32,
+        num_classes=5,
+        grid_height=4,
+        grid_width=4,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_self_attention_layers=2,
+        num_cross_attention_layers=2,
+        multiple_of=16,
+        token_dropout=0.0,
+        residual_dropout=0.0,
+        ffn_dropout=0.0,
+        class_dropout_prob=0.0,
+    )
     fields.update(overrides)
     return ARPGConfig(**fields)
 
@@ -79,8 +89,9 @@ def get_dummy_vq(seed: int | None = None, **sizes):
     return ARPGVQModel(**llamagen_vq_config(**{**TINY_VQ_SIZES, **sizes})).eval()
 
 
-def get_dummy_components(seed: int = 0, vq_sizes: dict | None = None, scheduler_config: dict | None = None,
-                         **config_overrides) -> dict:
+def get_dummy_components(
+    seed: int = 0, vq_sizes: dict | None = None, scheduler_config: dict | None = None, **config_overrides
+) -> dict:
     """The components of a tiny pipeline, as diffusers' pipeline tests build them: `get_dummy_transformer(seed,
     **config_overrides)`, `get_dummy_vq(**vq_sizes)` and `ARPGScheduler(**scheduler_config)`. The global generator is
     seeded with 0 before the transformer is built (which draws from it too), so the VQ model's default initialisation

@@ -96,8 +96,9 @@ def half_written_files(folder: Path) -> list[str]:
 
 def kill_after(command: list[str], delay: float, env=None, cwd=None, timeout: float = 600) -> bool:
     """Runs `command` and SIGKILLs its process group after `delay` seconds; returns whether it was still running."""
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         process.wait(timeout=delay)
         return False
@@ -107,8 +108,17 @@ def kill_after(command: list[str], delay: float, env=None, cwd=None, timeout: fl
         return True
 
 
-def random_kills(command: list[str], folder: Path, runs: int, max_delay: float, seed: int = 0, env=None,
-                 cwd=None, count_outputs=None, check=None) -> KillReport:  # fmt: skip
+def random_kills(
+    command: list[str],
+    folder: Path,
+    runs: int,
+    max_delay: float,
+    seed: int = 0,
+    env=None,
+    cwd=None,
+    count_outputs=None,
+    check=None,
+) -> KillReport:
     """Kills `runs` runs of `command` at uniformly random times in [0, `max_delay`] s (the same folder every time, as
     a user rerunning a job would), checking `folder` after each.
 

@@ -15,8 +15,11 @@ def first_query_logits(model, position_ids, grid_size=None):
     class_id = model.class_token_ids(torch.tensor([2]))[:, None]
     with torch.no_grad():
         return model(
-            class_id, input_position_ids=torch.full((1, 1), CLASS_POSITION),
-            query_position_ids=torch.tensor([position_ids]), past_key_values=cache, grid_size=grid_size,
+            class_id,
+            input_position_ids=torch.full((1, 1), CLASS_POSITION),
+            query_position_ids=torch.tensor([position_ids]),
+            past_key_values=cache,
+            grid_size=grid_size,
         ).logits[0]  # (M, V)
 
 
@@ -94,12 +97,14 @@ def test_interpolate_samples_the_table_bilinearly(positional_model):
     # A 8x8 canvas scales (row, col) by 1/2: even cells land on trained cells, odd ones halfway between them.
     positions = torch.tensor([[2 * 8 + 4, 3 * 8 + 4, 3 * 8 + 5, 7 * 8 + 7]])
     embedding = embed(positional_model, positions, (8, 8), "interpolate")[0]
-    expected = torch.stack([
-        table[1, 2],
-        (table[1, 2] + table[2, 2]) / 2,  # (1.5, 2)
-        (table[1, 2] + table[1, 3] + table[2, 2] + table[2, 3]) / 4,  # (1.5, 2.5)
-        table[3, 3],  # (3.5, 3.5) lies beyond the last trained cell: clamped to it
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            table[1, 2],
+            (table[1, 2] + table[2, 2]) / 2,  # (1.5, 2)
+            (table[1, 2] + table[1, 3] + table[2, 2] + table[2, 3]) / 4,  # (1.5, 2.5)
+            table[3, 3],  # (3.5, 3.5) lies beyond the last trained cell: clamped to it
+        ]
+    )
     torch.testing.assert_close(embedding, expected, atol=1e-6, rtol=0)
 
 

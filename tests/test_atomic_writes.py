@@ -76,17 +76,37 @@ def test_killed_saves_never_leave_a_mixed_or_half_written_folder(tmp_path):
     assert report.kills == runs and report.half_written == []  # the loop never ends: every run is killed
     first = ARPGPipeline.from_pretrained(FIXTURE_DIR)
     loaded = ARPGPipeline.from_pretrained(folder)  # the last complete save, of either pipeline
-    offsets = {torch.round(loaded.transformer.lm_head.weight - first.transformer.lm_head.weight).unique().item(),
-               torch.round(loaded.vqvae.encoder.conv_in.weight - first.vqvae.encoder.conv_in.weight).unique().item()}
+    offsets = {
+        torch.round(loaded.transformer.lm_head.weight - first.transformer.lm_head.weight).unique().item(),
+        torch.round(loaded.vqvae.encoder.conv_in.weight - first.vqvae.encoder.conv_in.weight).unique().item(),
+    }
     assert offsets in ({0.0}, {1.0})  # both components from one save
 
 
 @pytest.mark.slow
 def test_killed_generate_runs_never_leave_a_half_written_png(tmp_path):
     out = tmp_path / "samples"
-    command = [sys.executable, "-m", "arpg_hf.cli", "generate", "--class-labels", "0", "1", "2", "3", "4",
-               "--num-images-per-class", "4", "--batch-size", "2", "--num-inference-steps", "4", "--output-dir",
-               str(out), "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "arpg_hf.cli",
+        "generate",
+        "--class-labels",
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+        "--num-images-per-class",
+        "4",
+        "--batch-size",
+        "2",
+        "--num-inference-steps",
+        "4",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
     start = time.perf_counter()
     assert subprocess.run(command, env=ENV, capture_output=True, timeout=120).returncode == 0
     duration = time.perf_counter() - start  # of an uninterrupted run: the kills land before its end

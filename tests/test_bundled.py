@@ -23,9 +23,15 @@ def pipe():
 def test_the_committed_folder_is_complete_and_small():
     folder = bundled_pipeline_path()
     names = {os.path.relpath(os.path.join(root, name), folder) for root, _, files in os.walk(folder) for name in files}
-    assert {"model_index.json", "README.md", "scheduler/scheduler_config.json", "transformer/config.json",
-            "transformer/model.safetensors", "vqvae/config.json",
-            "vqvae/diffusion_pytorch_model.safetensors"} <= names  # fmt: skip
+    assert {
+        "model_index.json",
+        "README.md",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/model.safetensors",
+        "vqvae/config.json",
+        "vqvae/diffusion_pytorch_model.safetensors",
+    } <= names
     assert sum(os.path.getsize(os.path.join(folder, name)) for name in names) <= MAX_FOLDER_BYTES
     card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     assert "sklearn digits" in card and "## Quality" in card
@@ -50,8 +56,10 @@ def test_the_bundled_folder_loads_generically(pipe):
     generic = DiffusionPipeline.from_pretrained(bundled_pipeline_path(), trust_remote_code=True)
     generic.set_progress_bar_config(disable=True)
     assert type(generic) is ARPGPipeline
-    tokens = [p([3, 8], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
-              for p in (pipe, generic)]  # fmt: skip
+    tokens = [
+        p([3, 8], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
+        for p in (pipe, generic)
+    ]
     assert torch.equal(*tokens)
     stock = VQModel.from_pretrained(bundled_pipeline_path(), subfolder="vqvae")
     with torch.no_grad():
@@ -79,8 +87,9 @@ def test_generation_is_deterministic_and_batch_independent(pipe):
 
 def test_greedy_tokens_in_raster_order_are_pinned(pipe):
     """Guards the saved weights and the decoding math: greedy decoding in raster order is fully determined."""
-    tokens = pipe([0, 7], num_inference_steps=64, guidance_scale=2.0, orders=torch.arange(64), top_k=1,
-                  output_type="latent").images  # fmt: skip
+    tokens = pipe(
+        [0, 7], num_inference_steps=64, guidance_scale=2.0, orders=torch.arange(64), top_k=1, output_type="latent"
+    ).images
     assert tokens.shape == (2, 64)
     assert tokens[:, :16].tolist() == PINNED_GREEDY_TOKENS
 
@@ -98,16 +107,34 @@ def test_samples_are_recognisable_digits(pipe):
     classifier = SVC(C=10.0, gamma="scale").fit(train.flat_pixels() / 16, train.labels)
     labels = [digit for digit in range(10) for _ in range(2)]
     generators = [torch.Generator().manual_seed(100 + i) for i in range(len(labels))]
-    images = pipe(labels, num_inference_steps=16, guidance_scale=pipe.scheduler.config.recommended_guidance_scale,
-                  generator=generators, output_type="np").images  # fmt: skip
+    images = pipe(
+        labels,
+        num_inference_steps=16,
+        guidance_scale=pipe.scheduler.config.recommended_guidance_scale,
+        generator=generators,
+        output_type="np",
+    ).images
     predictions = classifier.predict(pixels_from_images(images).reshape(len(labels), -1) / 16)
     assert (predictions == np.array(labels)).mean() >= 0.9
 
 
 def test_cli_generate_without_model_uses_the_bundled_pipeline(tmp_path, capsys):
     digits = [str(d) for d in range(10)]
-    argv = ["generate", "--class-labels", *digits, "--num-inference-steps", "4", "--seed", "0", "--output-dir",
-            str(tmp_path), "--grid", "--grid-columns", "5", "--quiet"]  # fmt: skip
+    argv = [
+        "generate",
+        "--class-labels",
+        *digits,
+        "--num-inference-steps",
+        "4",
+        "--seed",
+        "0",
+        "--output-dir",
+        str(tmp_path),
+        "--grid",
+        "--grid-columns",
+        "5",
+        "--quiet",
+    ]
     assert main(argv) == 0
     files = sorted(os.listdir(tmp_path))
     assert files == sorted([f"{d:03d}_{d}_{d}.png" for d in range(10)] + ["grid.png"])
@@ -115,8 +142,21 @@ def test_cli_generate_without_model_uses_the_bundled_pipeline(tmp_path, capsys):
         assert image.size == (32, 32) and image.mode == "RGB"
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (5 * 32, 2 * 32)
-    assert main(["generate", "--class-names", "4", "--num-inference-steps", "2", "--output-dir",
-                 str(tmp_path / "named"), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--class-names",
+                "4",
+                "--num-inference-steps",
+                "2",
+                "--output-dir",
+                str(tmp_path / "named"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert os.listdir(tmp_path / "named") == ["000_4_4.png"]
 
 

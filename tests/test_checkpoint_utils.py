@@ -45,14 +45,17 @@ def test_unsafe_truncated_and_missing_files_give_one_clear_error(tmp_path):
 
 def test_key_map_reports_every_problem_at_once():
     rules = [KeyRule("blocks.{}.w", "layers.{}.weight", transform=lambda t: t * 2), KeyRule("head", "lm_head.weight")]
-    converted = convert_state_dict({"blocks.0.w": torch.ones(1), "head": torch.ones(1)}, rules,
-                                   ["layers.0.weight", "lm_head.weight"])  # fmt: skip
+    converted = convert_state_dict(
+        {"blocks.0.w": torch.ones(1), "head": torch.ones(1)}, rules, ["layers.0.weight", "lm_head.weight"]
+    )
     assert converted["layers.0.weight"].item() == 2
     with pytest.raises(ValueError) as error:
         convert_state_dict(
-            {"blocks.0.w": torch.ones(1), "stray": torch.ones(1), "skip": torch.ones(1)}, rules,
-            ["layers.0.weight", "layers.1.weight", "lm_head.weight"], ignored_source_keys=["skip"],
-        )  # fmt: skip
+            {"blocks.0.w": torch.ones(1), "stray": torch.ones(1), "skip": torch.ones(1)},
+            rules,
+            ["layers.0.weight", "layers.1.weight", "lm_head.weight"],
+            ignored_source_keys=["skip"],
+        )
     message = str(error.value)
     assert "stray" in message and "layers.1.weight" in message and "lm_head.weight" in message
     assert "skip" not in message

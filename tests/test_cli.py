@@ -30,8 +30,24 @@ def digest(path):
 
 
 def generate(model_dir, output_dir, *extra):
-    return main(["generate", "--model", str(model_dir), "--class-labels", "1", "2", "--num-inference-steps", "8",
-                 "--seed", "0", "--output-dir", str(output_dir), "--quiet", *extra])  # fmt: skip
+    return main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--class-labels",
+            "1",
+            "2",
+            "--num-inference-steps",
+            "8",
+            "--seed",
+            "0",
+            "--output-dir",
+            str(output_dir),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +118,26 @@ def test_console_script_runs_and_seed_matters(first_run, model_dir, tmp_path):
     executable = shutil.which("arpg-hf")
     command = [executable] if executable else [sys.executable, "-m", "arpg_hf"]
     result = subprocess.run(
-        [*command, "generate", "--model", str(model_dir), "--class-labels", "1", "--num-inference-steps", "8",
-         "--seed", "1", "--output-dir", str(tmp_path), "--quiet"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            *command,
+            "generate",
+            "--model",
+            str(model_dir),
+            "--class-labels",
+            "1",
+            "--num-inference-steps",
+            "8",
+            "--seed",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(tmp_path / "000_1_1.png")]
     assert digest(tmp_path / "000_1_1.png") != digest(first_run / "000_1_1.png")  # seed 1 vs seed 0
@@ -118,8 +150,20 @@ def test_cpu_gemm_lays_out_the_weights_and_gives_the_same_images(first_run, mode
     from arpg_hf.cpu_gemm import OneDNNLinear, onednn_available
 
     assert CPU_GEMMS == LIBRARY_CPU_GEMMS
-    args = build_parser().parse_args(["generate", "--model", str(model_dir), "--class-labels", "1", "--device", "cpu",
-                                      "--cpu-gemm", cpu_gemm, "--quiet"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--class-labels",
+            "1",
+            "--device",
+            "cpu",
+            "--cpu-gemm",
+            cpu_gemm,
+            "--quiet",
+        ]
+    )
     head = prepare_pipeline(args).transformer.lm_head
     assert isinstance(head, OneDNNLinear) == (onednn_available() and cpu_gemm == "onednn")
     assert generate(model_dir, tmp_path, "--cpu-gemm", cpu_gemm) == 0
@@ -129,8 +173,19 @@ def test_cpu_gemm_lays_out_the_weights_and_gives_the_same_images(first_run, mode
 def test_model_cpu_offload_gives_the_same_images_with_hooks_on_the_models(first_run, model_dir, tmp_path):
     from arpg_hf.cli import build_parser, prepare_pipeline
 
-    args = build_parser().parse_args(["generate", "--model", str(model_dir), "--class-labels", "1", "--device", "cpu",
-                                      "--model-cpu-offload", "--quiet"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--class-labels",
+            "1",
+            "--device",
+            "cpu",
+            "--model-cpu-offload",
+            "--quiet",
+        ]
+    )
     pipeline = prepare_pipeline(args)
     assert all(hasattr(model, "_hf_hook") for model in (pipeline.transformer, pipeline.vqvae))
     assert pipeline._execution_device == torch.device("cpu", 0)

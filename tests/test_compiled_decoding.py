@@ -69,8 +69,9 @@ def test_padded_step_equals_the_eager_step(attn_implementation, key_block):
     with torch.no_grad():
         for count in (1, 3, 5, 7):
             queries = order[:, start : start + count]
-            expected = model(inputs, input_position_ids=positions, query_position_ids=queries,
-                             past_key_values=eager_cache).logits  # fmt: skip
+            expected = model(
+                inputs, input_position_ids=positions, query_position_ids=queries, past_key_values=eager_cache
+            ).logits
             pad, slot = 8 - inputs.shape[1], padded_cache.advance(inputs.shape[1])
             end = padded_cache.seq_length
             assert padded_cache.read_length == (-(-end // key_block) * key_block if key_block else 24)
@@ -78,9 +79,10 @@ def test_padded_step_equals_the_eager_step(attn_implementation, key_block):
                 torch.cat([inputs, inputs[:, :1].expand(-1, pad)], 1),
                 input_position_ids=torch.cat([positions, positions[:, :1].expand(-1, pad)], 1),
                 query_position_ids=torch.cat([queries, queries[:, :1].expand(-1, 8 - count)], 1),
-                past_key_values=padded_cache, cache_position=torch.arange(slot, slot + 8),
+                past_key_values=padded_cache,
+                cache_position=torch.arange(slot, slot + 8),
                 attention_ends=(torch.full((8,), end), torch.full((8,), end)),
-            ).logits  # fmt: skip
+            ).logits
             torch.testing.assert_close(padded_logits[:, :count], expected, atol=1e-5, rtol=0)
             inputs, positions, start = tokens.gather(1, queries), queries, start + count
     assert padded_cache.seq_length == eager_cache.seq_length == 1 + 1 + 3 + 5
@@ -132,8 +134,10 @@ def test_key_blocks_give_the_eager_tokens_with_a_few_more_graphs(pipelines):
     inpaint_eager, inpaint_blocked = ARPGInpaintPipeline(**eager.components), ARPGInpaintPipeline(**blocked.components)
     inpaint_blocked.enable_compiled_decoding(key_block=4, backend=CountingBackend())
     call = dict(image=image, mask_image=mask, class_labels=[2], num_inference_steps=3, output_type="latent")
-    assert torch.equal(inpaint_blocked(**call, generator=torch.Generator().manual_seed(3)).images,
-                       inpaint_eager(**call, generator=torch.Generator().manual_seed(3)).images)  # fmt: skip
+    assert torch.equal(
+        inpaint_blocked(**call, generator=torch.Generator().manual_seed(3)).images,
+        inpaint_eager(**call, generator=torch.Generator().manual_seed(3)).images,
+    )
     with pytest.raises(ValueError, match="key_block must be a positive integer"):
         CompiledDecoder(eager.transformer, key_block=0)
 
@@ -148,7 +152,10 @@ def test_compiled_decoding_serves_larger_canvases_and_inpainting(pipelines):
     image = torch.rand(1, 3, 8, 8)
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 4:, :] = 1  # bottom half: a causal prefill of the known top half, then compiled steps
-    inpaint_eager, inpaint_compiled = ARPGInpaintPipeline(**eager.components), ARPGInpaintPipeline(**compiled.components)
+    inpaint_eager, inpaint_compiled = (
+        ARPGInpaintPipeline(**eager.components),
+        ARPGInpaintPipeline(**compiled.components),
+    )
     inpaint_compiled.enable_compiled_decoding(backend=CountingBackend())
     for pipe in (inpaint_eager, inpaint_compiled):
         pipe.set_progress_bar_config(disable=True)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from arpg_hf import ARPGConfig, ARPGPipeline, ARPGScheduler
 from arpg_hf.conversion import (
+    PRESET_REFERENCE_FIELDS,
     ConversionError,
     check_arpg_shapes,
     check_model_family,
@@ -20,7 +21,6 @@ from arpg_hf.conversion import (
     infer_vq_fields,
     main,
     resolve_checkpoint,
-    PRESET_REFERENCE_FIELDS,
 )
 from arpg_hf.model_card import PUBLISHED_RESULTS, create_model_card, recommended_sampling
 
@@ -33,12 +33,18 @@ CASES = read_json("cases.json")["generate"]["cases"]
 
 def convert_args(parity_dir, output_dir, arpg=None, vq=None, *extra):
     return [
-        "--arpg-checkpoint", str(arpg or parity_dir / "arpg_ref.pt"),
-        "--vq-checkpoint", str(vq or parity_dir / "vq_ref.pt"),
-        "--reference-config", str(parity_dir / "config.json"),
-        "--vq-config", str(parity_dir / "vq_config.json"),
-        "--output-dir", str(output_dir), *extra,
-    ]  # fmt: skip
+        "--arpg-checkpoint",
+        str(arpg or parity_dir / "arpg_ref.pt"),
+        "--vq-checkpoint",
+        str(vq or parity_dir / "vq_ref.pt"),
+        "--reference-config",
+        str(parity_dir / "config.json"),
+        "--vq-config",
+        str(parity_dir / "vq_config.json"),
+        "--output-dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def run_script(*args):
@@ -86,9 +92,13 @@ def test_converted_folder_reproduces_reference_tokens(converted_pipeline, parity
     )
     key = case["key"]
     tokens = pipe(
-        generate[f"{key}.class_labels"], num_inference_steps=case["num_iter"], guidance_scale=case["guidance_scale"],
-        top_k=1, orders=generate[f"{key}.orders"], output_type="latent",
-    ).images  # fmt: skip
+        generate[f"{key}.class_labels"],
+        num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"],
+        top_k=1,
+        orders=generate[f"{key}.orders"],
+        output_type="latent",
+    ).images
     assert torch.equal(tokens, generate[f"{key}.tokens"])
 
 
@@ -123,7 +133,9 @@ def test_scheduler_carries_recommended_settings(converted_dir):
 def test_preset_cards_carry_published_figures():
     config = ARPGConfig.from_preset("ARPG-L")
     sampling = recommended_sampling(config)
-    assert sampling == dict(token_schedule="arccos", guidance_schedule="linear", guidance_scale=5.0, num_inference_steps=64)
+    assert sampling == dict(
+        token_schedule="arccos", guidance_schedule="linear", guidance_scale=5.0, num_inference_steps=64
+    )
     scheduler = ARPGScheduler(recommended_guidance_scale=5.0, recommended_num_inference_steps=64)
     card = create_model_card(config, scheduler.config, repo_id="someone/arpg-l", num_parameters=320_000_000)
     assert card.data.datasets == ["ILSVRC/imagenet-1k"]
@@ -140,8 +152,12 @@ def test_preset_cards_carry_published_figures():
 # ----------------------------------------------------------------------------------- shape inference
 def meta_arpg_state_dict(dim, n_layer, vocab=16384, classes=1000, ffn=None):
     ffn = ffn or -(-int(8 * dim / 3) // 256) * 256
-    shapes = {"embeddings.weight": (vocab + classes + 3, dim), "head.weight": (vocab, dim),
-              "layers.to_k.weight": (dim, dim), "layers.to_v.weight": (dim, dim)}  # fmt: skip
+    shapes = {
+        "embeddings.weight": (vocab + classes + 3, dim),
+        "head.weight": (vocab, dim),
+        "layers.to_k.weight": (dim, dim),
+        "layers.to_v.weight": (dim, dim),
+    }
     for part in ("self_dec", "cross_dec"):
         for layer in range(n_layer // 2):
             shapes[f"layers.{part}.{layer}.attn.to_q.weight"] = (dim, dim)
@@ -151,10 +167,14 @@ def meta_arpg_state_dict(dim, n_layer, vocab=16384, classes=1000, ffn=None):
 
 def test_infers_fields_from_shapes_and_names_the_mismatching_tensor():
     xl = meta_arpg_state_dict(1280, 36)
-    assert infer_arpg_fields(xl) == dict(dim=1280, vocab_size=16384, num_classes=1000, num_self_layers=18,
-                                         num_cross_layers=18, ffn_hidden_dim=3584)  # fmt: skip
+    assert infer_arpg_fields(xl) == dict(
+        dim=1280, vocab_size=16384, num_classes=1000, num_self_layers=18, num_cross_layers=18, ffn_hidden_dim=3584
+    )
     check_arpg_shapes(xl, PRESET_REFERENCE_FIELDS["ARPG-XL"], "xl")
-    with pytest.raises(ConversionError, match=r"embeddings\.weight: expected shape \(17387, 1024\).*found \(17387, 1280\).*--preset ARPG-XL"):
+    with pytest.raises(
+        ConversionError,
+        match=r"embeddings\.weight: expected shape \(17387, 1024\).*found \(17387, 1280\).*--preset ARPG-XL",
+    ):
         check_arpg_shapes(xl, PRESET_REFERENCE_FIELDS["ARPG-L"], "xl")
     with pytest.raises(ConversionError, match=r"layers\.self_dec\.12.*24 gives 12 layers per pass, found 18"):
         check_arpg_shapes(xl, {**PRESET_REFERENCE_FIELDS["ARPG-XL"], "n_layer": 24}, "xl")
@@ -165,8 +185,15 @@ def test_infers_fields_from_shapes_and_names_the_mismatching_tensor():
 def test_vq_fields_inferred_from_parity_checkpoint(parity_dir):
     state_dict = torch.load(parity_dir / "vq_ref.pt", weights_only=True)["model"]
     fields = infer_vq_fields(state_dict)
-    assert fields == dict(codebook_size=512, codebook_embed_dim=8, ch=32, encoder_ch_mult=[1, 1, 2, 2, 4],
-                          z_channels=64, in_channels=3, out_channels=3)  # fmt: skip
+    assert fields == dict(
+        codebook_size=512,
+        codebook_embed_dim=8,
+        ch=32,
+        encoder_ch_mult=[1, 1, 2, 2, 4],
+        z_channels=64,
+        in_channels=3,
+        out_channels=3,
+    )
 
 
 def test_config_mismatch_is_one_clear_error(parity_dir, tmp_path, capsys):
@@ -210,18 +237,29 @@ def bad_checkpoints(parity_dir, folder):
     paths["malicious"] = folder / "malicious.pt"
     torch.save({"model": _Payload(folder / "PWNED")}, paths["malicious"])
     paths["other_architecture"] = folder / "llamagen_gpt.pt"
-    torch.save({"tok_embeddings.weight": torch.zeros(8, 4), "cls_embedding.embedding_table.weight": torch.zeros(3, 4),
-                "layers.0.attention.wqkv.weight": torch.zeros(12, 4)}, paths["other_architecture"])  # fmt: skip
+    torch.save(
+        {
+            "tok_embeddings.weight": torch.zeros(8, 4),
+            "cls_embedding.embedding_table.weight": torch.zeros(3, 4),
+            "layers.0.attention.wqkv.weight": torch.zeros(12, 4),
+        },
+        paths["other_architecture"],
+    )
     paths["swapped"] = parity_dir / "vq_ref.pt"
     return paths
 
 
 @pytest.mark.parametrize(
     "kind, message",
-    [("truncated", "truncated or corrupt"), ("corrupt", "not a torch checkpoint"), ("empty", "is empty"),
-     ("malicious", "could run code, so it was refused"), ("other_architecture", "LlamaGen raster-order GPT"),
-     ("swapped", "pass it as --vq-checkpoint")],
-)  # fmt: skip
+    [
+        ("truncated", "truncated or corrupt"),
+        ("corrupt", "not a torch checkpoint"),
+        ("empty", "is empty"),
+        ("malicious", "could run code, so it was refused"),
+        ("other_architecture", "LlamaGen raster-order GPT"),
+        ("swapped", "pass it as --vq-checkpoint"),
+    ],
+)
 def test_bad_checkpoint_fails_cleanly_in_process(parity_dir, tmp_path, capsys, kind, message):
     path = bad_checkpoints(parity_dir, tmp_path)[kind]
     output = tmp_path / "out"
@@ -260,8 +298,9 @@ def test_resolve_checkpoint_local_and_hub_offline(parity_dir, monkeypatch):
         resolve_checkpoint("hp-l33/ARPG/arpg_300m.pt")
 
 
-def test_existing_output_needs_overwrite_and_failed_write_keeps_old_folder(converted_dir, parity_dir, tmp_path,
-                                                                          capsys, monkeypatch):  # fmt: skip
+def test_existing_output_needs_overwrite_and_failed_write_keeps_old_folder(
+    converted_dir, parity_dir, tmp_path, capsys, monkeypatch
+):
     output = tmp_path / "out"
     output.mkdir()
     (output / "keep.txt").write_text("old")
@@ -302,10 +341,14 @@ def test_push_to_hub_uploads_the_finished_folder(parity_dir, tmp_path, monkeypat
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    assert main(convert_args(parity_dir, tmp_path / "out", None, None, "--push-to-hub", "me/arpg-tiny", "--private")) == 0
+    assert (
+        main(convert_args(parity_dir, tmp_path / "out", None, None, "--push-to-hub", "me/arpg-tiny", "--private")) == 0
+    )
     assert calls["create"] == ("me/arpg-tiny", True, True)
-    assert calls["upload"] == ("me/arpg-tiny", ["README.md", "model_index.json", "pipeline_arpg.py", "scheduler",
-                                                "transformer", "vqvae"])  # fmt: skip
+    assert calls["upload"] == (
+        "me/arpg-tiny",
+        ["README.md", "model_index.json", "pipeline_arpg.py", "scheduler", "transformer", "vqvae"],
+    )
     assert 'from_pretrained("me/arpg-tiny")' in (tmp_path / "out" / "README.md").read_text()
 
 
@@ -313,8 +356,9 @@ def test_pipeline_uses_recommended_settings_when_not_given(converted_pipeline):
     pipe = ARPGPipeline(**converted_pipeline.components)
     seen = []
     for recommended, expected in (((3.0, 5), (3.0, 5)), ((None, None), (4.0, 64))):
-        pipe.scheduler = ARPGScheduler(recommended_guidance_scale=recommended[0],
-                                       recommended_num_inference_steps=recommended[1])  # fmt: skip
+        pipe.scheduler = ARPGScheduler(
+            recommended_guidance_scale=recommended[0], recommended_num_inference_steps=recommended[1]
+        )
         original = pipe.scheduler.guidance_scale_for_step
         pipe.scheduler.guidance_scale_for_step = lambda step, scale: seen.append(scale) or original(step, scale)
         pipe([1], generator=torch.Generator().manual_seed(0), output_type="latent")

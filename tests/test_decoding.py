@@ -87,6 +87,12 @@ def test_cache_is_preallocated_and_written_in_place(model):
     assert [t.data_ptr() for t in cache.keys + cache.values] == buffers
     assert cache.seq_length == 3
     with pytest.raises(ValueError, match="do not fit"):
-        step(model, torch.zeros(2, 15, dtype=torch.long), torch.arange(15).expand(2, 15), torch.zeros(2, 1, dtype=torch.long), cache)
+        step(
+            model,
+            torch.zeros(2, 15, dtype=torch.long),
+            torch.arange(15).expand(2, 15),
+            torch.zeros(2, 1, dtype=torch.long),
+            cache,
+        )
     with pytest.raises(ValueError, match="batch size 2"):
         step(model, class_ids[:1], torch.full((1, 1), CLASS_POSITION), torch.tensor([[0]]), cache)

@@ -17,8 +17,16 @@ def model():
 
 def test_stream_decoding_reports_every_step_and_the_same_result(model):
     pipe = model.pipe
-    events = list(stream_decoding(pipe, class_labels=[4], num_inference_steps=5, guidance_scale=2.0,
-                                  generator=[torch.Generator().manual_seed(3)], output_type="latent"))  # fmt: skip
+    events = list(
+        stream_decoding(
+            pipe,
+            class_labels=[4],
+            num_inference_steps=5,
+            guidance_scale=2.0,
+            generator=[torch.Generator().manual_seed(3)],
+            output_type="latent",
+        )
+    )
     kinds = [kind for kind, _ in events]
     assert kinds == ["step"] * 5 + ["done"]
     known = [int((tokens >= 0).sum()) for _, (_, tokens) in events[:-1]]
@@ -100,8 +108,9 @@ def test_inpainting_keeps_the_unmasked_tokens(model):
 
 def test_generation_and_inpainting_can_guide_away_from_a_class(model):
     images = list(model.stream_generation(7, 4, 2.0, 5, "cosine", 2, 1))[-1][-1]
-    expected = model.pipe([7, 7], 4, 2.0, generator=[torch.Generator().manual_seed(5 + i) for i in range(2)],
-                          negative_class_labels=[1, 1]).images  # fmt: skip
+    expected = model.pipe(
+        [7, 7], 4, 2.0, generator=[torch.Generator().manual_seed(5 + i) for i in range(2)], negative_class_labels=[1, 1]
+    ).images
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
     with pytest.raises(ValueError, match=r"The class to guide away from \(-1: none\) must be an integer in \[-1, 9\]"):
         next(model.stream_generation(7, 4, 2.0, 5, "cosine", 2, 10))
@@ -109,13 +118,21 @@ def test_generation_and_inpainting_can_guide_away_from_a_class(model):
     image = model.generate(2, 4, 2.0, 1)
     plain = list(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine"))[-1][-1][0]
     away = list(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine", 2))[-1][-1][0]
-    expected = model.inpaint_pipe(image, model.inpaint_mask([], "right half"), [5], num_inference_steps=4,
-                                  guidance_scale=2.0, generator=[torch.Generator().manual_seed(0)],
-                                  negative_class_labels=[2]).images[0]  # fmt: skip
+    expected = model.inpaint_pipe(
+        image,
+        model.inpaint_mask([], "right half"),
+        [5],
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        generator=[torch.Generator().manual_seed(0)],
+        negative_class_labels=[2],
+    ).images[0]
     assert np.array_equal(np.asarray(away), np.asarray(expected))
     assert not np.array_equal(np.asarray(away), np.asarray(plain))
     for bad in (10, -2, 1.5, "2"):
-        with pytest.raises(ValueError, match=r"The class to guide away from \(-1: none\) must be an integer in \[-1, 9\]"):
+        with pytest.raises(
+            ValueError, match=r"The class to guide away from \(-1: none\) must be an integer in \[-1, 9\]"
+        ):
             next(model.stream_inpainting(image, [], "right half", 5, 4, 2.0, 0, "cosine", bad))
 
 
@@ -135,8 +152,13 @@ def test_space_folder_is_self_contained(tmp_path):
     assert settings["sdk"] == "gradio" and settings["app_file"] == "app.py" and (folder / "app.py").is_file()
     assert (folder / "arpg_hf" / "bundled" / "digits-pipeline" / "model_index.json").is_file()
     assert (folder / "arpg_hf" / "metrics" / "evaluate_modules" / "fid" / "fid.py").is_file()
-    found = subprocess.run([sys.executable, "-c", "import arpg_hf; print(arpg_hf.__file__)"], cwd=folder,
-                           capture_output=True, text=True, timeout=120)  # app.py's folder comes first on the import path
+    found = subprocess.run(
+        [sys.executable, "-c", "import arpg_hf; print(arpg_hf.__file__)"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # app.py's folder comes first on the import path
     assert found.returncode == 0, found.stderr[-2000:]
     assert Path(found.stdout.strip()).resolve() == (folder / "arpg_hf" / "__init__.py").resolve()
     with pytest.raises(ValueError, match="is not empty"):

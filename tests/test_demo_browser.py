@@ -17,9 +17,18 @@ pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): a browser 
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1800")  # fmt: skip
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1800",
+)
 IMAGE_SIZE = 32  # the bundled digits model
 WAIT_S = 60
 
@@ -33,11 +42,21 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("app") / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
+    }
     with open(log, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                                   env=env, stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + WAIT_S
     while True:
@@ -121,11 +140,15 @@ def test_generate_and_inpaint_in_the_browser(browser, app_url):  # browser first
     browser.get(app_url)
     picker = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#class-picker input"), "the class picker")
     picker[0].click()
-    option = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#class-picker li[aria-label="7"]'),
-                      "the option of digit 7")  # fmt: skip
+    option = wait_for(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#class-picker li[aria-label="7"]'), "the option of digit 7"
+    )
     option[0].click()
-    wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#class-picker input").get_attribute("value") == "7",
-             "digit 7 to be selected")  # fmt: skip
+    wait_for(
+        browser,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#class-picker input").get_attribute("value") == "7",
+        "digit 7 to be selected",
+    )
     browser.find_element(By.CSS_SELECTOR, "#generate-button").click()
     sizes = wait_for(browser, lambda d: loaded_image_sizes(d, "#gallery"), "the gallery images")
     assert [IMAGE_SIZE, IMAGE_SIZE] in sizes
@@ -134,8 +157,15 @@ def test_generate_and_inpaint_in_the_browser(browser, app_url):  # browser first
 
     tab = [b for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text.strip() == "Inpaint"]
     tab[0].click()
-    preset = wait_for(browser, lambda d: [label for label in d.find_elements(By.CSS_SELECTOR, "#mask-preset label")
-                                          if label.text.strip() == "right half"], "the mask presets")  # fmt: skip
+    preset = wait_for(
+        browser,
+        lambda d: [
+            label
+            for label in d.find_elements(By.CSS_SELECTOR, "#mask-preset label")
+            if label.text.strip() == "right half"
+        ],
+        "the mask presets",
+    )
     preset[0].click()
     browser.find_element(By.CSS_SELECTOR, "#inpaint-button").click()
     sizes = wait_for(browser, lambda d: loaded_image_sizes(d, "#inpaint-result"), "the inpainted image")

@@ -161,8 +161,11 @@ def test_lattice_mask():
     shifted = make_lattice_mask(8, 12, 2, 3, offset=(1, 2))[::2, ::2]
     assert shifted.eq(0).nonzero().tolist() == [[1, 2], [1, 5]]
     assert make_lattice_mask(4, 4, 2, 1).sum() == 0  # stride 1 keeps everything
-    for kwargs, message in ((dict(stride=0), ">= 1"), (dict(stride=2, offset=(2, 0)), "offset"),
-                            (dict(stride=2, height=7), "multiples")):  # fmt: skip
+    for kwargs, message in (
+        (dict(stride=0), ">= 1"),
+        (dict(stride=2, offset=(2, 0)), "offset"),
+        (dict(stride=2, height=7), "multiples"),
+    ):
         arguments = dict(height=8, width=12, downsample_factor=2)
         arguments.update(kwargs)
         with pytest.raises(ValueError, match=message):

@@ -23,8 +23,12 @@ def decoding_logits(model):
     queries = torch.tensor([[3, 7, 1], [3, 7, 1]])
     with torch.no_grad():
         first = model(inputs, input_position_ids=positions, query_position_ids=queries, past_key_values=cache).logits
-        second = model(torch.tensor([[4, 5, 6]] * 2), input_position_ids=queries,
-                       query_position_ids=torch.tensor([[0, 2]] * 2), past_key_values=cache).logits  # fmt: skip
+        second = model(
+            torch.tensor([[4, 5, 6]] * 2),
+            input_position_ids=queries,
+            query_position_ids=torch.tensor([[0, 2]] * 2),
+            past_key_values=cache,
+        ).logits
     return torch.cat([first, second], dim=1)
 
 
@@ -33,7 +37,9 @@ def test_fusion_swaps_in_real_modules_and_keeps_the_checkpoint_layout(model, tmp
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     model.fuse_projections()
     attention = model.model.self_layers[0].self_attn
-    assert isinstance(attention.qkv_proj, nn.Linear) and attention.q_proj is None and attention.qkv_proj.out_features == 96
+    assert (
+        isinstance(attention.qkv_proj, nn.Linear) and attention.q_proj is None and attention.qkv_proj.out_features == 96
+    )
     assert isinstance(model.model.kv_proj, nn.Linear) and model.model.k_proj is None
     assert isinstance(model.model.cross_layers[0].mlp.gate_up_proj, nn.Linear)
     torch.testing.assert_close(decoding_logits(model), expected, atol=1e-5, rtol=0)

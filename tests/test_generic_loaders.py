@@ -21,18 +21,36 @@ from arpg_hf.saved_folders import pipeline_files
 
 from .fixtures.build_tiny_pipeline import FIXTURE_DIR
 
-SHIMS = ["pipeline_arpg.py", "scheduler/scheduling_arpg.py", "transformer/configuration_arpg.py",
-         "transformer/modeling_arpg.py", "vqvae/vq_model.py"]  # fmt: skip
+SHIMS = [
+    "pipeline_arpg.py",
+    "scheduler/scheduling_arpg.py",
+    "transformer/configuration_arpg.py",
+    "transformer/modeling_arpg.py",
+    "vqvae/vq_model.py",
+]
 
 
 @pytest.fixture(scope="module")
 def converted(parity_dir, tmp_path_factory) -> Path:
     """`arpg-hf convert` of the upstream-format parity checkpoints."""
     output = tmp_path_factory.mktemp("generic") / "arpg-tiny"
-    assert convert(["--arpg-checkpoint", str(parity_dir / "arpg_ref.pt"),
-                    "--vq-checkpoint", str(parity_dir / "vq_ref.pt"),
-                    "--reference-config", str(parity_dir / "config.json"),
-                    "--vq-config", str(parity_dir / "vq_config.json"), "--output-dir", str(output)]) == 0  # fmt: skip
+    assert (
+        convert(
+            [
+                "--arpg-checkpoint",
+                str(parity_dir / "arpg_ref.pt"),
+                "--vq-checkpoint",
+                str(parity_dir / "vq_ref.pt"),
+                "--reference-config",
+                str(parity_dir / "config.json"),
+                "--vq-config",
+                str(parity_dir / "vq_config.json"),
+                "--output-dir",
+                str(output),
+            ]
+        )
+        == 0
+    )
     return output
 
 
@@ -81,8 +99,9 @@ def test_our_loader_runs_no_code_from_the_folder(converted, pipe, tmp_path):
 def test_an_inpainting_folder_loads_as_an_inpainting_pipeline(tmp_path):
     ARPGInpaintPipeline(**ARPGPipeline.from_pretrained(FIXTURE_DIR).components).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == [
-        "pipeline_arpg_inpaint", "ARPGInpaintPipeline"
-    ]  # fmt: skip
+        "pipeline_arpg_inpaint",
+        "ARPGInpaintPipeline",
+    ]
     assert type(DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)) is ARPGInpaintPipeline
     assert type(ARPGPipeline.from_pretrained(tmp_path)) is ARPGPipeline  # our classes load what they are asked
     assert type(ARPGInpaintPipeline.from_pretrained(FIXTURE_DIR)) is ARPGInpaintPipeline
@@ -102,9 +121,10 @@ def test_auto_classes_load_the_transformer_with_trust_remote_code(converted, pip
         assert type(model) is ARPGForImageGeneration
         assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
     assert json.loads((converted / "transformer" / "config.json").read_text())["auto_map"] == {
-        "AutoConfig": "configuration_arpg.ARPGConfig", "AutoModel": "modeling_arpg.ARPGForImageGeneration",
+        "AutoConfig": "configuration_arpg.ARPGConfig",
+        "AutoModel": "modeling_arpg.ARPGForImageGeneration",
         "AutoModelForCausalLM": "modeling_arpg.ARPGForImageGeneration",
-    }  # fmt: skip
+    }
 
 
 REGISTRATION_CHECK = """
@@ -131,8 +151,14 @@ def test_import_arpg_hf_registers_the_auto_classes(converted, first, then):
     """No trust_remote_code: `import arpg_hf` before or after transformers registers the classes (a fresh process each,
     as registration is process-wide)."""
     code = REGISTRATION_CHECK.format(first=first, then=then)
-    result = subprocess.run([sys.executable, "-c", code, str(converted)], capture_output=True, text=True, timeout=120,
-                            stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(converted)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = "ARPGConfig ARPGForImageGeneration ARPGForImageGeneration True"
     assert result.stdout.splitlines()[-1] == expected
@@ -195,24 +221,55 @@ def test_a_pushed_folder_loads_from_the_hub_cache(pipe, tmp_path, monkeypatch):
 
 
 def test_hub_downloads_take_the_variant_where_a_component_has_it():
-    files = ["model_index.json", "pipeline_arpg.py", "README.md", "scheduler/scheduler_config.json",
-             "transformer/config.json", "transformer/modeling_arpg.py", "transformer/model.safetensors",
-             "transformer/model.fp16.safetensors", "vqvae/config.json", "vqvae/diffusion_pytorch_model.safetensors",
-             "vqvae/diffusion_pytorch_model.bin", "vqvae/diffusion_pytorch_model.onnx",
-             "xl/model.fp16-00001-of-00002.safetensors", "xl/model.fp16-00002-of-00002.safetensors",
-             "xl/model.safetensors.index.fp16.json", "xl/model-00001-of-00002.safetensors",
-             "xl/model-00002-of-00002.safetensors", "xl/model.safetensors.index.json"]  # fmt: skip
-    common = ["README.md", "model_index.json", "pipeline_arpg.py", "scheduler/scheduler_config.json",
-              "transformer/config.json", "transformer/modeling_arpg.py", "vqvae/config.json"]  # fmt: skip
-    assert pipeline_files(files) == sorted(common + [
-        "transformer/model.safetensors", "vqvae/diffusion_pytorch_model.safetensors",
-        "xl/model-00001-of-00002.safetensors", "xl/model-00002-of-00002.safetensors", "xl/model.safetensors.index.json",
-    ])  # fmt: skip
-    assert pipeline_files(files, variant="fp16") == sorted(common + [
-        "transformer/model.fp16.safetensors", "vqvae/diffusion_pytorch_model.safetensors",
-        "xl/model.fp16-00001-of-00002.safetensors", "xl/model.fp16-00002-of-00002.safetensors",
+    files = [
+        "model_index.json",
+        "pipeline_arpg.py",
+        "README.md",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/modeling_arpg.py",
+        "transformer/model.safetensors",
+        "transformer/model.fp16.safetensors",
+        "vqvae/config.json",
+        "vqvae/diffusion_pytorch_model.safetensors",
+        "vqvae/diffusion_pytorch_model.bin",
+        "vqvae/diffusion_pytorch_model.onnx",
+        "xl/model.fp16-00001-of-00002.safetensors",
+        "xl/model.fp16-00002-of-00002.safetensors",
         "xl/model.safetensors.index.fp16.json",
-    ])  # fmt: skip
+        "xl/model-00001-of-00002.safetensors",
+        "xl/model-00002-of-00002.safetensors",
+        "xl/model.safetensors.index.json",
+    ]
+    common = [
+        "README.md",
+        "model_index.json",
+        "pipeline_arpg.py",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/modeling_arpg.py",
+        "vqvae/config.json",
+    ]
+    assert pipeline_files(files) == sorted(
+        common
+        + [
+            "transformer/model.safetensors",
+            "vqvae/diffusion_pytorch_model.safetensors",
+            "xl/model-00001-of-00002.safetensors",
+            "xl/model-00002-of-00002.safetensors",
+            "xl/model.safetensors.index.json",
+        ]
+    )
+    assert pipeline_files(files, variant="fp16") == sorted(
+        common
+        + [
+            "transformer/model.fp16.safetensors",
+            "vqvae/diffusion_pytorch_model.safetensors",
+            "xl/model.fp16-00001-of-00002.safetensors",
+            "xl/model.fp16-00002-of-00002.safetensors",
+            "xl/model.safetensors.index.fp16.json",
+        ]
+    )
     assert "vqvae/diffusion_pytorch_model.bin" in pipeline_files(files, use_safetensors=False)
 
 
@@ -232,10 +289,11 @@ def test_a_variant_is_saved_beside_the_default_weights(tmp_path):
     pipe.save_pretrained(tmp_path)
     pipe.save_pretrained(tmp_path, variant="fp16")  # the model stays float32; the fp16 variant is written in fp16
     assert dtypes(tmp_path) == {
-        "transformer/model.safetensors": torch.float32, "transformer/model.fp16.safetensors": torch.float16,
+        "transformer/model.safetensors": torch.float32,
+        "transformer/model.fp16.safetensors": torch.float16,
         "vqvae/diffusion_pytorch_model.safetensors": torch.float32,
         "vqvae/diffusion_pytorch_model.fp16.safetensors": torch.float16,
-    }  # fmt: skip
+    }
     assert pipe.transformer.dtype == pipe.vqvae.dtype == torch.float32
     default = ARPGPipeline.from_pretrained(tmp_path)
     half = ARPGPipeline.from_pretrained(tmp_path, variant="fp16", dtype=torch.float16)
@@ -249,8 +307,10 @@ def test_a_variant_is_saved_beside_the_default_weights(tmp_path):
 
 def test_sharded_and_pickled_weights_load(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
-    shards = {name: sorted(path.name for path in (tmp_path / "sharded" / name).glob("*.safetensors"))
-              for name in ("transformer", "vqvae")}  # fmt: skip
+    shards = {
+        name: sorted(path.name for path in (tmp_path / "sharded" / name).glob("*.safetensors"))
+        for name in ("transformer", "vqvae")
+    }
     assert len(shards["transformer"]) > 1 and len(shards["vqvae"]) > 10, shards
     assert (tmp_path / "sharded" / "transformer" / "model.safetensors.index.json").is_file()
     pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)

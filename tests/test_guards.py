@@ -13,8 +13,13 @@ import torch
 
 from arpg_hf import ARPGPipeline, load_bundled_pipeline
 from arpg_hf.memory import (
-    MAX_MEMORY_ENV, InsufficientMemoryError, decoding_memory, format_bytes, memory_budget, parse_bytes,
-)  # fmt: skip
+    MAX_MEMORY_ENV,
+    InsufficientMemoryError,
+    decoding_memory,
+    format_bytes,
+    memory_budget,
+    parse_bytes,
+)
 
 from .fixtures.build_tiny_pipeline import FIXTURE_DIR
 
@@ -44,8 +49,14 @@ def run_cli(argvs, cwd):
     (status, stderr lines, peak RSS of the process so far in GB) per call."""
     import json
 
-    result = subprocess.run([sys.executable, "-c", CLI_RUNNER, json.dumps(argvs)], cwd=cwd, capture_output=True,
-                            text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_RUNNER, json.dumps(argvs)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -74,7 +85,9 @@ def test_the_decoding_estimate_counts_the_cache(pipe):
 @pytest.mark.parametrize("size", [4096, 65536])
 def test_huge_canvases_are_refused_before_any_allocation(pipe, monkeypatch, size):
     monkeypatch.setenv(MAX_MEMORY_ENV, "4GB")
-    with pytest.raises(InsufficientMemoryError, match=rf"{size}x{size} px .* needs about .*\(4\.0 GB: {MAX_MEMORY_ENV}"):
+    with pytest.raises(
+        InsufficientMemoryError, match=rf"{size}x{size} px .* needs about .*\(4\.0 GB: {MAX_MEMORY_ENV}"
+    ):
         pipe([3], height=size, width=size)
     images = pipe([3] * 4, num_inference_steps=4, output_type="np").images  # an ordinary call fits
     assert images.shape == (4, 32, 32, 3)
@@ -122,8 +135,10 @@ def test_cli_refuses_absurd_jobs_in_one_line_without_creating_anything(tmp_path)
         assert re.search(message, lines[0]), (argv, lines[0])
         assert peak < 2.0, (argv, peak)
     assert not (tmp_path / "out").exists()
-    assert results[-1][:2] == [1, ["arpg-hf: error: --output-dir 'a-file' is an existing file; pass a folder path "
-                                   "(it is created)."]]  # fmt: skip
+    assert results[-1][:2] == [
+        1,
+        ["arpg-hf: error: --output-dir 'a-file' is an existing file; pass a folder path (it is created)."],
+    ]
 
 
 def damaged_copies(root: Path) -> dict[str, Path]:
@@ -142,8 +157,10 @@ def damaged_copies(root: Path) -> dict[str, Path]:
 
 def test_a_damaged_folder_is_one_line_in_the_cli(tmp_path):
     copies = damaged_copies(tmp_path)
-    argvs = [["generate", "--model", str(folder), "--class-labels", "1", "--output-dir", "out", "--quiet"]
-             for folder in copies.values()]  # fmt: skip
+    argvs = [
+        ["generate", "--model", str(folder), "--class-labels", "1", "--output-dir", "out", "--quiet"]
+        for folder in copies.values()
+    ]
     for (name, folder), (status, lines, _) in zip(copies.items(), run_cli(argvs, cwd=tmp_path)):
         assert status == 1 and len(lines) == 1, (name, lines)
         assert lines[0].startswith(f"arpg-hf: error: Cannot load the pipeline '{folder}'"), (name, lines[0])

@@ -55,8 +55,9 @@ class DecodeStepSpy:
 
         def recording(input_ids, input_position_ids, query_position_ids, **kwargs):
             self.calls.append((input_ids.clone(), input_position_ids.clone(), query_position_ids.clone(), kwargs))
-            return original(input_ids, input_position_ids=input_position_ids, query_position_ids=query_position_ids,
-                            **kwargs)  # fmt: skip
+            return original(
+                input_ids, input_position_ids=input_position_ids, query_position_ids=query_position_ids, **kwargs
+            )
 
         self.transformer.forward = recording
         return self
@@ -79,8 +80,15 @@ def test_known_tokens_are_kept_and_every_masked_token_is_decoded_once(pipe, imag
         return {}
 
     with DecodeStepSpy(pipe.transformer) as spy:
-        tokens = pipe(images, mask, [1, 3], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                      callback_on_step_end=callback, output_type="latent").images  # fmt: skip
+        tokens = pipe(
+            images,
+            mask,
+            [1, 3],
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=callback,
+            output_type="latent",
+        ).images
     assert tokens.shape == (2, 16)
     assert torch.equal(tokens[:, ~masked], encoded[:, ~masked])  # kept exactly as encoded
     # The queries of all steps cover each masked position exactly once, and nothing else.
@@ -105,8 +113,7 @@ def test_full_mask_with_same_orders_and_greedy_reproduces_arpg_pipeline(pipe, im
     generator_pipe = ARPGPipeline(**pipe.components)
     orders = torch.randperm(16, generator=torch.Generator().manual_seed(4))
     for kwargs in (dict(top_k=1, orders=orders), dict(generator=torch.Generator().manual_seed(9))):
-        inpainted = pipe(images, torch.ones(8, 8), [0, 4], num_inference_steps=5, output_type="latent",
-                         **kwargs).images  # fmt: skip
+        inpainted = pipe(images, torch.ones(8, 8), [0, 4], num_inference_steps=5, output_type="latent", **kwargs).images
         if "generator" in kwargs:
             kwargs["generator"] = torch.Generator().manual_seed(9)  # same seed: same order and same draws
         generated = generator_pipe([0, 4], num_inference_steps=5, output_type="latent", **kwargs).images
@@ -124,9 +131,16 @@ def test_full_mask_reproduces_the_upstream_reference_tokens(reference_pipeline, 
         inpaint.scheduler = ARPGScheduler.from_config(
             inpaint.scheduler.config, token_schedule=case["sample_schedule"], guidance_schedule=case["cfg_schedule"]
         )
-        tokens = inpaint(image, np.ones((128, 128), dtype=bool), fixture[f"{key}.class_labels"],
-                         num_inference_steps=case["num_iter"], guidance_scale=case["guidance_scale"], top_k=1,
-                         orders=fixture[f"{key}.orders"], output_type="latent").images  # fmt: skip
+        tokens = inpaint(
+            image,
+            np.ones((128, 128), dtype=bool),
+            fixture[f"{key}.class_labels"],
+            num_inference_steps=case["num_iter"],
+            guidance_scale=case["guidance_scale"],
+            top_k=1,
+            orders=fixture[f"{key}.orders"],
+            output_type="latent",
+        ).images
         assert torch.equal(tokens, fixture[f"{key}.tokens"])
 
 
@@ -167,13 +181,21 @@ def test_class_conditional_editing_changes_only_the_masked_tokens(pipe, images):
     masked = masked.flatten()
     orders = masked.nonzero().flatten().flip(0)
     generators = [torch.Generator().manual_seed(0) for _ in range(3)]  # the same draws: only the label differs
-    edits = pipe(images[:1], mask, [0, 2, 4], num_inference_steps=4, orders=orders, generator=generators,
-                 output_type="latent").images  # fmt: skip (one image, three class labels)
+    edits = pipe(
+        images[:1], mask, [0, 2, 4], num_inference_steps=4, orders=orders, generator=generators, output_type="latent"
+    ).images  # one image, three class labels
     encoded = encode(pipe, images[:1])
     assert torch.equal(edits[:, ~masked], encoded[:, ~masked].expand(3, -1))
     assert len({tuple(row.tolist()) for row in edits[:, masked]}) > 1
-    same_label = pipe(images[:1], mask, [0, 0], num_inference_steps=4, orders=orders, output_type="latent",
-                      generator=[torch.Generator().manual_seed(0) for _ in range(2)]).images  # fmt: skip
+    same_label = pipe(
+        images[:1],
+        mask,
+        [0, 0],
+        num_inference_steps=4,
+        orders=orders,
+        output_type="latent",
+        generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+    ).images
     assert torch.equal(same_label, edits[:1].expand(2, -1))
 
 
@@ -181,8 +203,15 @@ def test_orders_fix_the_decoding_order(pipe, images):
     mask = box_mask(8, 8, 0, 0, 4, 8)  # the top half: tokens 0..7
     orders = torch.tensor([[7, 0, 5, 2, 1, 6, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
     with DecodeStepSpy(pipe.transformer) as spy:
-        pipe(images, mask, [1, 2], num_inference_steps=8, orders=orders, output_type="latent",
-             generator=torch.Generator().manual_seed(0))  # fmt: skip
+        pipe(
+            images,
+            mask,
+            [1, 2],
+            num_inference_steps=8,
+            orders=orders,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
     queried = torch.cat([call[2] for call in spy.calls], dim=1)  # (2B, 8), one token per step
     assert torch.equal(queried, orders.repeat(2, 1))
 
@@ -192,8 +221,14 @@ def test_masks_with_different_counts_decode_each_image_on_its_own_schedule(pipe,
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     batch = pipe(images, masks, [1, 2], num_inference_steps=4, generator=generators, output_type="latent").images
     for i, seed in enumerate((3, 4)):
-        alone = pipe(images[i : i + 1], masks[i], [1 + i], num_inference_steps=4,
-                     generator=[torch.Generator().manual_seed(seed)], output_type="latent").images  # fmt: skip
+        alone = pipe(
+            images[i : i + 1],
+            masks[i],
+            [1 + i],
+            num_inference_steps=4,
+            generator=[torch.Generator().manual_seed(seed)],
+            output_type="latent",
+        ).images
         assert torch.equal(batch[i : i + 1], alone)
     orders = [torch.tensor([5, 4, 1, 0]), torch.arange(16).flip(0)]  # one sequence per image
     greedy = pipe(images, masks, [1, 2], num_inference_steps=4, orders=orders, top_k=1, output_type="latent").images
@@ -221,8 +256,14 @@ def test_twice_the_trained_width_inpaints_and_outpaints(position_mode):
     assert all(call[3]["grid_size"] == (16, 32) and call[3]["position_mode"] == position_mode for call in spy.calls)
     grid = tokens.view(16, 32)
     assert torch.equal(grid[:, :16], encode(pipe, canvas.image).view(16, 32)[:, :16])
-    outpainted = pipe(canvas.image, canvas.mask_image, [3], output_type="pt", paste_back=True,
-                      **{**kwargs, "generator": torch.Generator().manual_seed(0)}).images  # fmt: skip
+    outpainted = pipe(
+        canvas.image,
+        canvas.mask_image,
+        [3],
+        output_type="pt",
+        paste_back=True,
+        **{**kwargs, "generator": torch.Generator().manual_seed(0)},
+    ).images
     assert outpainted.shape == (1, 3, 32, 64)
     torch.testing.assert_close(outpainted[..., :32], image, atol=1e-6, rtol=0)
     pil = pipe(canvas.image, canvas.mask_image, [3], **{**kwargs, "generator": torch.Generator().manual_seed(0)})
@@ -233,8 +274,17 @@ def test_twice_the_trained_width_inpaints_and_outpaints(position_mode):
 
 def test_position_modes_differ_beyond_the_trained_grid_only(pipe, images):
     def run(image, mask, mode):
-        return pipe(image, mask, [2], num_inference_steps=3, top_k=1, orders=None, position_mode=mode,
-                    generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+        return pipe(
+            image,
+            mask,
+            [2],
+            num_inference_steps=3,
+            top_k=1,
+            orders=None,
+            position_mode=mode,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
 
     mask = box_mask(8, 8, 2, 2, 6, 6)
     assert torch.equal(run(images[:1], mask, "extrapolate"), run(images[:1], mask, "interpolate"))
@@ -245,8 +295,15 @@ def test_position_modes_differ_beyond_the_trained_grid_only(pipe, images):
 
 def test_resolution_expansion_keeps_a_lattice_of_the_upscaled_image(pipe, images):
     with DecodeStepSpy(pipe.transformer) as spy:
-        tokens = expand_resolution(pipe, images[:1], [1], scale=2, num_inference_steps=6,
-                                   generator=torch.Generator().manual_seed(0), output_type="latent").images  # fmt: skip
+        tokens = expand_resolution(
+            pipe,
+            images[:1],
+            [1],
+            scale=2,
+            num_inference_steps=6,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
     assert tokens.shape == (1, 64)  # 8x8 tokens = 16x16 pixels
     upscaled = torch.nn.functional.interpolate(images[:1] * 2 - 1, scale_factor=2, mode="bicubic").clamp(-1, 1)
     lattice = torch.zeros(8, 8, dtype=torch.bool)
@@ -256,8 +313,9 @@ def test_resolution_expansion_keeps_a_lattice_of_the_upscaled_image(pipe, images
     queried = torch.cat([call[2] for call in spy.calls], dim=1)[0]
     assert sorted(queried.tolist()) == (~lattice).nonzero().flatten().tolist()
     assert all(call[3]["position_mode"] == "interpolate" and call[3]["grid_size"] == (8, 8) for call in spy.calls)
-    images_out = expand_resolution(ARPGPipeline(**pipe.components), images[:1], [1], scale=2, num_inference_steps=6,
-                                   output_type="pt").images  # fmt: skip
+    images_out = expand_resolution(
+        ARPGPipeline(**pipe.components), images[:1], [1], scale=2, num_inference_steps=6, output_type="pt"
+    ).images
     assert images_out.shape == (1, 3, 16, 16)
 
 
@@ -266,10 +324,12 @@ def test_input_formats_give_the_same_result(pipe, images):
     array = np.array(pil_image)  # (H, W, 3) uint8
     pixels = torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W) in [0, 1]
     mask = box_mask(8, 8, 0, 0, 4, 6).numpy()
+
     def run(image, mask_image):  # the same order every time: greedy tokens depend on it
         generator = torch.Generator().manual_seed(0)
-        return pipe(image, mask_image, [2], num_inference_steps=3, top_k=1, output_type="latent",
-                    generator=generator).images  # fmt: skip
+        return pipe(
+            image, mask_image, [2], num_inference_steps=3, top_k=1, output_type="latent", generator=generator
+        ).images
 
     expected = run(pixels, torch.from_numpy(mask))
     image_formats = (pil_image, array, array.astype(np.float32) / 255, [pil_image], pixels[0])
@@ -330,8 +390,9 @@ def test_loads_from_a_saved_arpg_pipeline_and_from_components(tmp_path):
     assert rebuilt.vqvae.downsample_factor == 2
     loaded.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == [
-        "pipeline_arpg_inpaint", "ARPGInpaintPipeline"
-    ]  # fmt: skip
+        "pipeline_arpg_inpaint",
+        "ARPGInpaintPipeline",
+    ]
     again = ARPGInpaintPipeline.from_pretrained(tmp_path)
     assert isinstance(again.transformer, ARPGForImageGeneration)
 
@@ -350,8 +411,13 @@ def test_causal_prefill_matches_the_teacher_forced_forward():
         inputs = torch.cat([model.class_token_ids(labels)[:, None], tokens[:, known]], dim=1)
         positions = torch.cat([torch.full((2, 1), CLASS_POSITION), known.expand(2, -1)], dim=1)
         ends = (torch.arange(1, 2 + len(known)), torch.full((len(unknown),), 1 + len(known)))  # causal prefix
-        logits = model(inputs, input_position_ids=positions, query_position_ids=unknown.expand(2, -1),
-                       past_key_values=cache, attention_ends=ends).logits  # fmt: skip
+        logits = model(
+            inputs,
+            input_position_ids=positions,
+            query_position_ids=unknown.expand(2, -1),
+            past_key_values=cache,
+            attention_ends=ends,
+        ).logits
         for i, position in enumerate(unknown.tolist()):
             rest = [p for p in unknown.tolist() if p != position]
             orders = torch.tensor(known.tolist() + [position] + rest)

@@ -17,16 +17,44 @@ LAYER_NAMES = {CORE: "core", INTEGRATION: "integration", APPLICATION: "applicati
 # Every module of the package and its layer; a new module must be placed here (and in docs/architecture.md).
 LAYERS = {
     "arpg_hf": CORE,  # the lazy facade: imports only auto_classes and lazy_exports at once
-    "validation": CORE, "atomic_io": CORE, "random_utils": CORE, "lazy_exports": CORE, "optional_dependencies": CORE,
-    "saved_folders": CORE, "auto_classes": CORE, "configuration_arpg": CORE, "rotary_2d": CORE, "cache_arpg": CORE,
-    "fused_projections": CORE, "cpu_gemm": CORE, "modeling_arpg": CORE, "compiled_decoding": CORE, "memory": CORE, "scheduling_arpg": CORE,
-    "llamagen_vq": CORE, "vq_model": CORE, "labels": CORE, "pipeline_arpg": CORE, "editing_utils": CORE,
-    "pipeline_arpg_inpaint": CORE, "editing_recipes": CORE,
-    "conversion": INTEGRATION, "model_card": INTEGRATION, "bundled": INTEGRATION, "user_errors": INTEGRATION,
-    "pipeline_loading": INTEGRATION, "token_dataset": INTEGRATION, "training_utils": INTEGRATION,
-    "training_checkpoints": INTEGRATION, "digits": INTEGRATION, "vq_training": INTEGRATION, "metrics": INTEGRATION,
-    "cli": APPLICATION, "__main__": APPLICATION, "demo": APPLICATION,
-}  # fmt: skip
+    "validation": CORE,
+    "atomic_io": CORE,
+    "random_utils": CORE,
+    "lazy_exports": CORE,
+    "optional_dependencies": CORE,
+    "saved_folders": CORE,
+    "auto_classes": CORE,
+    "configuration_arpg": CORE,
+    "rotary_2d": CORE,
+    "cache_arpg": CORE,
+    "fused_projections": CORE,
+    "cpu_gemm": CORE,
+    "modeling_arpg": CORE,
+    "compiled_decoding": CORE,
+    "memory": CORE,
+    "scheduling_arpg": CORE,
+    "llamagen_vq": CORE,
+    "vq_model": CORE,
+    "labels": CORE,
+    "pipeline_arpg": CORE,
+    "editing_utils": CORE,
+    "pipeline_arpg_inpaint": CORE,
+    "editing_recipes": CORE,
+    "conversion": INTEGRATION,
+    "model_card": INTEGRATION,
+    "bundled": INTEGRATION,
+    "user_errors": INTEGRATION,
+    "pipeline_loading": INTEGRATION,
+    "token_dataset": INTEGRATION,
+    "training_utils": INTEGRATION,
+    "training_checkpoints": INTEGRATION,
+    "digits": INTEGRATION,
+    "vq_training": INTEGRATION,
+    "metrics": INTEGRATION,
+    "cli": APPLICATION,
+    "__main__": APPLICATION,
+    "demo": APPLICATION,
+}
 # Top-level names of the repository's applications, which the library never imports.
 APPLICATION_ROOTS = ("pipelines", "benchmarks", "train", "app", "space", "conversion.convert_arpg_to_hf")
 EXCLUDED_DIRS = {".git", "build", "dist", "site-packages", "node_modules", "__pycache__"}
@@ -107,7 +135,9 @@ def test_every_module_has_a_layer():
 
 
 def test_the_import_graph_is_acyclic(graph):
-    edges = {module: {name for name, _ in imported if name in graph and name != module} for module, imported in graph.items()}
+    edges = {
+        module: {name for name, _ in imported if name in graph and name != module} for module, imported in graph.items()
+    }
     state: dict[str, str] = {}
     stack: list[str] = []
 
@@ -160,8 +190,12 @@ def test_the_library_imports_no_application(graph):
 def test_every_module_imports_in_any_order():
     """Each order in one fresh interpreter: sorted, then reversed (a module that only imports after another fails).
     `__main__` runs the CLI when imported; the evaluate modules are scripts that `evaluate.load` reads by path."""
-    modules = [name for name, path in module_files().items() if not name.endswith("__main__")
-               and all((folder / "__init__.py").is_file() for folder in path.parents if PACKAGE in folder.parents)]  # fmt: skip
+    modules = [
+        name
+        for name, path in module_files().items()
+        if not name.endswith("__main__")
+        and all((folder / "__init__.py").is_file() for folder in path.parents if PACKAGE in folder.parents)
+    ]
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     for order in (sorted(modules), sorted(modules, reverse=True)):
         result = subprocess.run([sys.executable, "-c", script, *order], capture_output=True, text=True, timeout=120)

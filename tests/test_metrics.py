@@ -138,14 +138,17 @@ def test_metric_modules_on_images_with_a_tiny_feature_extractor(images):
     extractor = TinyRandomFeatureExtractor()
     ours = extract_features(generated, extractor, batch_size=5)
     theirs = extract_features(reference, extractor, batch_size=5)
-    fid = arpg_hf.load_metric("fid").compute(predictions=list(generated), references=list(reference),
-                                             feature_extractor="tiny-random", batch_size=5)  # fmt: skip
+    fid = arpg_hf.load_metric("fid").compute(
+        predictions=list(generated), references=list(reference), feature_extractor="tiny-random", batch_size=5
+    )
     assert fid["fid"] == pytest.approx(frechet_distance(ours["pool"], theirs["pool"]), rel=1e-9)
-    score = arpg_hf.load_metric("inception_score").compute(predictions=list(generated), feature_extractor=extractor,
-                                                           split_size=5, batch_size=5)  # fmt: skip
+    score = arpg_hf.load_metric("inception_score").compute(
+        predictions=list(generated), feature_extractor=extractor, split_size=5, batch_size=5
+    )
     assert score["inception_score"] == pytest.approx(inception_score(ours["logits"], split_size=5)[0], rel=1e-9)
-    pr = arpg_hf.load_metric("precision_recall").compute(predictions=list(generated), references=list(reference),
-                                                         feature_extractor=extractor, batch_size=5)  # fmt: skip
+    pr = arpg_hf.load_metric("precision_recall").compute(
+        predictions=list(generated), references=list(reference), feature_extractor=extractor, batch_size=5
+    )
     assert (pr["precision"], pr["recall"]) == precision_recall(theirs["pool"], ours["pool"])
 
 

@@ -9,8 +9,7 @@ import pytest
 from huggingface_hub import ModelCard, SpaceCard
 from packaging.requirements import Requirement
 
-from arpg_hf import ARPGConfig, ARPGScheduler
-from arpg_hf import conversion
+from arpg_hf import ARPGConfig, ARPGScheduler, conversion
 from arpg_hf.conversion import convert as conversion_steps
 from arpg_hf.labels import build_label2id, get_label_ids, imagenet_id2label
 from arpg_hf.model_card import create_model_card, recommended_sampling
@@ -40,10 +39,17 @@ def recommended_scheduler(config: ARPGConfig) -> ARPGScheduler:
 
 def convert_args(parity_dir, output_dir, arpg, vq):
     return [
-        "--arpg-checkpoint", arpg, "--vq-checkpoint", vq,
-        "--reference-config", str(parity_dir / "config.json"), "--vq-config", str(parity_dir / "vq_config.json"),
-        "--output-dir", str(output_dir),
-    ]  # fmt: skip
+        "--arpg-checkpoint",
+        arpg,
+        "--vq-checkpoint",
+        vq,
+        "--reference-config",
+        str(parity_dir / "config.json"),
+        "--vq-config",
+        str(parity_dir / "vq_config.json"),
+        "--output-dir",
+        str(output_dir),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def local_converted_dir(parity_dir, tmp_path_factory):
 def test_license_file_is_mit():
     text = (REPO / "LICENSE").read_text()
     assert text.startswith("MIT License\n\nCopyright (c) 2026 the arpg-hf authors\n")
-    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     assert setup["metadata"]["license"] == "MIT"
@@ -158,8 +164,14 @@ def test_trained_cards_have_no_eval_results(tmp_path):
         assert card.data.base_model == base_model
         assert card.data.eval_results is None and "model-index" not in card.content
         assert "## Results" not in card.text and "## License" not in card.text and "## Training" in card.text
-    measured = dict(token_schedule="arccos", guidance_schedule="linear", guidance_scale=5.0, num_inference_steps=64,
-                    fid=3.21, inception_score=250)  # fmt: skip
+    measured = dict(
+        token_schedule="arccos",
+        guidance_schedule="linear",
+        guidance_scale=5.0,
+        num_inference_steps=64,
+        fid=3.21,
+        inception_score=250,
+    )
     card = create_model_card(config, {}, results=[measured])
     assert card.data.eval_results is None and card.data.base_model is None
     assert "Measured with this folder." in card.text and "| 3.21 | 250 |" in card.text
@@ -168,8 +180,9 @@ def test_trained_cards_have_no_eval_results(tmp_path):
 def test_digits_sized_card_has_no_eval_results_and_a_digits_snippet(tmp_path):
     config = tiny_config(num_classes=10)
     scheduler = ARPGScheduler(recommended_guidance_scale=2.0, recommended_num_inference_steps=16)
-    card = create_model_card(config, scheduler.config, model_name="ARPG digits", datasets=["sklearn digits"],
-                             results=[], tags=["digits"])  # fmt: skip
+    card = create_model_card(
+        config, scheduler.config, model_name="ARPG digits", datasets=["sklearn digits"], results=[], tags=["digits"]
+    )
     card.save(tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.eval_results is None and card.data.base_model is None
@@ -192,8 +205,10 @@ def test_space_requirements_are_pinned_and_satisfy_the_package():
     requirements = [Requirement(line) for line in lines if line and not line.startswith("#")]
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    declared = {Requirement(line).name.lower(): Requirement(line)
-                for line in setup["options"]["install_requires"].strip().splitlines()}  # fmt: skip
+    declared = {
+        Requirement(line).name.lower(): Requirement(line)
+        for line in setup["options"]["install_requires"].strip().splitlines()
+    }
     assert {"torch", "transformers", "diffusers", "huggingface-hub"} <= {r.name.lower() for r in requirements}
     for requirement in requirements:
         (specifier,) = requirement.specifier

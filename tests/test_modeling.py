@@ -30,7 +30,10 @@ def test_derived_ids_and_sizes():
     assert (config.mask_token_id, config.class_token_offset, config.null_class_token_id) == (512, 513, 523)
     assert config.num_embeddings == 525
     assert config.intermediate_size == 256  # find_multiple(int(2 * 4 * 64 / 3) = 170, 256)
-    assert ARPGConfig(hidden_size=64, num_attention_heads=4, ffn_dim_multiplier=1.5, multiple_of=32).intermediate_size == 256
+    assert (
+        ARPGConfig(hidden_size=64, num_attention_heads=4, ffn_dim_multiplier=1.5, multiple_of=32).intermediate_size
+        == 256
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,8 +77,9 @@ def test_eager_and_sdpa_attention_agree(tiny_model, monkeypatch):
         try:
             assert tiny_model.config._attn_implementation == "eager"
             sdpa_calls = []
-            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                                lambda *args, **kwargs: sdpa_calls.append(args))  # fmt: skip
+            monkeypatch.setattr(
+                torch.nn.functional, "scaled_dot_product_attention", lambda *args, **kwargs: sdpa_calls.append(args)
+            )
             eager = tiny_model(input_ids, labels, orders=orders).logits
             assert not sdpa_calls  # the plain matmul + softmax path ran
             monkeypatch.undo()
@@ -139,7 +143,9 @@ def test_class_dropout_only_in_training():
     null_labels = torch.full((4,), -1)
     with torch.no_grad():
         model.train()
-        dropped = model(input_ids, torch.tensor([0, 1, 2, 3]), orders=orders, generator=torch.Generator().manual_seed(0))
+        dropped = model(
+            input_ids, torch.tensor([0, 1, 2, 3]), orders=orders, generator=torch.Generator().manual_seed(0)
+        )
         model.eval()
         kept = model(input_ids, torch.tensor([0, 1, 2, 3]), orders=orders)
         # the null class, fed by hand through the trunk, gives the dropped logits

@@ -16,8 +16,15 @@ def pipe():
 
 def greedy(pipe, labels, guidance_scale, **kwargs):
     order = torch.randperm(16, generator=torch.Generator().manual_seed(5))
-    return pipe(labels, num_inference_steps=4, guidance_scale=guidance_scale, top_k=1, orders=order,
-                output_type="latent", **kwargs).images  # fmt: skip
+    return pipe(
+        labels,
+        num_inference_steps=4,
+        guidance_scale=guidance_scale,
+        top_k=1,
+        orders=order,
+        output_type="latent",
+        **kwargs,
+    ).images
 
 
 def test_guidance_zero_samples_the_negative_class(pipe):
@@ -49,8 +56,17 @@ def test_inpainting_with_a_negative_class(pipe):
     mask[:, 4:] = 1  # the bottom two token rows
 
     def call(labels, scale, **kwargs):
-        return inpaint(image, mask, labels, num_inference_steps=3, guidance_scale=scale, top_k=1,
-                       generator=torch.Generator().manual_seed(1), output_type="latent", **kwargs).images  # fmt: skip
+        return inpaint(
+            image,
+            mask,
+            labels,
+            num_inference_steps=3,
+            guidance_scale=scale,
+            top_k=1,
+            generator=torch.Generator().manual_seed(1),
+            output_type="latent",
+            **kwargs,
+        ).images
 
     edited = call([0, 1], 0.0, negative_class_labels=[2, 3])
     assert torch.equal(edited, call([2, 3], 1.0))

@@ -120,7 +120,12 @@ def test_group_offload_keeps_the_tokens_and_images(reference, offload_type):
     kwargs = dict(class_labels=[3, 8], num_inference_steps=8, output_type="np")
     expected = reference(**kwargs, generator=torch.Generator().manual_seed(0)).images
     pipe = fresh()
-    pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                              offload_type=offload_type, num_blocks_per_group=1, exclude_modules=["vqvae"])  # fmt: skip
+    pipe.enable_group_offload(
+        onload_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+        offload_type=offload_type,
+        num_blocks_per_group=1,
+        exclude_modules=["vqvae"],
+    )
     assert any(hasattr(module, "_diffusers_hook") for module in pipe.transformer.modules())
     np.testing.assert_array_equal(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, expected)

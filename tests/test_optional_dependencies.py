@@ -13,8 +13,17 @@ import pytest
 from arpg_hf.optional_dependencies import MissingOptionalDependencyError, require
 
 # What the extras (training, metrics, demo, digits) bring, and what only they pull in.
-EXTRAS_PACKAGES = ("datasets", "evaluate", "gradio", "gradio_client", "sklearn", "scipy", "tensorboard", "pyarrow",
-                   "pandas")  # fmt: skip
+EXTRAS_PACKAGES = (
+    "datasets",
+    "evaluate",
+    "gradio",
+    "gradio_client",
+    "sklearn",
+    "scipy",
+    "tensorboard",
+    "pyarrow",
+    "pandas",
+)
 
 
 def block(monkeypatch, *modules):
@@ -117,8 +126,13 @@ LEAN_SCRIPT = textwrap.dedent(
 
 def test_generation_and_the_cli_work_without_the_extras(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", LEAN_SCRIPT, str(tmp_path), ",".join(EXTRAS_PACKAGES)], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", LEAN_SCRIPT, str(tmp_path), ",".join(EXTRAS_PACKAGES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     assert "ERROR: " + message("arpg_hf.load_token_dataset", "datasets", "training") in lines

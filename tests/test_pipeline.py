@@ -40,10 +40,13 @@ def test_greedy_generation_reproduces_reference_tokens(reference, generate_fixtu
     use_cpu_gemm(reference.transformer, cpu_gemm)
     try:
         tokens = with_schedule(reference, case)(
-            generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
-            guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
+            generate_fixture[f"{key}.class_labels"],
+            num_inference_steps=case["num_iter"],
+            guidance_scale=case["guidance_scale"],
+            top_k=1,
+            orders=generate_fixture[f"{key}.orders"],
             output_type="latent",
-        ).images  # fmt: skip
+        ).images
     finally:  # the session's pipeline shares this transformer
         use_cpu_gemm(reference.transformer, "default")
         reference.transformer.unfuse_projections()
@@ -57,10 +60,13 @@ def test_first_step_logits_match_reference(reference, generate_fixture):
         key = case["key"]
         with recording_calls(reference, "decode_step") as steps:
             with_schedule(reference, case)(
-                generate_fixture[f"{key}.class_labels"], num_inference_steps=case["num_iter"],
-                guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture[f"{key}.orders"],
+                generate_fixture[f"{key}.class_labels"],
+                num_inference_steps=case["num_iter"],
+                guidance_scale=case["guidance_scale"],
+                top_k=1,
+                orders=generate_fixture[f"{key}.orders"],
                 output_type="latent",
-            )  # fmt: skip
+            )
         conditional, unconditional = steps[0][2].chunk(2)
         guided = unconditional + (conditional - unconditional) * case["cfg_scale_per_step"][0]
         torch.testing.assert_close(guided, generate_fixture[f"{key}.first_step_logits"], atol=1e-4, rtol=0)
@@ -70,14 +76,21 @@ def test_end_to_end_images_match_reference(reference, generate_fixture, parity_d
     e2e = load_file(parity_dir / "e2e.safetensors")
     case = CASES[0]
     images = with_schedule(reference, case)(
-        generate_fixture["case0.class_labels"], num_inference_steps=case["num_iter"],
-        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture["case0.orders"], output_type="pt",
-    ).images  # fmt: skip
+        generate_fixture["case0.class_labels"],
+        num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"],
+        top_k=1,
+        orders=generate_fixture["case0.orders"],
+        output_type="pt",
+    ).images
     torch.testing.assert_close(images, (e2e["images"] / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
     pil = with_schedule(reference, case)(
-        generate_fixture["case0.class_labels"], num_inference_steps=case["num_iter"],
-        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture["case0.orders"],
-    ).images  # fmt: skip
+        generate_fixture["case0.class_labels"],
+        num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"],
+        top_k=1,
+        orders=generate_fixture["case0.orders"],
+    ).images
     assert all(isinstance(image, Image.Image) and image.size == (128, 128) for image in pil)
     difference = np.stack([np.asarray(image, dtype=np.int16) for image in pil]) - e2e["images_uint8"].numpy()
     assert np.abs(difference).max() <= 1  # PIL rounds, the reference truncates: values differ by at most 1
@@ -98,7 +111,7 @@ def test_output_types(tiny_pipeline):
     array = tiny_pipeline(**{**kwargs, "generator": torch.Generator().manual_seed(0)}, output_type="np").images
     assert array.shape == (2, 8, 8, 3)
     np.testing.assert_allclose(array, tensor.permute(0, 2, 3, 1).numpy(), atol=1e-6)
-    images, = tiny_pipeline(**{**kwargs, "generator": torch.Generator().manual_seed(0)}, return_dict=False)
+    (images,) = tiny_pipeline(**{**kwargs, "generator": torch.Generator().manual_seed(0)}, return_dict=False)
     assert [image.size for image in images] == [(8, 8), (8, 8)]
 
 
@@ -117,13 +130,20 @@ def test_same_seed_same_tokens_and_per_image_generators(tiny_pipeline):
 
 def test_sampling_changes_with_temperature_and_greedy_ignores_the_seed(tiny_pipeline):
     greedy = [
-        tiny_pipeline([1, 2], num_inference_steps=4, top_k=1, orders=torch.arange(16), output_type="latent",
-                      generator=torch.Generator().manual_seed(seed)).images
+        tiny_pipeline(
+            [1, 2],
+            num_inference_steps=4,
+            top_k=1,
+            orders=torch.arange(16),
+            output_type="latent",
+            generator=torch.Generator().manual_seed(seed),
+        ).images
         for seed in (0, 1)
-    ]  # fmt: skip
+    ]
     assert torch.equal(*greedy)
-    zero_temperature = tiny_pipeline([1, 2], num_inference_steps=4, temperature=0.0, orders=torch.arange(16),
-                                     output_type="latent").images  # fmt: skip
+    zero_temperature = tiny_pipeline(
+        [1, 2], num_inference_steps=4, temperature=0.0, orders=torch.arange(16), output_type="latent"
+    ).images
     assert torch.equal(zero_temperature, greedy[0])
 
 
@@ -135,8 +155,13 @@ def test_callback_sees_progress_and_can_edit_tokens(tiny_pipeline):
         seen.append(int((tokens >= 0).sum()))
         return {"tokens": tokens.clamp(max=3).where(tokens >= 0, tokens)}
 
-    tokens = tiny_pipeline([0], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                           callback_on_step_end=callback, output_type="latent").images  # fmt: skip
+    tokens = tiny_pipeline(
+        [0],
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end=callback,
+        output_type="latent",
+    ).images
     assert seen == np.cumsum(tiny_pipeline.scheduler.tokens_per_step).tolist()
     assert tokens.max() <= 3
 
@@ -196,9 +221,13 @@ def test_save_and_load_round_trip(reference, generate_fixture, tmp_path):
     case = CASES[1]
     with_schedule(loaded, case)
     tokens = loaded(
-        generate_fixture["case1.class_labels"], num_inference_steps=case["num_iter"],
-        guidance_scale=case["guidance_scale"], top_k=1, orders=generate_fixture["case1.orders"], output_type="latent",
-    ).images  # fmt: skip
+        generate_fixture["case1.class_labels"],
+        num_inference_steps=case["num_iter"],
+        guidance_scale=case["guidance_scale"],
+        top_k=1,
+        orders=generate_fixture["case1.orders"],
+        output_type="latent",
+    ).images
     assert torch.equal(tokens, generate_fixture["case1.tokens"])
     half = ARPGPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert half.transformer.dtype == torch.bfloat16 and half.vqvae.dtype == torch.bfloat16
@@ -225,7 +254,9 @@ def test_reference_loader_rejects_mismatched_checkpoints(parity_dir):
     odd = ARPGPipeline.from_reference_checkpoints(state, vq, {**config, "n_layer": 5}, read_json("vq_config.json"))
     assert odd.transformer.config.num_self_attention_layers == odd.transformer.config.num_cross_attention_layers == 2
     with pytest.raises(ValueError, match=r"quantize\.embedding\.weight: checkpoint \(512, 8\) vs model \(1024, 8\)"):
-        ARPGPipeline.from_reference_checkpoints(state, vq, config, {**read_json("vq_config.json"), "codebook_size": 1024})
+        ARPGPipeline.from_reference_checkpoints(
+            state, vq, config, {**read_json("vq_config.json"), "codebook_size": 1024}
+        )
 
 
 def test_shared_order_is_drawn_as_the_published_sampler_draws_it(tiny_pipeline):
@@ -256,8 +287,14 @@ def test_larger_canvas_generation(tiny_pipeline):
 def test_position_modes_matter_only_off_the_trained_grid(tiny_pipeline):
     def run(mode, **size):
         with recording_calls(tiny_pipeline, "decode_step") as steps:
-            tokens = tiny_pipeline([2], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                                   position_mode=mode, output_type="latent", **size).images  # fmt: skip
+            tokens = tiny_pipeline(
+                [2],
+                num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0),
+                position_mode=mode,
+                output_type="latent",
+                **size,
+            ).images
         return tokens, torch.cat([logits for _, _, logits in steps], dim=1)
 
     trained = run("extrapolate")

@@ -31,8 +31,9 @@ class InterruptAt(PipelineCallback):
 
     def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
         tokens = callback_kwargs["tokens"]
-        self.seen.append((step_index, int(timestep), int((tokens >= 0).sum()), pipeline.guidance_scale,
-                          pipeline.num_timesteps))  # fmt: skip
+        self.seen.append(
+            (step_index, int(timestep), int((tokens >= 0).sum()), pipeline.guidance_scale, pipeline.num_timesteps)
+        )
         if step_index == self.config.cutoff_step_index:
             pipeline._interrupt = True
         return callback_kwargs
@@ -40,8 +41,14 @@ class InterruptAt(PipelineCallback):
 
 def run(pipe, callback=None, steps=16, **kwargs):
     with recording_calls(pipe, "decode_step") as calls:
-        tokens = pipe([3, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                      output_type="latent", callback_on_step_end=callback, **kwargs).images  # fmt: skip
+        tokens = pipe(
+            [3, 7],
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=callback,
+            **kwargs,
+        ).images
     return tokens, len(calls)
 
 
@@ -93,8 +100,15 @@ def test_interrupting_an_inpainting_call(pipe):
     encoded = inpaint.encode_image(inpaint.preprocess_image(image))
     callback = InterruptAt(cutoff_step_index=1)
     with recording_calls(inpaint, "decode_step") as calls:
-        tokens = inpaint(image, mask, [5], num_inference_steps=8, generator=torch.Generator().manual_seed(0),
-                         output_type="latent", callback_on_step_end=callback).images  # fmt: skip
+        tokens = inpaint(
+            image,
+            mask,
+            [5],
+            num_inference_steps=8,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=callback,
+        ).images
     assert len(calls) == 3 and bool((tokens >= 0).all())
     assert torch.equal(tokens[0, :32], encoded[0, :32])  # the kept half
 

@@ -35,7 +35,9 @@ def test_interleaved_pairs_rotate_like_complex_numbers():
     x = torch.randn(2, 3, 5, 8, generator=generator)
     angles = torch.randn(2, 5, 4, generator=generator)
     rotated = apply_rotary_2d(x, angles.cos(), angles.sin())
-    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 5, 4, 2)) * torch.polar(torch.ones_like(angles), angles)[:, None])
+    expected = torch.view_as_real(
+        torch.view_as_complex(x.reshape(2, 3, 5, 4, 2)) * torch.polar(torch.ones_like(angles), angles)[:, None]
+    )
     torch.testing.assert_close(rotated, expected.flatten(-2), atol=1e-6, rtol=0)
     assert apply_rotary_2d(x.bfloat16(), angles.cos(), angles.sin()).dtype == torch.bfloat16
 

@@ -72,10 +72,25 @@ def test_resume_redraws_only_missing_samples_identically(single_run):
 def test_two_processes_draw_the_same_samples(single_run, tmp_path):
     out, _ = single_run
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(ROOT / "pipelines" / "sample_fid.py"), "--output_dir", str(tmp_path / "ddp"), *ARGS,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(ROOT / "pipelines" / "sample_fid.py"),
+        "--output_dir",
+        str(tmp_path / "ddp"),
+        *ARGS,
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -94,10 +109,20 @@ def test_evaluate_pipeline_scores_samples_against_a_reference_batch(single_run, 
     with np.load(out / "samples.npz") as batch:
         images = batch["arr_0"]
     np.savez(tmp_path / "ref.npz", arr_0=images)  # the samples as their own reference: FID 0, precision = recall = 1
-    args = evaluate_pipeline.parse_args([
-        "--samples", str(out), "--reference", str(tmp_path / "ref.npz"), "--feature_extractor", "tiny-random",
-        "--output", str(tmp_path / "metrics.json"), "--name", "digits",
-    ])  # fmt: skip
+    args = evaluate_pipeline.parse_args(
+        [
+            "--samples",
+            str(out),
+            "--reference",
+            str(tmp_path / "ref.npz"),
+            "--feature_extractor",
+            "tiny-random",
+            "--output",
+            str(tmp_path / "metrics.json"),
+            "--name",
+            "digits",
+        ]
+    )
     report = evaluate_pipeline.main(args)
     assert json.loads((tmp_path / "metrics.json").read_text()) == report
     metrics = report["metrics"]
@@ -113,8 +138,14 @@ def test_evaluate_pipeline_without_inception_weights_offline_is_a_clear_error(si
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch"), "OMP_NUM_THREADS": "1"}
     env.pop("ARPG_HF_INCEPTION_WEIGHTS", None)
-    command = [sys.executable, str(ROOT / "pipelines" / "evaluate_samples.py"), "--samples", str(out / "samples.npz"),
-               "--reference", str(tmp_path / "ref.npz")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "evaluate_samples.py"),
+        "--samples",
+        str(out / "samples.npz"),
+        "--reference",
+        str(tmp_path / "ref.npz"),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1
     assert "process is offline" in result.stderr and "ARPG_HF_INCEPTION_WEIGHTS" in result.stderr
@@ -142,11 +173,14 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
     reference = tmp_path / "reference"
     startup, duration = timed_run(command(reference), reference / "samples", "*.png", env)
     max_delay = startup + 0.6 * (duration - startup)  # the drawing outlasts one run: kills keep landing among writes
-    report = fault_injection.random_kills(command(out), out, runs=fault_injection.kill_runs(3), max_delay=max_delay,
-                                          env=env, cwd=ROOT, count_outputs=pngs)  # fmt: skip
-    print(f"\nsample_fid: {report.kills} kills ({report.kills_during_writes} while PNGs were being written), "
-          f"{report.finished} runs finished first, {len(report.half_written)} half-written files; start-up "
-          f"{startup:.1f} s of {duration:.1f} s, PNGs written per run {[n for _, n in report.written]}")
+    report = fault_injection.random_kills(
+        command(out), out, runs=fault_injection.kill_runs(3), max_delay=max_delay, env=env, cwd=ROOT, count_outputs=pngs
+    )
+    print(
+        f"\nsample_fid: {report.kills} kills ({report.kills_during_writes} while PNGs were being written), "
+        f"{report.finished} runs finished first, {len(report.half_written)} half-written files; start-up "
+        f"{startup:.1f} s of {duration:.1f} s, PNGs written per run {[n for _, n in report.written]}"
+    )
     assert report.half_written == []
     subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=240, cwd=ROOT)
     assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []  # the leftovers of the killed runs are gone

@@ -26,8 +26,12 @@ class Progress:
 
 
 def settings_for(classes=(3, 7), per_class=2, size=(8, 8)):
-    return {"classes": list(classes), "num_samples_per_class": per_class, "num_samples": len(classes) * per_class,
-            "image_size": list(size)}  # fmt: skip
+    return {
+        "classes": list(classes),
+        "num_samples_per_class": per_class,
+        "num_samples": len(classes) * per_class,
+        "image_size": list(size),
+    }
 
 
 def write_pngs(out: Path, count: int, size=(8, 8), seed=0) -> np.ndarray:
@@ -42,8 +46,14 @@ def write_pngs(out: Path, count: int, size=(8, 8), seed=0) -> np.ndarray:
 def test_an_absurd_number_of_samples_is_refused_in_one_line_within_seconds(tmp_path):
     out = tmp_path / "new" / "samples-1e9"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(ROOT / "pipelines" / "sample_fid.py"), "--output_dir", str(out),
-               "--num_samples_per_class", "1000000000"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "pipelines" / "sample_fid.py"),
+        "--output_dir",
+        str(out),
+        "--num_samples_per_class",
+        "1000000000",
+    ]
     start = time.monotonic()
     with open(tmp_path / "stderr", "w+") as stderr:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -77,9 +87,12 @@ def test_the_disk_estimate_counts_the_npz_and_the_pngs_still_to_draw(tmp_path, m
 
     monkeypatch.setattr(sample_fid.shutil, "disk_usage", Usage)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"100 samples \(50 per class x 2 classes\) of 32x32 px need about 633.0 KB on "
-                                         r"disk \(309.5 KB for samples.npz, up to 323.5 KB for the PNGs still to "
-                                         r"draw\), but .* has 616.7 KB free"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"100 samples \(50 per class x 2 classes\) of 32x32 px need about 633.0 KB on "
+        r"disk \(309.5 KB for samples.npz, up to 323.5 KB for the PNGs still to "
+        r"draw\), but .* has 616.7 KB free",
+    ):
         sample_fid.check_disk_space(str(out), settings)
     write_pngs(out, 60, size=(32, 32))  # a resumed run: the PNGs already drawn need no new space
     free["bytes"] = npz + 40 * (32 * 32 * 3 + 32 + 3 + 128)
@@ -162,8 +175,17 @@ def test_a_failing_npz_write_leaves_the_previous_npz_and_no_visible_temporary(tm
 def test_a_png_whose_write_fails_never_appears(tmp_path, monkeypatch):
     """A PNG interrupted while being written (here: an error half-way) is never visible under its final name."""
     os.makedirs(tmp_path / "samples")
-    settings = {"output_dir": str(tmp_path), "classes": [0], "num_samples_per_class": 2, "seed": 0,
-                "num_inference_steps": 1, "guidance_scale": 1.0, "temperature": 1.0, "top_k": None, "top_p": None}
+    settings = {
+        "output_dir": str(tmp_path),
+        "classes": [0],
+        "num_samples_per_class": 2,
+        "seed": 0,
+        "num_inference_steps": 1,
+        "guidance_scale": 1.0,
+        "temperature": 1.0,
+        "top_k": None,
+        "top_p": None,
+    }
 
     class Pipe:
         def __call__(self, labels, **kwargs):
@@ -183,9 +205,14 @@ def test_a_png_whose_write_fails_never_appears(tmp_path, monkeypatch):
 def test_leftovers_of_killed_runs_are_removed_and_samples_kept(tmp_path):
     out = tmp_path / "out"
     write_pngs(out, 2)
-    leftovers = [out / "samples" / ".000002.png.partial-k2j3.png", out / ".samples.npz.partial-abc.npz",
-                 out / ".sampling_settings.json.partial-1.json", out / "samples" / "000003.png.tmp.png",
-                 out / "samples.npz.tmp-77.npz", out / "sampling_settings.json.tmp-77"]  # fmt: skip (last 3: old names)
+    leftovers = [
+        out / "samples" / ".000002.png.partial-k2j3.png",
+        out / ".samples.npz.partial-abc.npz",
+        out / ".sampling_settings.json.partial-1.json",
+        out / "samples" / "000003.png.tmp.png",
+        out / "samples.npz.tmp-77.npz",
+        out / "sampling_settings.json.tmp-77",
+    ]  # the last 3: old names
     for path in leftovers:
         path.write_bytes(b"half")
     (out / "notes.tmp.txt").write_text("not ours")

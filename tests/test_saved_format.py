@@ -59,8 +59,10 @@ def test_committed_pipeline_generates_images(pipes, folder):
 def test_saving_a_v0_1_folder_writes_todays_format(pipes, tmp_path):
     pipes[LEGACY_FIXTURE_DIR.name].save_pretrained(tmp_path)
     for name in ("model_index.json", "vqvae/config.json", "transformer/config.json"):
-        saved, current = ({k: v for k, v in json.loads((folder / name).read_text()).items() if k not in VERSIONS}
-                          for folder in (tmp_path, FIXTURE_DIR))  # fmt: skip
+        saved, current = (
+            {k: v for k, v in json.loads((folder / name).read_text()).items() if k not in VERSIONS}
+            for folder in (tmp_path, FIXTURE_DIR)
+        )
         assert saved == current, name  # `_name_or_path` (where it was loaded from) included: not saved
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py")) == sorted(
         p.relative_to(FIXTURE_DIR) for p in FIXTURE_DIR.rglob("*.py")

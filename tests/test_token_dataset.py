@@ -79,8 +79,17 @@ def test_images_to_tensor_range_and_layout():
 
 
 def test_info_round_trip_and_parquet_load(tmp_path):
-    info = TokenDatasetInfo(grid_height=4, grid_width=4, codebook_size=32, n_crops=2, resolution=64,
-                            class_names=["a", "b"], vqvae="x", augmentation="center+flip", num_samples=3)  # fmt: skip
+    info = TokenDatasetInfo(
+        grid_height=4,
+        grid_width=4,
+        codebook_size=32,
+        n_crops=2,
+        resolution=64,
+        class_names=["a", "b"],
+        vqvae="x",
+        augmentation="center+flip",
+        num_samples=3,
+    )
     (tmp_path / "data").mkdir()
     token_rows(3, num_classes=2).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
     info.save(tmp_path)

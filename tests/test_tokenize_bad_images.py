@@ -36,8 +36,23 @@ def make_bad_folder(root: Path, empty: bool = False) -> Path:
 
 def tokenize_command(images, out, *extra):
     cache = str(Path(out).parent / "cache")
-    return [sys.executable, SCRIPT, "--image_dir", str(images), "--vqvae", TINY_PIPELINE, "--output_dir", str(out),
-            "--resolution", "8", "--shard_size", "2", "--cache_dir", cache, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        SCRIPT,
+        "--image_dir",
+        str(images),
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "8",
+        "--shard_size",
+        "2",
+        "--cache_dir",
+        cache,
+        *extra,
+    ]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -65,8 +80,10 @@ def test_skip_bad_images_finishes_and_lists_both(tmp_path, capsys):
     assert "Skipped 2 unreadable image(s) of 5" in capsys.readouterr().err
     skipped = json.loads((out / "skipped_images.json").read_text())
     assert skipped["num_skipped"] == 2 and skipped["num_source_images"] == 5
-    assert [(r["row"], r["path"]) for r in skipped["images"]] == [(1, str(images / "a" / "1.png")),
-                                                                 (4, str(images / "b" / "x.png"))]  # fmt: skip
+    assert [(r["row"], r["path"]) for r in skipped["images"]] == [
+        (1, str(images / "a" / "1.png")),
+        (4, str(images / "b" / "x.png")),
+    ]
     assert "truncated" in skipped["images"][0]["reason"] and "UnidentifiedImageError" in skipped["images"][1]["reason"]
     dataset, info = load_token_dataset(out)
     assert len(dataset) == info.num_samples == 3 and dataset["label"] == [0, 1, 1]  # a/0, b/0, b/1
@@ -93,8 +110,11 @@ def test_in_process_error_and_skip_with_an_empty_file(tmp_path, capsys):
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # never switched on to get past a bad file
     run_tokenize(*argv, "--skip_bad_images", "--shard_size", 2, "--batch_size", 1)
     skipped = json.loads((out / "skipped_images.json").read_text())
-    assert [(r["row"], os.path.basename(r["path"])) for r in skipped["images"]] == [(1, "1.png"), (4, "empty.png"),
-                                                                                    (5, "x.png")]  # fmt: skip
+    assert [(r["row"], os.path.basename(r["path"])) for r in skipped["images"]] == [
+        (1, "1.png"),
+        (4, "empty.png"),
+        (5, "x.png"),
+    ]
     assert "Skipped 3 unreadable image(s) of 6" in capsys.readouterr().err
     dataset, info = load_token_dataset(out)
     assert len(dataset) == info.num_samples == 3
@@ -116,8 +136,9 @@ def test_a_source_without_any_readable_image_is_refused(tmp_path):
     (images / "a" / "1.png").write_bytes(b"")
     out = tmp_path / "tokens"
     with pytest.raises(ValueError, match=r"None of the 2 source images could be read"):
-        run_tokenize("--image_dir", images, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8,
-                     "--skip_bad_images")  # fmt: skip
+        run_tokenize(
+            "--image_dir", images, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8, "--skip_bad_images"
+        )
     assert not (out / "tokenizer_info.json").exists()
 
 
@@ -145,8 +166,9 @@ def test_bad_images_in_a_dataset_are_named_by_row(tmp_path):
     out = tmp_path / "tokens"
     with pytest.raises(UnreadableImageError, match=r"Cannot read image row 1 of the dataset: "):
         run_tokenize("--dataset_name", source, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8)
-    run_tokenize("--dataset_name", source, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8,
-                 "--skip_bad_images")  # fmt: skip
+    run_tokenize(
+        "--dataset_name", source, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8, "--skip_bad_images"
+    )
     assert [r["row"] for r in json.loads((out / "skipped_images.json").read_text())["images"]] == [1]
     assert len(load_token_dataset(out)[0]) == 1
 
@@ -156,7 +178,9 @@ def test_shards_of_another_shard_count_are_refused_and_incomplete_folders_do_not
     out = tmp_path / "tokens"
     argv = ["--image_dir", images, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8]
     run_tokenize(*argv, "--shard_size", 1)
-    with pytest.raises(ValueError, match=r"holds shards of another run \(train-00000-of-00003.parquet.*\(--shard_size 2\)"):
+    with pytest.raises(
+        ValueError, match=r"holds shards of another run \(train-00000-of-00003.parquet.*\(--shard_size 2\)"
+    ):
         run_tokenize(*argv, "--shard_size", 2)
     os.remove(out / "data" / "train-00001-of-00003.parquet")  # as a killed run leaves it
     with pytest.raises(ValueError, match=r"incomplete: 1 of 3 shards are missing \(train-00001-of-00003.parquet\)"):
@@ -167,9 +191,12 @@ def test_leftovers_of_killed_runs_are_removed_and_other_files_kept(tmp_path):
     images = make_image_folder(tmp_path / "images", classes=("a",), per_class=2)
     out = tmp_path / "tokens"
     os.makedirs(out / "data")
-    leftovers = [out / "data" / ".train-00000-of-00001.parquet.partial-abc123.parquet",
-                 out / ".tokenizer_info.json.partial-x1y2.json", out / "data" / "train-00000-of-00001.parquet.tmp-99",
-                 out / "tokenizer_info.json.tmp"]  # fmt: skip (the last two: names of earlier versions)
+    leftovers = [
+        out / "data" / ".train-00000-of-00001.parquet.partial-abc123.parquet",
+        out / ".tokenizer_info.json.partial-x1y2.json",
+        out / "data" / "train-00000-of-00001.parquet.tmp-99",
+        out / "tokenizer_info.json.tmp",
+    ]  # the last two: names of earlier versions
     for path in leftovers:
         path.write_bytes(b"half")
     (out / "notes.txt").write_text("mine")
@@ -185,8 +212,9 @@ def test_nothing_is_created_before_the_arguments_are_validated(tmp_path):
         with pytest.raises(ValueError):
             run_tokenize("--image_dir", images, "--output_dir", out, *argv)
     with pytest.raises(ValueError, match="is not a folder"):
-        run_tokenize("--image_dir", tmp_path / "nothing", "--vqvae", TINY_PIPELINE, "--output_dir", out,
-                     "--resolution", 8)  # fmt: skip
+        run_tokenize(
+            "--image_dir", tmp_path / "nothing", "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8
+        )
     assert not out.exists()
 
 
@@ -194,14 +222,37 @@ def test_nothing_is_created_before_the_arguments_are_validated(tmp_path):
 def test_two_processes_agree_on_the_skipped_images(tmp_path):
     images = make_bad_folder(tmp_path / "images", empty=True)  # 3 bad rows (1, 4, 5) in shards 0 and 2 of 3
     single = tmp_path / "single"
-    run_tokenize("--image_dir", images, "--vqvae", TINY_PIPELINE, "--output_dir", single, "--resolution", 8,
-                 "--shard_size", 2, "--skip_bad_images")  # fmt: skip
+    run_tokenize(
+        "--image_dir",
+        images,
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        single,
+        "--resolution",
+        8,
+        "--shard_size",
+        2,
+        "--skip_bad_images",
+    )
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
         *tokenize_command(images, out, "--skip_bad_images")[1:],
-    ]  # fmt: skip
+    ]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((out / "skipped_images.json").read_text()) == json.loads(

@@ -48,8 +48,21 @@ def run_tokenize(*argv):
 def tokens(tmp_path_factory):
     images = make_image_folder(tmp_path_factory.mktemp("images"))
     out = tmp_path_factory.mktemp("tokens")
-    run_tokenize("--image_dir", images, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8,
-                 "--ten_crop", "--shard_size", 4, "--batch_size", 3)  # fmt: skip
+    run_tokenize(
+        "--image_dir",
+        images,
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        out,
+        "--resolution",
+        8,
+        "--ten_crop",
+        "--shard_size",
+        4,
+        "--batch_size",
+        3,
+    )
     return images, out
 
 
@@ -59,8 +72,9 @@ def test_tokenized_rows_equal_direct_encoding(tokens):
     assert (info.grid_height, info.grid_width, info.codebook_size, info.n_crops) == (4, 4, 16, 10)
     assert info.class_names == ["cat", "dog", "fish"] == dataset.features["label"].names
     assert len(dataset) == 6 and sorted(os.listdir(out / "data")) == [
-        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"
-    ]  # fmt: skip
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
     vqvae = load_vq_model(TINY_PIPELINE).eval()
     row = dataset.with_format("numpy")[5]  # fish/1.png
     views = augment_image(Image.open(images / "fish" / "1.png"), 8, ten_crop=True, flip=True)
@@ -76,8 +90,19 @@ def test_finished_shards_are_kept_when_resuming(tokens):
     before = redone.read_bytes()
     stamp = kept.stat().st_mtime_ns
     redone.unlink()
-    run_tokenize("--image_dir", images, "--vqvae", TINY_PIPELINE, "--output_dir", out, "--resolution", 8,
-                 "--ten_crop", "--shard_size", 4)  # fmt: skip
+    run_tokenize(
+        "--image_dir",
+        images,
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        out,
+        "--resolution",
+        8,
+        "--ten_crop",
+        "--shard_size",
+        4,
+    )
     assert kept.stat().st_mtime_ns == stamp
     assert load_token_dataset(out)[0].with_format("numpy")[4:]["codes"].tolist() == load_parquet_codes(before)
 
@@ -126,8 +151,18 @@ def test_import_npy_layout(tmp_path):
             codes = rng.integers(0, 16384, (1, 2, 256)).astype(np.int64)
             np.save(tmp_path / "npy" / str(label) / f"{i}.npy", codes)
             expected[(label, i)] = codes[0]
-    args = import_npy_tokens.parse_args(["--npy_dir", str(tmp_path / "npy"), "--output_dir", str(tmp_path / "t"),
-                                         "--class_names", "imagenet", "--shard_size", "4"])  # fmt: skip
+    args = import_npy_tokens.parse_args(
+        [
+            "--npy_dir",
+            str(tmp_path / "npy"),
+            "--output_dir",
+            str(tmp_path / "t"),
+            "--class_names",
+            "imagenet",
+            "--shard_size",
+            "4",
+        ]
+    )
     import_npy_tokens.main(args)
     dataset, info = load_token_dataset(tmp_path / "t")
     assert (info.grid_height, info.grid_width, info.codebook_size, info.n_crops) == (16, 16, 16384, 2)
@@ -151,11 +186,33 @@ def test_two_processes_split_the_shards_and_write_the_same_rows(tokens, tmp_path
     images, single = tokens
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(ROOT / "pipelines" / "tokenize_dataset.py"), "--image_dir", str(images), "--vqvae", TINY_PIPELINE,
-        "--output_dir", str(out), "--resolution", "8", "--ten_crop", "--shard_size", "2",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(ROOT / "pipelines" / "tokenize_dataset.py"),
+        "--image_dir",
+        str(images),
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "8",
+        "--ten_crop",
+        "--shard_size",
+        "2",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -193,9 +250,24 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
     out = tmp_path / "killed"
 
     def command(out):
-        return [sys.executable, str(ROOT / "pipelines" / "tokenize_dataset.py"), "--image_dir", str(images),
-                "--vqvae", TINY_PIPELINE, "--output_dir", str(out), "--resolution", "8", "--ten_crop",
-                "--shard_size", "1", "--skip_bad_images", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+        return [
+            sys.executable,
+            str(ROOT / "pipelines" / "tokenize_dataset.py"),
+            "--image_dir",
+            str(images),
+            "--vqvae",
+            TINY_PIPELINE,
+            "--output_dir",
+            str(out),
+            "--resolution",
+            "8",
+            "--ten_crop",
+            "--shard_size",
+            "1",
+            "--skip_bad_images",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
 
     def shards():
         # Visible shards only (pathlib's glob also matches hidden names: the staging files of a killed run).
@@ -214,12 +286,21 @@ def test_killed_runs_never_leave_a_half_written_file_and_a_rerun_finishes_identi
     # Kills uniformly in [0, start-up + half the writing], in the same folder: each run resumes the last, and the
     # writing outlasts any one run, so that kills keep landing among the writes.
     max_delay = startup + 0.5 * (duration - startup)
-    report = fault_injection.random_kills(command(out), out, runs=fault_injection.kill_runs(3), max_delay=max_delay,
-                                          env=env, cwd=ROOT, count_outputs=lambda: len(shards()),
-                                          check=unreadable_shards)  # fmt: skip
-    print(f"\ntokenize_dataset: {report.kills} kills ({report.kills_during_writes} while shards were being written), "
-          f"{report.finished} runs finished first, {len(report.half_written)} half-written files; "
-          f"start-up {startup:.1f} s of {duration:.1f} s, shards written per run {[n for _, n in report.written]}")
+    report = fault_injection.random_kills(
+        command(out),
+        out,
+        runs=fault_injection.kill_runs(3),
+        max_delay=max_delay,
+        env=env,
+        cwd=ROOT,
+        count_outputs=lambda: len(shards()),
+        check=unreadable_shards,
+    )
+    print(
+        f"\ntokenize_dataset: {report.kills} kills ({report.kills_during_writes} while shards were being written), "
+        f"{report.finished} runs finished first, {len(report.half_written)} half-written files; "
+        f"start-up {startup:.1f} s of {duration:.1f} s, shards written per run {[n for _, n in report.written]}"
+    )
     assert report.half_written == []
     subprocess.run(command(out), env=env, check=True, capture_output=True, timeout=240, cwd=ROOT)
     assert [str(p.relative_to(out)) for p in out.rglob(".*")] == []  # the leftovers of the killed runs are gone

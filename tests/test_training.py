@@ -144,8 +144,14 @@ def write_tokens(directory, num_rows=12, num_tokens=16, n_crops=2, vocab_size=16
     )
     rows.to_parquet(str(directory / "data" / "train-00000-of-00001.parquet"))
     side = int(num_tokens**0.5)
-    TokenDatasetInfo(grid_height=side, grid_width=side, codebook_size=vocab_size, n_crops=n_crops,
-                     class_names=names, num_samples=num_rows).save(directory)  # fmt: skip
+    TokenDatasetInfo(
+        grid_height=side,
+        grid_width=side,
+        codebook_size=vocab_size,
+        n_crops=n_crops,
+        class_names=names,
+        num_samples=num_rows,
+    ).save(directory)
     return directory
 
 
@@ -159,12 +165,33 @@ def tiny_run_inputs(tmp_path_factory):
 
 
 def train_args(tokens, config, output_dir, *extra):
-    return train_script.parse_args([
-        "--train_data_dir", str(tokens), "--model_config", str(config), "--vqvae", TINY_PIPELINE,
-        "--output_dir", str(output_dir), "--train_batch_size", "2", "--seed", "3", "--mixed_precision", "no",
-        "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1",
-        *map(str, extra),
-    ])  # fmt: skip
+    return train_script.parse_args(
+        [
+            "--train_data_dir",
+            str(tokens),
+            "--model_config",
+            str(config),
+            "--vqvae",
+            TINY_PIPELINE,
+            "--output_dir",
+            str(output_dir),
+            "--train_batch_size",
+            "2",
+            "--seed",
+            "3",
+            "--mixed_precision",
+            "no",
+            "--learning_rate",
+            "3e-3",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            *map(str, extra),
+        ]
+    )
 
 
 class Interrupt(Exception):
@@ -173,9 +200,23 @@ class Interrupt(Exception):
 
 def test_resumed_run_ends_with_the_same_weights(tiny_run_inputs, tmp_path, monkeypatch):
     tokens, config = tiny_run_inputs
-    common = ("--max_train_steps", 6, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
-              "--gradient_accumulation_steps", 2, "--dropout", 0.1, "--class_dropout_prob", 0.2, "--use_ema",
-              "--ema_decay", 0.9)  # fmt: skip
+    common = (
+        "--max_train_steps",
+        6,
+        "--checkpointing_steps",
+        2,
+        "--checkpoints_total_limit",
+        2,
+        "--gradient_accumulation_steps",
+        2,
+        "--dropout",
+        0.1,
+        "--class_dropout_prob",
+        0.2,
+        "--use_ema",
+        "--ema_decay",
+        0.9,
+    )
     train_script.main(train_args(tokens, config, tmp_path / "full", *common))
 
     original = train_script.write_checkpoint
@@ -204,8 +245,18 @@ def test_resumed_run_ends_with_the_same_weights(tiny_run_inputs, tmp_path, monke
 def test_final_folder_is_a_pipeline_and_the_loss_falls(tiny_run_inputs, tmp_path):
     tokens, config = tiny_run_inputs
     out = tmp_path / "run"
-    extra = ("--max_train_steps", 12, "--checkpointing_steps", 100, "--learning_rate", 1e-2, "--validation_steps", 5,
-             "--validation_inference_steps", 4)  # fmt: skip
+    extra = (
+        "--max_train_steps",
+        12,
+        "--checkpointing_steps",
+        100,
+        "--learning_rate",
+        1e-2,
+        "--validation_steps",
+        5,
+        "--validation_inference_steps",
+        4,
+    )
     train_script.main(train_args(tokens, config, out, *extra))
     metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13))
@@ -271,11 +322,24 @@ def test_missing_tokenizer_is_a_clear_error(tiny_run_inputs, tmp_path):
 
 def test_training_plan_scales_the_default_learning_rate(tiny_run_inputs, tmp_path):
     tokens, config = tiny_run_inputs
-    args = train_script.parse_args([
-        "--train_data_dir", str(tokens), "--model_config", "ARPG-L", "--vqvae", TINY_PIPELINE,
-        "--output_dir", str(tmp_path), "--train_batch_size", "128", "--lr_warmup_ratio", "0.25",
-        "--max_train_steps", "500000",
-    ])  # fmt: skip
+    args = train_script.parse_args(
+        [
+            "--train_data_dir",
+            str(tokens),
+            "--model_config",
+            "ARPG-L",
+            "--vqvae",
+            TINY_PIPELINE,
+            "--output_dir",
+            str(tmp_path),
+            "--train_batch_size",
+            "128",
+            "--lr_warmup_ratio",
+            "0.25",
+            "--max_train_steps",
+            "500000",
+        ]
+    )
     plan = train_script.training_plan(args, num_samples=1281167, num_processes=8)
     assert plan["global_batch_size"] == 1024 and plan["learning_rate"] == pytest.approx(4e-4)
     assert plan["warmup_steps"] == 125000 and plan["steps_per_epoch"] == 1252
@@ -287,10 +351,26 @@ def test_fine_tuning_a_pipeline_keeps_its_tokenizer_and_names_the_classes(tmp_pa
     info.grid_height, info.grid_width = 2, 3
     info.save(tokens)
     out = tmp_path / "out"
-    train_script.main(train_script.parse_args([
-        "--train_data_dir", str(tokens), "--pretrained_model_name_or_path", TINY_PIPELINE, "--output_dir", str(out),
-        "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2", "--mixed_precision", "no",
-    ]))  # fmt: skip
+    train_script.main(
+        train_script.parse_args(
+            [
+                "--train_data_dir",
+                str(tokens),
+                "--pretrained_model_name_or_path",
+                TINY_PIPELINE,
+                "--output_dir",
+                str(out),
+                "--train_batch_size",
+                "2",
+                "--max_train_steps",
+                "2",
+                "--learning_rate",
+                "1e-2",
+                "--mixed_precision",
+                "no",
+            ]
+        )
+    )
     base, tuned = ARPGPipeline.from_pretrained(TINY_PIPELINE), ARPGPipeline.from_pretrained(out)
     assert tuned.transformer.config.num_classes == 3
     assert tuned.id2label == {0: "class 0", 1: "class 1", 2: "2"} and tuned.get_label_ids(["class 1"]) == [1]

@@ -23,16 +23,49 @@ pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): multi-proc
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [
-    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-]  # fmt: skip
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 
 def launch_command(tokens, config, output_dir, *extra):
-    return [*LAUNCH, str(ROOT / "train.py"), "--train_data_dir", str(tokens), "--model_config", str(config),
-            "--vqvae", TINY_PIPELINE, "--output_dir", str(output_dir), "--train_batch_size", "2",
-            "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--logging_steps", "1",
-            "--dropout", "0.1", *map(str, extra)]  # fmt: skip
+    return [
+        *LAUNCH,
+        str(ROOT / "train.py"),
+        "--train_data_dir",
+        str(tokens),
+        "--model_config",
+        str(config),
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        str(output_dir),
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--logging_steps",
+        "1",
+        "--dropout",
+        "0.1",
+        *map(str, extra),
+    ]
 
 
 def launch_env():
@@ -41,8 +74,9 @@ def launch_env():
 
 def kill_once_checkpointed(command, output_dir: Path, checkpoint: str = "checkpoint-4") -> None:
     """Starts `command` (a launch of train.py) and SIGKILLs the launcher as soon as `output_dir/checkpoint` exists."""
-    process = subprocess.Popen(command, env=launch_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command, env=launch_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not (output_dir / checkpoint).is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -77,15 +111,27 @@ def test_two_processes_train_on_different_rows(inputs, tmp_path):
 def test_sigkill_and_resume_match_an_uninterrupted_run(inputs, tmp_path):
     tokens, config = inputs
     extra = ("--max_train_steps", 12, "--checkpointing_steps", 4, "--checkpoints_total_limit", 2)
-    full = subprocess.run(launch_command(tokens, config, tmp_path / "full", *extra), env=launch_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    full = subprocess.run(
+        launch_command(tokens, config, tmp_path / "full", *extra),
+        env=launch_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert full.returncode == 0, full.stderr[-4000:]
 
     out = tmp_path / "killed"
     kill_once_checkpointed(launch_command(tokens, config, out, *extra), out)
     assert not (out / "model_index.json").exists()
-    resumed = subprocess.run(launch_command(tokens, config, out, *extra, "--resume_from_checkpoint", "latest"),
-                             env=launch_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        launch_command(tokens, config, out, *extra, "--resume_from_checkpoint", "latest"),
+        env=launch_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Resumed from" in resumed.stderr
     a = load_file(tmp_path / "full" / "transformer" / "model.safetensors")

@@ -25,18 +25,60 @@ from .test_training_distributed import LAUNCH, kill_once_checkpointed, launch_en
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CPU_CONFIG = ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml"
-FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU_CONFIG),
-               "--main_process_port", "0"]  # fmt: skip
+FSDP_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(FSDP_CPU_CONFIG),
+    "--main_process_port",
+    "0",
+]
 # Identical for every run: the EMA (sharded under FSDP), validation mid-run (the EMA is swapped in and back out).
-ARGS = ("--max_train_steps", 12, "--checkpointing_steps", 4, "--checkpoints_total_limit", 2, "--use_ema",
-        "--ema_decay", 0.9, "--validation_steps", 6, "--validation_inference_steps", 4)  # fmt: skip
+ARGS = (
+    "--max_train_steps",
+    12,
+    "--checkpointing_steps",
+    4,
+    "--checkpoints_total_limit",
+    2,
+    "--use_ema",
+    "--ema_decay",
+    0.9,
+    "--validation_steps",
+    6,
+    "--validation_inference_steps",
+    4,
+)
 
 
 def train_command(launch, tokens, config, output_dir, *extra):
-    return [*launch, str(ROOT / "train.py"), "--train_data_dir", str(tokens), "--model_config", str(config),
-            "--vqvae", TINY_PIPELINE, "--output_dir", str(output_dir), "--train_batch_size", "2",
-            "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--logging_steps", "1",
-            "--dropout", "0.1", *map(str, ARGS), *map(str, extra)]  # fmt: skip
+    return [
+        *launch,
+        str(ROOT / "train.py"),
+        "--train_data_dir",
+        str(tokens),
+        "--model_config",
+        str(config),
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        str(output_dir),
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--logging_steps",
+        "1",
+        "--dropout",
+        "0.1",
+        *map(str, ARGS),
+        *map(str, extra),
+    ]
 
 
 def run(command, timeout=240):
@@ -121,8 +163,9 @@ def test_fsdp_sigkill_and_resume_match_an_uninterrupted_run_and_ddp(inputs, tmp_
 def fake_accelerator(distributed_type, num_processes=2, **fsdp):
     plugin = SimpleNamespace(**{"fsdp_version": 2, "use_orig_params": None, **fsdp})
     state = SimpleNamespace(fsdp_plugin=plugin, mixed_precision="no")
-    return SimpleNamespace(distributed_type=distributed_type, num_processes=num_processes, state=state,
-                           device=torch.device("cpu"))  # fmt: skip
+    return SimpleNamespace(
+        distributed_type=distributed_type, num_processes=num_processes, state=state, device=torch.device("cpu")
+    )
 
 
 def test_fsdp_on_cpu_is_switched_on_only_when_the_launcher_asked(monkeypatch):

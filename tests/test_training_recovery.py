@@ -38,8 +38,19 @@ from .test_training import TINY_PIPELINE, train_script, write_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 steps, a checkpoint every 2 (kept: all), EMA and dropout: every state file a resume reads.
-COMMON = ("--max_train_steps", 6, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2, "--dropout", 0.1,
-          "--use_ema", "--ema_decay", 0.9)  # fmt: skip
+COMMON = (
+    "--max_train_steps",
+    6,
+    "--checkpointing_steps",
+    2,
+    "--gradient_accumulation_steps",
+    2,
+    "--dropout",
+    0.1,
+    "--use_ema",
+    "--ema_decay",
+    0.9,
+)
 
 
 def truncate(path: Path) -> None:
@@ -61,17 +72,41 @@ DAMAGES = {
     "truncated ema.pt": ("ema.pt", truncate, "ema.pt is truncated"),
     "truncated lr_scheduler.pt": ("lr_scheduler.pt", truncate, "lr_scheduler.pt is truncated"),
     "truncated training_state.json": ("training_state.json", truncate, "training_state.json is truncated"),
-    "flipped bytes in model.safetensors": ("model.safetensors", flip_bytes, "model.safetensors does not match its "
-                                           "recorded sha256"),  # fmt: skip
+    "flipped bytes in model.safetensors": (
+        "model.safetensors",
+        flip_bytes,
+        "model.safetensors does not match its recorded sha256",
+    ),
 }
 
 
 def argv(tokens, config, output_dir, *extra) -> list[str]:
     """The command line of test_training's `train_args` (for `train_script.cli`)."""
-    return ["--train_data_dir", str(tokens), "--model_config", str(config), "--vqvae", TINY_PIPELINE,
-            "--output_dir", str(output_dir), "--train_batch_size", "2", "--seed", "3", "--mixed_precision", "no",
-            "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--logging_steps", "1",
-            *map(str, extra)]  # fmt: skip
+    return [
+        "--train_data_dir",
+        str(tokens),
+        "--model_config",
+        str(config),
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        str(output_dir),
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "3",
+        "--mixed_precision",
+        "no",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -106,8 +141,14 @@ def test_checkpoints_record_the_sums_of_every_file_sharded_ones_included(tmp_pat
 
     path = Path(save_checkpoint(accelerator, str(tmp_path), 2, {"global_step": 2}, write_local=write_local))
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    expected = {"model.safetensors", "optimizer.bin", "training_state.json", "ema_rank0.pt",
-                "pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/.metadata"}  # fmt: skip
+    expected = {
+        "model.safetensors",
+        "optimizer.bin",
+        "training_state.json",
+        "ema_rank0.pt",
+        "pytorch_model_fsdp_0/__0_0.distcp",
+        "pytorch_model_fsdp_0/.metadata",
+    }
     assert expected <= set(manifest["files"]) and MANIFEST_NAME not in manifest["files"]
     assert checkpoint_problem(path) is None
     assert not [name for name in os.listdir(path) if name.startswith(".")]  # no temporary file left behind
@@ -134,8 +175,9 @@ def test_latest_passes_over_damaged_checkpoints_and_an_explicit_one_is_refused(t
     choice = choose_resume_checkpoint("latest", tmp_path)
     assert choice.checkpoint == str(tmp_path / "checkpoint-2") and choice.verified
     assert [(Path(p).name, problem.split(" ")[0]) for p, problem in choice.skipped] == [
-        ("checkpoint-6", "optimizer.bin"), ("checkpoint-4", "model.safetensors")
-    ]  # fmt: skip
+        ("checkpoint-6", "optimizer.bin"),
+        ("checkpoint-4", "model.safetensors"),
+    ]
     with pytest.raises(CheckpointError, match=r"checkpoint-6 is damaged: optimizer.bin is truncated \(\d"):
         choose_resume_checkpoint(str(tmp_path / "checkpoint-6"), tmp_path)
     os.remove(tmp_path / "checkpoint-2" / "random_states_0.pkl")
@@ -259,8 +301,11 @@ def test_the_guard_skips_non_finite_steps_and_stops_after_n_in_a_row():
         guard.add_loss(torch.tensor(2.0))
         assert guard.end_step(accelerator, torch.tensor(0.0), step) == ("the gradient norm is 0", False)
     guard.add_loss(torch.tensor(2.0))
-    with pytest.raises(TrainingStopped, match=r"step 5: the gradient norm is 0 on 3 optimizer step\(s\) in a row "
-                                              r"\(steps 3-5, --max_bad_steps 3\)"):  # fmt: skip
+    with pytest.raises(
+        TrainingStopped,
+        match=r"step 5: the gradient norm is 0 on 3 optimizer step\(s\) in a row "
+        r"\(steps 3-5, --max_bad_steps 3\)",
+    ):
         guard.end_step(accelerator, torch.tensor(0.0), 5)
 
     scaled = BadStepGuard(2, can_skip=False, uses_scaler=True)  # fp16: the scaler's calibration is no bad step
@@ -273,8 +318,9 @@ def test_the_guard_skips_non_finite_steps_and_stops_after_n_in_a_row():
 
 def test_a_diverged_run_stops_with_one_line_and_no_final_folder(runs, tmp_path, capsys):
     out = tmp_path / "out"
-    command = argv(runs.tokens, runs.config, out, "--max_train_steps", 8, "--checkpointing_steps", 1,
-                   "--learning_rate", 1e30)  # fmt: skip
+    command = argv(
+        runs.tokens, runs.config, out, "--max_train_steps", 8, "--checkpointing_steps", 1, "--learning_rate", 1e30
+    )
     assert train_script.cli(command) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "Training stopped at step" in line and "in a row" in line and "--max_bad_steps 3" in line
@@ -360,10 +406,28 @@ def test_nothing_is_created_before_the_run_is_checked(runs, tmp_path):
 @pytest.mark.slow  # about 20 s: 3 launches of train.py killed at random (ARPG_HF_FAULT_INJECTION_RUNS), one finishes
 def test_random_kills_leave_nothing_half_written(runs, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "train.py"),
-               *argv(runs.tokens, runs.config, out, "--max_train_steps", 60, "--checkpointing_steps", 1,
-                     "--checkpoints_total_limit", 2, "--use_ema", "--validation_steps", 10,
-                     "--validation_inference_steps", 4, "--resume_from_checkpoint", "latest")]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *argv(
+            runs.tokens,
+            runs.config,
+            out,
+            "--max_train_steps",
+            60,
+            "--checkpointing_steps",
+            1,
+            "--checkpoints_total_limit",
+            2,
+            "--use_ema",
+            "--validation_steps",
+            10,
+            "--validation_inference_steps",
+            4,
+            "--resume_from_checkpoint",
+            "latest",
+        ),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     kills = finished = 0
     start = time.perf_counter()
@@ -402,14 +466,20 @@ def test_the_training_estimate_counts_state_and_activations():
 
 def test_an_impossible_batch_is_refused_in_one_line_before_anything_is_allocated(runs, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "train.py"),
-               *argv(runs.tokens, runs.config, out, "--max_train_steps", 2, "--train_batch_size", 10**7)]
-    peak = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; " \
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *argv(runs.tokens, runs.config, out, "--max_train_steps", 2, "--train_batch_size", 10**7),
+    ]
+    peak = (
+        "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("ARPG_HF_MAX_MEMORY", None)
-    result = subprocess.run([sys.executable, "-c", peak, *command], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", peak, *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1, result.stderr[-4000:]
     line = one_error_line(result.stderr)
     assert "A training step with --train_batch_size 10000000" in line and "needs about" in line

@@ -207,9 +207,16 @@ def test_bad_config_raises(reference_config):
 def test_config_from_reference():
     published = vq_config_from_reference(None)
     assert published == dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
-        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4, block_out_channels=(128, 128, 256, 256, 512),
-        layers_per_block=2, latent_channels=256, num_vq_embeddings=16384, vq_embed_dim=8, norm_num_groups=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 128, 256, 256, 512),
+        layers_per_block=2,
+        latent_channels=256,
+        num_vq_embeddings=16384,
+        vq_embed_dim=8,
+        norm_num_groups=32,
         mid_block_add_attention=True,
     )
     parameters = inspect.signature(ARPGVQModel.__init__).parameters
@@ -261,6 +268,7 @@ def test_save_pretrained_round_trip(model, vq_fixture, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     reloaded = ARPGVQModel.from_pretrained(tmp_path).eval()
+
     def plain(config):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
 
@@ -275,8 +283,14 @@ def test_attention_free_tokenizer():
     """`attention=False` builds a purely convolutional tokenizer (no attention module) that encodes and decodes."""
     from diffusers.models.attention_processor import Attention
 
-    config = dict(base_channels=8, channel_multipliers=(1, 1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
-                  norm_num_groups=4)  # fmt: skip
+    config = dict(
+        base_channels=8,
+        channel_multipliers=(1, 1, 2),
+        layers_per_block=1,
+        z_channels=8,
+        codebook_size=16,
+        norm_num_groups=4,
+    )
     local = get_dummy_vq(**config, attention=False)
     assert not any(isinstance(module, Attention) for module in local.modules())
     assert any(isinstance(module, Attention) for module in get_dummy_vq(**config).modules())

@@ -25,8 +25,15 @@ from .conftest import get_dummy_vq
 
 def tiny_vq(**overrides) -> ARPGVQModel:
     """A tokenizer set up for training: free codebook rows that the model sees l2-normalised."""
-    fields = dict(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, z_channels=8, codebook_size=16,
-                  codebook_embed_dim=4, norm_num_groups=4)  # fmt: skip
+    fields = dict(
+        base_channels=8,
+        channel_multipliers=(1, 2),
+        layers_per_block=1,
+        z_channels=8,
+        codebook_size=16,
+        codebook_embed_dim=4,
+        norm_num_groups=4,
+    )
     fields.update(overrides)
     vq = get_dummy_vq(seed=0, **fields).train()
     register_codebook_normalization(vq)
@@ -94,9 +101,7 @@ def test_reconstruction_gradient_reaches_the_encoder():
     out.reconstruction_loss.backward()
     assert vq.encoder.conv_in.weight.grad.abs().max() > 0  # through the straight-through estimator
     assert vq.decoder.conv_out.weight.grad.abs().max() > 0
-    assert out.loss.item() == pytest.approx(
-        (out.reconstruction_loss + out.codebook_loss + out.commitment_loss).item()
-    )
+    assert out.loss.item() == pytest.approx((out.reconstruction_loss + out.codebook_loss + out.commitment_loss).item())
     assert out.reconstruction.shape == images.shape and out.indices.shape == (2, 4, 4)
 
 

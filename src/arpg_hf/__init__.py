@@ -22,12 +22,22 @@ _EXPORTS = {
     "pipeline_arpg": ["ARPGPipeline"],
     "pipeline_arpg_inpaint": ["ARPGInpaintPipeline"],
     "editing_utils": [
-        "OutpaintCanvas", "make_lattice_mask", "make_outpaint_canvas", "preprocess_mask", "token_mask_from_pixel_mask",
+        "OutpaintCanvas",
+        "make_lattice_mask",
+        "make_outpaint_canvas",
+        "preprocess_mask",
+        "token_mask_from_pixel_mask",
     ],
     "editing_recipes": ["expand_resolution"],
     "conversion.arpg": ["arpg_config_from_reference", "load_reference_arpg"],
     "labels": ["imagenet_id2label"],
-    "token_dataset": ["ShuffledBatchSampler", "TokenDatasetInfo", "check_token_dataset", "load_token_dataset", "load_vq_model"],
+    "token_dataset": [
+        "ShuffledBatchSampler",
+        "TokenDatasetInfo",
+        "check_token_dataset",
+        "load_token_dataset",
+        "load_vq_model",
+    ],
     "training_utils": ["arpg_loss", "weight_decay_param_groups"],
     "training_checkpoints": ["save_checkpoint"],
     "bundled": ["bundled_pipeline_path", "load_bundled_pipeline"],
@@ -46,11 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bundled import bundled_pipeline_path, load_bundled_pipeline
     from .cache_arpg import ARPGStaticCache
     from .configuration_arpg import ARPG_PRESETS, ARPGConfig
-    from .cpu_gemm import use_cpu_gemm
-    from .labels import imagenet_id2label
-    from .metrics.loading import load_metric
-    from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
     from .conversion.arpg import arpg_config_from_reference, load_reference_arpg
+    from .cpu_gemm import use_cpu_gemm
     from .editing_recipes import expand_resolution
     from .editing_utils import (
         OutpaintCanvas,
@@ -59,6 +66,9 @@ if TYPE_CHECKING:  # pragma: no cover
         preprocess_mask,
         token_mask_from_pixel_mask,
     )
+    from .labels import imagenet_id2label
+    from .metrics.loading import load_metric
+    from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
     from .pipeline_arpg import ARPGPipeline
     from .pipeline_arpg_inpaint import ARPGInpaintPipeline
     from .scheduling_arpg import ARPGScheduler, ARPGSchedulerOutput
@@ -72,4 +82,3 @@ if TYPE_CHECKING:  # pragma: no cover
     from .training_checkpoints import save_checkpoint
     from .training_utils import arpg_loss, weight_decay_param_groups
     from .vq_model import ARPGVQEncoderOutput, ARPGVQModel, llamagen_vq_config
-

@@ -45,8 +45,9 @@ def remove_stale_staging(path: str | os.PathLike) -> None:
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Calls `write(temporary_path)` and moves the result to `path`; on any failure `path` is untouched."""
     path = os.path.abspath(path)
-    handle, temporary = tempfile.mkstemp(prefix=_prefix(path, PARTIAL), suffix=os.path.splitext(path)[1],
-                                         dir=os.path.dirname(path))  # fmt: skip
+    handle, temporary = tempfile.mkstemp(
+        prefix=_prefix(path, PARTIAL), suffix=os.path.splitext(path)[1], dir=os.path.dirname(path)
+    )
     os.close(handle)
     try:
         write(temporary)

@@ -46,7 +46,9 @@ class ARPGStaticCache:
         """Reserves the next `num_inputs` slots and returns the first; attention then reads the filled slots (rounded
         up to `key_block`). Raises ValueError when they do not fit or the batch size differs."""
         if batch_size is not None and batch_size != self.batch_size:
-            raise ValueError(f"The cache was allocated for batch size {self.batch_size}, got inputs of batch size {batch_size}.")
+            raise ValueError(
+                f"The cache was allocated for batch size {self.batch_size}, got inputs of batch size {batch_size}."
+            )
         start = self.seq_length
         if start + num_inputs > self.max_length:
             raise ValueError(

@@ -31,7 +31,7 @@ def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Seq
     if class_names:
         labels += pipeline.get_label_ids(list(class_names))
     if not labels:
-        raise ValueError("Pass at least one class: --class-labels 207 360 and/or --class-names \"tabby cat\".")
+        raise ValueError('Pass at least one class: --class-labels 207 360 and/or --class-names "tabby cat".')
     _check_class_range(pipeline, labels, "Class labels")
     return labels
 
@@ -71,8 +71,11 @@ def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
     if args.token_schedule or args.guidance_schedule:
         from .scheduling_arpg import ARPGScheduler
 
-        overrides = {k: v for k, v in (("token_schedule", args.token_schedule),
-                                        ("guidance_schedule", args.guidance_schedule)) if v}  # fmt: skip
+        overrides = {
+            k: v
+            for k, v in (("token_schedule", args.token_schedule), ("guidance_schedule", args.guidance_schedule))
+            if v
+        }
         pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **overrides)
     if args.cpu_gemm:
         from .cpu_gemm import use_cpu_gemm
@@ -87,8 +90,9 @@ def check_output_dir(output_dir: str) -> None:
         raise ValueError(f"--output-dir {output_dir!r} is an existing file; pass a folder path (it is created).")
 
 
-def check_job_size(pipeline, args: argparse.Namespace, num_images: int, image_size: tuple[int, int],
-                   editing: bool = False) -> None:  # fmt: skip
+def check_job_size(
+    pipeline, args: argparse.Namespace, num_images: int, image_size: tuple[int, int], editing: bool = False
+) -> None:
     """Refuses, before any work, a job whose batches of `--batch-size` images cannot fit in memory (the pipeline's
     estimate), whose PNGs cannot fit on the disk of `--output-dir` (counted uncompressed, the most a PNG takes) or
     whose `--grid` cannot fit in memory."""
@@ -111,12 +115,17 @@ def check_job_size(pipeline, args: argparse.Namespace, num_images: int, image_si
             "(--num-images-per-class, classes) or write elsewhere."
         )
     if args.grid:
-        check_memory(2 * num_images * image_bytes, f"A --grid of {num_images} images", "Drop --grid or ask for fewer "
-                     "images", device="cpu")  # fmt: skip
+        check_memory(
+            2 * num_images * image_bytes,
+            f"A --grid of {num_images} images",
+            "Drop --grid or ask for fewer images",
+            device="cpu",
+        )
 
 
-def write_images(pipeline, args: argparse.Namespace, make_images: Callable, image_size: tuple[int, int],
-                 editing: bool = False) -> list[str]:  # fmt: skip
+def write_images(
+    pipeline, args: argparse.Namespace, make_images: Callable, image_size: tuple[int, int], editing: bool = False
+) -> list[str]:
     """Runs `make_images(labels, generators, negative_labels)` over the requested classes in batches and writes one
     PNG per (class, repeat), plus grid.png with `--grid`; returns the written paths.
 
@@ -167,8 +176,13 @@ def write_images(pipeline, args: argparse.Namespace, make_images: Callable, imag
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """The pipeline-call arguments that `generate` and `inpaint` share (None: the folder's recommended settings)."""
-    return dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    return dict(
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
 
 
 def run_generate(args: argparse.Namespace) -> list[str]:
@@ -204,49 +218,92 @@ def run_inpaint(args: argparse.Namespace) -> list[str]:
     image = _open_image(args.image, "--image")  # before loading the model: bad paths fail at once
     if args.outpaint is not None:
         left, top, right, bottom = args.outpaint
-        image, mask = make_outpaint_canvas(image.convert("RGB"), left=left, right=right, top=top, bottom=bottom,
-                                           fill=args.outpaint_fill)  # fmt: skip
+        image, mask = make_outpaint_canvas(
+            image.convert("RGB"), left=left, right=right, top=top, bottom=bottom, fill=args.outpaint_fill
+        )
     else:
         mask = _open_image(args.mask, "--mask")
     pipeline = prepare_pipeline(args, ARPGInpaintPipeline)
 
     def make_images(labels, generators, negatives):
-        return pipeline(image, mask, labels, generator=generators, negative_class_labels=negatives,
-                        mask_coverage_threshold=args.mask_coverage_threshold, paste_back=args.paste_back,
-                        position_mode=args.position_mode, **sampling_kwargs(args)).images  # fmt: skip
+        return pipeline(
+            image,
+            mask,
+            labels,
+            generator=generators,
+            negative_class_labels=negatives,
+            mask_coverage_threshold=args.mask_coverage_threshold,
+            paste_back=args.paste_back,
+            position_mode=args.position_mode,
+            **sampling_kwargs(args),
+        ).images
 
     return write_images(pipeline, args, make_images, (image.height, image.width), editing=True)
 
 
 def add_inpaint_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--image", required=True,
-                        help="the image to edit (PNG, JPEG, ...); sides multiples of the VQ downsample factor (16 for VQ-16)")
+    parser.add_argument(
+        "--image",
+        required=True,
+        help="the image to edit (PNG, JPEG, ...); sides multiples of the VQ downsample factor (16 for VQ-16)",
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--mask", help="mask image of the same size: white = regenerate, black = keep")
-    where.add_argument("--outpaint", type=int, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
-                       help="extend the image by these pixels on each side and generate the new area")
-    parser.add_argument("--outpaint-fill", choices=("edge", "reflect"), default="edge",
-                        help="what the new area holds before it is regenerated (seen by the VQ encoder at the border)")
-    parser.add_argument("--mask-coverage-threshold", type=float, default=0.0, metavar="T",
-                        help="regenerate a token when the mask covers more than this fraction of its pixels")
+    where.add_argument(
+        "--outpaint",
+        type=int,
+        nargs=4,
+        metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+        help="extend the image by these pixels on each side and generate the new area",
+    )
+    parser.add_argument(
+        "--outpaint-fill",
+        choices=("edge", "reflect"),
+        default="edge",
+        help="what the new area holds before it is regenerated (seen by the VQ encoder at the border)",
+    )
+    parser.add_argument(
+        "--mask-coverage-threshold",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="regenerate a token when the mask covers more than this fraction of its pixels",
+    )
     parser.add_argument("--paste-back", action="store_true", help="paste the kept pixels of the input back")
-    parser.add_argument("--position-mode", choices=("extrapolate", "interpolate"), default="extrapolate",
-                        help="positions on canvases larger than the trained grid")
+    parser.add_argument(
+        "--position-mode",
+        choices=("extrapolate", "interpolate"),
+        default="extrapolate",
+        help="positions on canvases larger than the trained grid",
+    )
     add_generate_arguments(parser, default_output_dir="edits")
     return parser
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser, default_output_dir: str = "samples") -> argparse.ArgumentParser:
+def add_generate_arguments(
+    parser: argparse.ArgumentParser, default_output_dir: str = "samples"
+) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="pipeline folder or Hub id (default: the bundled model, when installed)")
     parser.add_argument("--class-labels", type=int, nargs="*", default=[], metavar="ID", help="class ids, e.g. 207 360")
     parser.add_argument("--class-names", nargs="*", default=[], metavar="NAME", help='class names, e.g. "tabby cat"')
-    parser.add_argument("--negative-class-labels", type=int, nargs="*", default=[], metavar="ID",
-                        help="guide away from these classes instead of the null class: one for all or one per class")
+    parser.add_argument(
+        "--negative-class-labels",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="ID",
+        help="guide away from these classes instead of the null class: one for all or one per class",
+    )
     parser.add_argument("--num-images-per-class", type=int, default=1, metavar="N")
-    parser.add_argument("--num-inference-steps", type=int, metavar="N",
-                        help="decoding steps (default: the model's recommended value)")
-    parser.add_argument("--guidance-scale", type=float, metavar="G",
-                        help="classifier-free guidance scale (default: the model's recommended value)")
+    parser.add_argument(
+        "--num-inference-steps", type=int, metavar="N", help="decoding steps (default: the model's recommended value)"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale (default: the model's recommended value)",
+    )
     parser.add_argument("--token-schedule", choices=("arccos", "cosine"), help="override the scheduler's")
     parser.add_argument("--guidance-schedule", choices=("constant", "linear"), help="override the scheduler's")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -258,16 +315,27 @@ def add_generate_arguments(parser: argparse.ArgumentParser, default_output_dir: 
     parser.add_argument("--grid", action="store_true", help="also write grid.png")
     parser.add_argument("--grid-columns", type=int, default=None)
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)")
-    parser.add_argument("--cpu-gemm", choices=CPU_GEMMS, default=None,
-                        help="float32 on CPU: how decoding multiplies by the weights (see arpg_hf.cpu_gemm); "
-                             "onednn is faster than the default on some CPUs at no memory cost, onednn-packed "
-                             "faster still with a second copy of the weights")
-    parser.add_argument("--model-cpu-offload", action="store_true",
-                        help="keep each model on the CPU until it runs on --device (diffusers' "
-                             "enable_model_cpu_offload): for GPUs short of memory; the images are the same")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="weights dtype (default: bfloat16 on CUDA, float32 otherwise)",
+    )
+    parser.add_argument(
+        "--cpu-gemm",
+        choices=CPU_GEMMS,
+        default=None,
+        help="float32 on CPU: how decoding multiplies by the weights (see arpg_hf.cpu_gemm); "
+        "onednn is faster than the default on some CPUs at no memory cost, onednn-packed "
+        "faster still with a second copy of the weights",
+    )
+    parser.add_argument(
+        "--model-cpu-offload",
+        action="store_true",
+        help="keep each model on the CPU until it runs on --device (diffusers' "
+        "enable_model_cpu_offload): for GPUs short of memory; the images are the same",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -296,12 +364,19 @@ def folder_info(folder: str) -> dict:
             return json.load(file)
 
     info = {"folder": os.path.abspath(folder), "model_index": read("model_index.json"), "components": {}}
-    for component, config_name in (("transformer", "config.json"), ("vqvae", "config.json"),
-                                   ("scheduler", "scheduler_config.json")):  # fmt: skip
+    for component, config_name in (
+        ("transformer", "config.json"),
+        ("vqvae", "config.json"),
+        ("scheduler", "scheduler_config.json"),
+    ):
         config = read(component, config_name)
         entry = {"config": config}
         component_dir = os.path.join(folder, component)
-        weights = sorted(name for name in os.listdir(component_dir) if name.endswith(".safetensors")) if os.path.isdir(component_dir) else []  # fmt: skip
+        weights = (
+            sorted(name for name in os.listdir(component_dir) if name.endswith(".safetensors"))
+            if os.path.isdir(component_dir)
+            else []
+        )
         if weights:
             count, dtypes = 0, {}
             for name in weights:
@@ -331,10 +406,15 @@ def _format_info(info: dict) -> str:
         lines.append(
             "transformer: ARPGForImageGeneration, {s} + {c} layers, width {h}, {n} heads, grid {gh}x{gw}, vocab {v}, "
             "{k} classes".format(
-                s=config.get("num_self_attention_layers"), c=config.get("num_cross_attention_layers"),
-                h=config.get("hidden_size"), n=config.get("num_attention_heads"), gh=config.get("grid_height"),
-                gw=config.get("grid_width"), v=config.get("vocab_size"), k=config.get("num_classes"),
-            )  # fmt: skip
+                s=config.get("num_self_attention_layers"),
+                c=config.get("num_cross_attention_layers"),
+                h=config.get("hidden_size"),
+                n=config.get("num_attention_heads"),
+                gh=config.get("grid_height"),
+                gw=config.get("grid_width"),
+                v=config.get("vocab_size"),
+                k=config.get("num_classes"),
+            )
         )
     vq = (components["vqvae"].get("config")) or {}
     if vq:

@@ -50,8 +50,9 @@ class CompiledDecoder:
             graphs (Dynamo's global limit is raised only while they run).
     """
 
-    def __init__(self, transformer, buckets: Sequence[int] | None = None, key_block: int | None = None,
-                 **compile_kwargs):  # fmt: skip
+    def __init__(
+        self, transformer, buckets: Sequence[int] | None = None, key_block: int | None = None, **compile_kwargs
+    ):
         buckets = sorted(set(DEFAULT_BUCKETS if buckets is None else buckets))
         if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets!r}.")
@@ -69,14 +70,29 @@ class CompiledDecoder:
                 torch._dynamo.mark_static_address(buffer)
         return cache
 
-    def __call__(self, input_ids, input_position_ids, query_position_ids, past_key_values: ARPGStaticCache,
-                 attention_ends=None, grid_size=None, position_mode: str = "extrapolate") -> torch.FloatTensor:  # fmt: skip
-        kwargs = dict(past_key_values=past_key_values, grid_size=None if grid_size is None else tuple(grid_size),
-                      position_mode=position_mode)  # fmt: skip
+    def __call__(
+        self,
+        input_ids,
+        input_position_ids,
+        query_position_ids,
+        past_key_values: ARPGStaticCache,
+        attention_ends=None,
+        grid_size=None,
+        position_mode: str = "extrapolate",
+    ) -> torch.FloatTensor:
+        kwargs = dict(
+            past_key_values=past_key_values,
+            grid_size=None if grid_size is None else tuple(grid_size),
+            position_mode=position_mode,
+        )
         if attention_ends is not None:  # the causal prefill: once per call, eager
-            return self.transformer(input_ids, input_position_ids=input_position_ids,
-                                    query_position_ids=query_position_ids, attention_ends=attention_ends,
-                                    **kwargs).logits  # fmt: skip
+            return self.transformer(
+                input_ids,
+                input_position_ids=input_position_ids,
+                query_position_ids=query_position_ids,
+                attention_ends=attention_ends,
+                **kwargs,
+            ).logits
         num_inputs, num_queries = input_ids.shape[1], query_position_ids.shape[1]
         input_width, query_width = bucket_size(num_inputs, self.buckets), bucket_size(num_queries, self.buckets)
         start = past_key_values.advance(num_inputs, input_ids.shape[0])
@@ -91,7 +107,10 @@ class CompiledDecoder:
                 input_position_ids=_pad_columns(input_position_ids, input_width),
                 query_position_ids=_pad_columns(query_position_ids, query_width),
                 cache_position=torch.arange(start, start + input_width, device=device),
-                attention_ends=(torch.full((input_width,), end, device=device), torch.full((query_width,), end, device=device)),
+                attention_ends=(
+                    torch.full((input_width,), end, device=device),
+                    torch.full((query_width,), end, device=device),
+                ),
                 **kwargs,
             ).logits  # (B, query_width, V)
         return logits[:, :num_queries]

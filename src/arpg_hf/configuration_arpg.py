@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
@@ -14,9 +12,15 @@ logger = logging.get_logger(__name__)
 
 # Published model sizes (arXiv 2503.10568, Table 1): Pass-1 and Pass-2 each get half of the upstream `n_layer`.
 ARPG_PRESETS = {
-    "ARPG-L": dict(hidden_size=1024, num_attention_heads=16, num_self_attention_layers=12, num_cross_attention_layers=12),
-    "ARPG-XL": dict(hidden_size=1280, num_attention_heads=20, num_self_attention_layers=18, num_cross_attention_layers=18),
-    "ARPG-XXL": dict(hidden_size=1536, num_attention_heads=24, num_self_attention_layers=24, num_cross_attention_layers=24),
+    "ARPG-L": dict(
+        hidden_size=1024, num_attention_heads=16, num_self_attention_layers=12, num_cross_attention_layers=12
+    ),
+    "ARPG-XL": dict(
+        hidden_size=1280, num_attention_heads=20, num_self_attention_layers=18, num_cross_attention_layers=18
+    ),
+    "ARPG-XXL": dict(
+        hidden_size=1536, num_attention_heads=24, num_self_attention_layers=24, num_cross_attention_layers=24
+    ),
 }
 
 
@@ -153,9 +157,16 @@ class ARPGConfig(SavedWithImportShims, PretrainedConfig):
 
     def _validate_arpg_fields(self) -> None:
         positive = (
-            "vocab_size", "num_classes", "grid_height", "grid_width", "hidden_size", "num_attention_heads",
-            "num_self_attention_layers", "num_cross_attention_layers", "multiple_of",
-        )  # fmt: skip
+            "vocab_size",
+            "num_classes",
+            "grid_height",
+            "grid_width",
+            "hidden_size",
+            "num_attention_heads",
+            "num_self_attention_layers",
+            "num_cross_attention_layers",
+            "multiple_of",
+        )
         for name in positive:
             value = getattr(self, name)
             if not is_int(value, exact=True) or value < 1:
@@ -171,7 +182,9 @@ class ARPGConfig(SavedWithImportShims, PretrainedConfig):
                 f"{self.num_attention_heads} = {self.head_dim} must be divisible by 4: 2-D RoPE gives half of each "
                 "head's rotation pairs to rows and half to columns."
             )
-        if self.intermediate_size is not None and (not isinstance(self.intermediate_size, int) or self.intermediate_size < 1):
+        if self.intermediate_size is not None and (
+            not isinstance(self.intermediate_size, int) or self.intermediate_size < 1
+        ):
             raise ValueError(f"intermediate_size must be a positive integer or None, got {self.intermediate_size!r}.")
         for name in ("token_dropout", "residual_dropout", "ffn_dropout", "attention_dropout", "class_dropout_prob"):
             value = getattr(self, name)

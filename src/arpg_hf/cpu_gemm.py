@@ -97,7 +97,9 @@ def _relaid(linear: nn.Linear, kind: type, transposed: bool) -> nn.Linear:
         with torch.no_grad():
             stored = weight.t().contiguous().t() if transposed else weight.contiguous()
         weight = nn.Parameter(stored, requires_grad=weight.requires_grad)
-    module = linear if type(linear) is kind else kind(linear.in_features, linear.out_features, bias=False, device="meta")
+    module = (
+        linear if type(linear) is kind else kind(linear.in_features, linear.out_features, bias=False, device="meta")
+    )
     module.weight = weight
     if kind is PackedOneDNNLinear:
         module.pack()

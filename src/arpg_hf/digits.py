@@ -120,7 +120,9 @@ def pixels_from_images(images: Sequence[Image.Image] | np.ndarray) -> np.ndarray
     if array.ndim != 3 or array.shape[1] % GRID_SIZE or array.shape[2] % GRID_SIZE:
         raise ValueError(f"Expected images whose sides are multiples of {GRID_SIZE}, got shape {array.shape}.")
     n, height, width = array.shape
-    cells = array.reshape(n, GRID_SIZE, height // GRID_SIZE, GRID_SIZE, width // GRID_SIZE).mean(axis=(2, 4))  # (n, 8, 8)
+    cells = array.reshape(n, GRID_SIZE, height // GRID_SIZE, GRID_SIZE, width // GRID_SIZE).mean(
+        axis=(2, 4)
+    )  # (n, 8, 8)
     return np.clip(MAX_LEVEL * (1.0 - cells / 255.0), 0.0, MAX_LEVEL)
 
 
@@ -135,4 +137,3 @@ def export_image_folder(split: DigitsSplit, directory: str | os.PathLike, scale:
     for image, label, row in zip(images, split.labels, split.indices):
         image.save(os.path.join(directory, CLASS_NAMES[int(label)], f"{int(row):04d}.png"))
     return len(images)
-

@@ -90,9 +90,12 @@ def mask_processor(downsample_factor: int = 1) -> VaeImageProcessor:
     """diffusers' mask processor, as its inpainting pipelines configure it: grayscale, binarised at 0.5 (>= 0.5 is
     white = regenerate), not resized, not normalised."""
     return VaeImageProcessor(
-        vae_scale_factor=downsample_factor, do_resize=False, do_normalize=False, do_binarize=True,
+        vae_scale_factor=downsample_factor,
+        do_resize=False,
+        do_normalize=False,
+        do_binarize=True,
         do_convert_grayscale=True,
-    )  # fmt: skip
+    )
 
 
 def preprocess_mask(mask_image: Any, processor: VaeImageProcessor | None = None) -> torch.BoolTensor:
@@ -303,9 +306,7 @@ def make_lattice_mask(
     if len(offset) != 2 or not all(isinstance(o, numbers.Integral) and 0 <= o < stride for o in offset):
         raise ValueError(f"offset must be two ints in [0, {stride}), got {offset!r}.")
     if height % downsample_factor or width % downsample_factor:
-        raise ValueError(
-            f"The canvas ({height}x{width}) must have sides that are multiples of {downsample_factor}."
-        )
+        raise ValueError(f"The canvas ({height}x{width}) must have sides that are multiples of {downsample_factor}.")
     rows, cols = height // downsample_factor, width // downsample_factor
     token_mask = torch.ones(rows, cols)
     token_mask[offset[0] :: stride, offset[1] :: stride] = 0

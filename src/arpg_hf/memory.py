@@ -26,8 +26,18 @@ DEVICE_SHARE = 0.9  # of an accelerator's free memory (allocator fragmentation, 
 VQ_VALUES_PER_PIXEL_AND_CHANNEL = 6  # live float32 tensors at full resolution while the VQ decoder runs
 STEP_WIDTH_FACTOR = 4  # live (rows, width) tensors of one decoding step: residual, normed input, gate / up, output
 LOGIT_COPIES = 4  # conditional / unconditional logits, the guided ones, the sampling probabilities
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 class InsufficientMemoryError(MemoryError, ValueError):
@@ -112,8 +122,9 @@ def check_memory(required: int, what: str, advice: str, device=None) -> None:
 # ------------------------------------------------------------------------------------------------- estimates
 
 
-def decoding_memory(config, batch_size: int, num_tokens: int, max_step_tokens: int, num_known: int = 0,
-                    dtype_bytes: int = 4) -> int:  # fmt: skip
+def decoding_memory(
+    config, batch_size: int, num_tokens: int, max_step_tokens: int, num_known: int = 0, dtype_bytes: int = 4
+) -> int:
     """Bytes the decoding loop allocates: the cache and the largest step.
 
     Args:
@@ -140,14 +151,16 @@ def vq_decoding_memory(vqvae, batch_size: int, height: int, width: int) -> int:
     return pixels * (VQ_VALUES_PER_PIXEL_AND_CHANNEL * channels + 2 * vqvae.config.out_channels) * 4
 
 
-def generation_memory(pipeline, batch_size: int, grid_size: tuple[int, int], max_step_tokens: int,
-                      num_known: int = 0) -> int:  # fmt: skip
+def generation_memory(
+    pipeline, batch_size: int, grid_size: tuple[int, int], max_step_tokens: int, num_known: int = 0
+) -> int:
     """The peak of one pipeline call: decoding tokens, then decoding them to pixels (the cache is freed between)."""
     rows, cols = grid_size
     transformer, vqvae = pipeline.transformer, pipeline.vqvae
     dtype_bytes = next(transformer.parameters()).element_size()
-    decoding = decoding_memory(transformer.config, batch_size, rows * cols - num_known, max_step_tokens, num_known,
-                               dtype_bytes)  # fmt: skip
+    decoding = decoding_memory(
+        transformer.config, batch_size, rows * cols - num_known, max_step_tokens, num_known, dtype_bytes
+    )
     factor = vqvae.downsample_factor
     return max(decoding, vq_decoding_memory(vqvae, batch_size, rows * factor, cols * factor))
 
@@ -172,8 +185,16 @@ def _num_parameters(config) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def training_memory(config, batch_size: int, seq_len: int, use_ema: bool, gradient_checkpointing: bool,
-                    dtype_bytes: int = 4, activation_bytes: int | None = None, num_shards: int = 1) -> int:  # fmt: skip
+def training_memory(
+    config,
+    batch_size: int,
+    seq_len: int,
+    use_ema: bool,
+    gradient_checkpointing: bool,
+    dtype_bytes: int = 4,
+    activation_bytes: int | None = None,
+    num_shards: int = 1,
+) -> int:
     """Bytes one training step of the transformer needs on one process: its weights and their training state, plus the
     activations of a micro-batch.
 

@@ -29,20 +29,47 @@ PAPER_URL = "https://arxiv.org/abs/2503.10568"
 # schedule with linear guidance 5.0.
 PUBLISHED_RESULTS: dict[str, list[dict[str, Any]]] = {
     "ARPG-L": [
-        dict(token_schedule="arccos", guidance_schedule="linear", guidance_scale=5.0, num_inference_steps=64, fid=2.38,
-             inception_score=None),
-        dict(token_schedule="cosine", guidance_schedule="linear", guidance_scale=4.5, num_inference_steps=64, fid=2.44,
-             inception_score=292, model_zoo=True),
+        dict(
+            token_schedule="arccos",
+            guidance_schedule="linear",
+            guidance_scale=5.0,
+            num_inference_steps=64,
+            fid=2.38,
+            inception_score=None,
+        ),
+        dict(
+            token_schedule="cosine",
+            guidance_schedule="linear",
+            guidance_scale=4.5,
+            num_inference_steps=64,
+            fid=2.44,
+            inception_score=292,
+            model_zoo=True,
+        ),
     ],
     "ARPG-XL": [
-        dict(token_schedule="cosine", guidance_schedule="linear", guidance_scale=6.0, num_inference_steps=64, fid=2.10,
-             inception_score=331, model_zoo=True),
+        dict(
+            token_schedule="cosine",
+            guidance_schedule="linear",
+            guidance_scale=6.0,
+            num_inference_steps=64,
+            fid=2.10,
+            inception_score=331,
+            model_zoo=True,
+        ),
     ],
     "ARPG-XXL": [
-        dict(token_schedule="cosine", guidance_schedule="linear", guidance_scale=7.5, num_inference_steps=64, fid=1.94,
-             inception_score=340, model_zoo=True),
+        dict(
+            token_schedule="cosine",
+            guidance_schedule="linear",
+            guidance_scale=7.5,
+            num_inference_steps=64,
+            fid=1.94,
+            inception_score=340,
+            model_zoo=True,
+        ),
     ],
-}  # fmt: skip
+}
 
 # model-index fields of the published figures. The task type is the Hub task the cards' `pipeline_tag` names (the Hub
 # has no class-conditional image generation task; its task ids are text-to-image, image-to-image,
@@ -79,7 +106,9 @@ def recommended_sampling(config: ARPGConfig) -> dict[str, Any]:
     preset = preset_of(config)
     if preset is not None:
         best = PUBLISHED_RESULTS[preset][0]
-        return {key: best[key] for key in ("token_schedule", "guidance_schedule", "guidance_scale", "num_inference_steps")}
+        return {
+            key: best[key] for key in ("token_schedule", "guidance_schedule", "guidance_scale", "num_inference_steps")
+        }
     return dict(
         token_schedule="arccos",
         guidance_schedule="linear",
@@ -177,7 +206,7 @@ Install the `arpg-hf` package, which holds the pipeline and model classes:
 
 ```bash
 pip install arpg-hf
-arpg-hf generate --model {location} --class-labels {' '.join(map(str, labels))} --seed 0 --output-dir samples
+arpg-hf generate --model {location} --class-labels {" ".join(map(str, labels))} --seed 0 --output-dir samples
 ```
 
 In Python, with the pipeline class of `arpg_hf`:
@@ -211,10 +240,13 @@ def published_eval_results(preset: str) -> list[EvalResult]:
     for entry in PUBLISHED_RESULTS[preset]:
         if not entry.get("model_zoo"):
             continue
-        setting = {key: entry[key] for key in ("num_inference_steps", "token_schedule", "guidance_schedule",
-                                               "guidance_scale")}  # fmt: skip
-        for metric_type, metric_name, value in (("FID", "FID", entry["fid"]),
-                                                ("IS", "Inception score", entry["inception_score"])):  # fmt: skip
+        setting = {
+            key: entry[key] for key in ("num_inference_steps", "token_schedule", "guidance_schedule", "guidance_scale")
+        }
+        for metric_type, metric_name, value in (
+            ("FID", "FID", entry["fid"]),
+            ("IS", "Inception score", entry["inception_score"]),
+        ):
             if value is None:
                 continue
             results.append(

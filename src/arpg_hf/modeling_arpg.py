@@ -68,8 +68,9 @@ class ARPGImageGenerationOutput(ModelOutput):
     past_key_values: ARPGStaticCache | None = None
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=False,
-                            **kwargs):  # fmt: skip
+def eager_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=False, **kwargs
+):
     """Plain attention over `(batch, heads, seq, head_dim)` tensors, with transformers' attention-interface signature;
     `attention_mask` is boolean, True where a row may attend. Returns `((batch, seq, heads, head_dim), weights)`."""
     scores = query @ key.transpose(-1, -2)
@@ -80,6 +81,11 @@ def eager_attention_forward(module, query, key, value, attention_mask, dropout=0
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = F.dropout(scores.softmax(-1), p=dropout, training=module.training)
     return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def split_heads(x: torch.Tensor, heads: tuple[int, int]) -> torch.Tensor:
+    """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
+    return x.unflatten(-1, heads).transpose(1, 2)
 
 
 def attend(module: nn.Module, query, key, value, attention_mask, is_causal: bool) -> torch.Tensor:
@@ -128,7 +134,7 @@ class ARPGSelfAttention(FusedProjections, nn.Module):
         self.register_fusions()
 
     def forward(self, hidden_states, rotary, attention_mask, is_causal, past_key_values=None, cache_position=None):
-        query, key, value = (x.unflatten(-1, self.heads).transpose(1, 2) for x in self.project(hidden_states, "qkv_proj"))
+        query, key, value = (split_heads(x, self.heads) for x in self.project(hidden_states, "qkv_proj"))
         query, key = apply_rotary_2d(query, *rotary), apply_rotary_2d(key, *rotary)  # (B, H, N, Dh)
         if past_key_values is not None:
             key, value = past_key_values.update(self.layer_idx, key, value, cache_position)  # (B, H, S, Dh)
@@ -150,7 +156,7 @@ class ARPGCrossAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.residual_dropout)
 
     def forward(self, hidden_states, rotary, key, value, attention_mask, is_causal):
-        query = apply_rotary_2d(self.q_proj(hidden_states).unflatten(-1, self.heads).transpose(1, 2), *rotary)
+        query = apply_rotary_2d(split_heads(self.q_proj(hidden_states), self.heads), *rotary)
         output = attend(self, query, key, value, attention_mask, is_causal)
         return self.resid_dropout(self.o_proj(output))
 
@@ -282,8 +288,8 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
         hidden_states = self.token_dropout(hidden_states)
         for layer in self.self_layers:
             hidden_states = layer(hidden_states, input_rotary, input_mask, is_causal, cache, cache_position)
-        key, value = (x.unflatten(-1, self.self_layers[0].self_attn.heads).transpose(1, 2)
-                      for x in self.project(self.kv_norm(hidden_states), "kv_proj"))  # fmt: skip
+        heads = (self.config.num_attention_heads, self.config.head_dim)
+        key, value = (split_heads(x, heads) for x in self.project(self.kv_norm(hidden_states), "kv_proj"))
         key = apply_rotary_2d(key, *input_rotary)  # (B, H, N, Dh)
         if cache is not None:
             key, value = cache.update(len(self.self_layers), key, value, cache_position)  # (B, H, S, Dh)
@@ -333,14 +339,8 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         orders: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         generator: torch.Generator | None = None,
-        input_position_ids: torch.LongTensor | None = None,
-        query_position_ids: torch.LongTensor | None = None,
-        past_key_values: ARPGStaticCache | None = None,
-        cache_position: torch.LongTensor | None = None,
-        attention_ends: tuple[torch.LongTensor, torch.LongTensor] | None = None,
-        grid_size: tuple[int, int] | None = None,
-        position_mode: str = "extrapolate",
         return_dict: bool | None = None,
+        **step,
     ) -> ARPGImageGenerationOutput | tuple:
         r"""
         Teacher forcing (training), with `class_labels`:
@@ -355,9 +355,10 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             generator (`torch.Generator`, *optional*): source of the class dropout and of the random orders.
 
         A decoding step, without `class_labels`: `input_ids` are embedding ids (see
-        [`~ARPGForImageGeneration.class_token_ids`]), and `input_position_ids`, `query_position_ids`,
-        `past_key_values`, `cache_position`, `attention_ends`, `grid_size` and `position_mode` are those of
-        [`ARPGModel.forward`]; `labels` `(batch, num_queries)`, when given, are the queries' targets.
+        [`~ARPGForImageGeneration.class_token_ids`]), and `**step` holds the other arguments of
+        [`ARPGModel.forward`] by name (`input_position_ids`, `query_position_ids`, `past_key_values`,
+        `cache_position`, `attention_ends`, `grid_size`, `position_mode`); `labels` `(batch, num_queries)`, when
+        given, are the queries' targets.
 
         Returns:
             [`ARPGImageGenerationOutput`]: `loss` (when there are targets), `logits` `(batch, num_queries, vocab_size)`
@@ -365,22 +366,19 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if class_labels is not None:
-            input_ids, input_position_ids, query_position_ids, labels, orders = self.teacher_forcing_inputs(
-                input_ids, class_labels, orders, labels, generator
-            )
-        elif input_position_ids is None or query_position_ids is None:
-            raise ValueError("Pass class_labels (teacher forcing) or input_position_ids and query_position_ids (a step).")
-        hidden = self.model(
-            input_ids, input_position_ids, query_position_ids, past_key_values, cache_position, attention_ends,
-            grid_size, position_mode,
-        ).last_hidden_state  # (B, M, D)
+            inputs = self.teacher_forcing_inputs(input_ids, class_labels, orders, labels, generator)
+            input_ids, step["input_position_ids"], step["query_position_ids"], labels, orders = inputs
+        elif "input_position_ids" not in step or "query_position_ids" not in step:
+            raise ValueError("Pass class_labels (teacher forcing), or input_position_ids and query_position_ids.")
+        hidden = self.model(input_ids, **step).last_hidden_state  # (B, M, D)
         logits = self.lm_head(hidden)  # (B, M, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         if not return_dict:
             return tuple(x for x in (loss, logits, orders) if x is not None)
-        return ARPGImageGenerationOutput(loss=loss, logits=logits, orders=orders, past_key_values=past_key_values)
+        cache = step.get("past_key_values")
+        return ARPGImageGenerationOutput(loss=loss, logits=logits, orders=orders, past_key_values=cache)
 
     def teacher_forcing_inputs(self, input_ids, class_labels, orders=None, labels=None, generator=None) -> tuple:
         """The step of teacher forcing: `(inputs, input_positions, query_positions, targets, orders)`, each
@@ -418,8 +416,9 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             if isinstance(module, FusedProjections):
                 module.unfuse_projections()
 
-    def allocate_cache(self, batch_size: int, max_length: int | None = None, dtype=None, device=None,
-                       key_block: int | None = None) -> ARPGStaticCache:  # fmt: skip
+    def allocate_cache(
+        self, batch_size: int, max_length: int | None = None, dtype=None, device=None, key_block: int | None = None
+    ) -> ARPGStaticCache:
         """Preallocates the decoding cache; `max_length` defaults to the class slot plus every grid token."""
         return ARPGStaticCache(
             batch_size=batch_size,

@@ -14,17 +14,22 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
-from .configuration_arpg import ARPGConfig
 from .atomic_io import carry_over, staged_folder
+from .configuration_arpg import ARPGConfig
 from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
 from .modeling_arpg import ARPGForImageGeneration
 from .random_utils import draw_uniform
 from .rotary_2d import CLASS_POSITION, POSITION_MODES
 from .saved_folders import (
-    config_json, download_pipeline_folder, is_package_class, is_weights_of_variant, package_module_names,
-    shim_module_names, write_import_shims,
-)  # fmt: skip
+    config_json,
+    download_pipeline_folder,
+    is_package_class,
+    is_weights_of_variant,
+    package_module_names,
+    shim_module_names,
+    write_import_shims,
+)
 from .scheduling_arpg import ARPGScheduler
 from .validation import check_class_labels, check_orders, is_int, is_real
 from .vq_model import ARPGVQModel
@@ -66,8 +71,10 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
         if not is_int(value) or value <= 0:
             raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
     if height % downsample_factor or width % downsample_factor:
-        suggestion = f"{max(1, height // downsample_factor) * downsample_factor}x" \
-                     f"{max(1, width // downsample_factor) * downsample_factor}"  # fmt: skip
+        suggestion = (
+            f"{max(1, height // downsample_factor) * downsample_factor}x"
+            f"{max(1, width // downsample_factor) * downsample_factor}"
+        )
         raise ValueError(
             f"The canvas must have sides that are multiples of the VQ downsample factor {downsample_factor}, got "
             f"{height}x{width} (height x width). Crop or resize to a multiple of {downsample_factor}, e.g. "
@@ -78,9 +85,7 @@ def canvas_grid_size(height, width, downsample_factor: int) -> tuple[int, int]:
 
 def check_guidance_scale(guidance_scale, name: str = "guidance_scale") -> None:
     """ValueError unless `guidance_scale` is a finite number >= 0 that float32 (the logits' dtype) can hold."""
-    in_range = is_real(guidance_scale) and (
-        math.isfinite(guidance_scale) and 0 <= guidance_scale <= FLOAT32_MAX
-    )
+    in_range = is_real(guidance_scale) and (math.isfinite(guidance_scale) and 0 <= guidance_scale <= FLOAT32_MAX)
     if not in_range:
         raise ValueError(
             f"{name} must be a number >= 0, finite and at most {FLOAT32_MAX:.3g} (it scales float32 logits), got "
@@ -169,8 +174,9 @@ class ARPGPipelineMixin:
         not decoded yet, at once, and is the last (the call returns complete images or tokens)."""
         return self._interrupt
 
-    def _start_call(self, guidance_scale: float, num_inference_steps: int, callback_on_step_end,
-                    callback_on_step_end_tensor_inputs) -> list[str]:  # fmt: skip
+    def _start_call(
+        self, guidance_scale: float, num_inference_steps: int, callback_on_step_end, callback_on_step_end_tensor_inputs
+    ) -> list[str]:
         """Records the call's settings for the properties above; returns the tensors to pass to the callback (those a
         diffusers `PipelineCallback` asks for)."""
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_inference_steps, False
@@ -178,8 +184,15 @@ class ARPGPipelineMixin:
             return list(callback_on_step_end.tensor_inputs)
         return list(callback_on_step_end_tensor_inputs)
 
-    def check_memory(self, batch_size: int, grid_size: tuple[int, int], num_inference_steps: int,
-                     num_known: int = 0, encode: bool = False, advice: str = "Use a smaller batch or canvas") -> None:  # fmt: skip
+    def check_memory(
+        self,
+        batch_size: int,
+        grid_size: tuple[int, int],
+        num_inference_steps: int,
+        num_known: int = 0,
+        encode: bool = False,
+        advice: str = "Use a smaller batch or canvas",
+    ) -> None:
         """Raises [`~arpg_hf.memory.InsufficientMemoryError`] (a `MemoryError` and a `ValueError`), before anything is
         allocated, when a call on `batch_size` images of `grid_size` tokens would need more memory than it may use
         (see `arpg_hf.memory`: the estimate, the budget and `ARPG_HF_MAX_MEMORY`).
@@ -199,9 +212,11 @@ class ARPGPipelineMixin:
             required = max(required, vq_decoding_memory(self.vqvae, 1, rows * factor, cols * factor))
         height, width = rows * self.vqvae.downsample_factor, cols * self.vqvae.downsample_factor
         check_memory(
-            required, f"Generating {batch_size} image(s) of {height}x{width} px ({rows}x{cols} tokens)",
-            advice, device=self._execution_device,
-        )  # fmt: skip
+            required,
+            f"Generating {batch_size} image(s) of {height}x{width} px ({rows}x{cols} tokens)",
+            advice,
+            device=self._execution_device,
+        )
 
     # ------------------------------------------------------------------------------------------ class names
     @property
@@ -300,8 +315,9 @@ class ARPGPipelineMixin:
         `save_directory` and renamed into place (see `arpg_hf.atomic_io`). Saving into an existing folder keeps what
         a save in place would keep (the weights of other variants, the model card, other files)."""
         with staged_folder(save_directory) as staging:
-            super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant,
-                                    max_shard_size=max_shard_size)  # fmt: skip
+            super().save_pretrained(
+                staging, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+            )
             write_import_shims(staging, [type(self)])
             for name, component in self.components.items():
                 if is_package_class(type(component)):  # our models and scheduler (each in the folder of its name)
@@ -329,10 +345,12 @@ class ARPGPipelineMixin:
         through diffusers' `PushToHubMixin`; arguments are those of `DiffusionPipeline.push_to_hub`.
         """
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant,
-                                 max_shard_size=max_shard_size)  # fmt: skip
-            return self._upload_with_card(folder, repo_id, commit_message=commit_message, private=private,
-                                          token=token, create_pr=create_pr)  # fmt: skip
+            self.save_pretrained(
+                folder, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+            )
+            return self._upload_with_card(
+                folder, repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr
+            )
 
     def _upload_with_card(self, folder, repo_id: str, commit_message=None, private=None, token=None, create_pr=False):
         from huggingface_hub import create_repo
@@ -359,8 +377,9 @@ class ARPGPipelineMixin:
         """
         from .compiled_decoding import CompiledDecoder
 
-        self._compiled_decoder = CompiledDecoder(self.transformer, buckets=buckets, key_block=key_block,
-                                                 **compile_kwargs)  # fmt: skip
+        self._compiled_decoder = CompiledDecoder(
+            self.transformer, buckets=buckets, key_block=key_block, **compile_kwargs
+        )
 
     def disable_compiled_decoding(self) -> None:
         """Back to eager decoding steps."""
@@ -456,10 +475,21 @@ class ARPGPipelineMixin:
 
     # ------------------------------------------------------------------------------------------- decoding
     def generate_tokens(
-        self, class_labels, orders, guidance_scale, generator, temperature, top_k, top_p,
-        callback_on_step_end=None, callback_on_step_end_tensor_inputs=("tokens",),
-        known_tokens=None, grid_size=None, position_mode="extrapolate", negative_class_labels=None,
-    ) -> torch.LongTensor:  # fmt: skip
+        self,
+        class_labels,
+        orders,
+        guidance_scale,
+        generator,
+        temperature,
+        top_k,
+        top_p,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("tokens",),
+        known_tokens=None,
+        grid_size=None,
+        position_mode="extrapolate",
+        negative_class_labels=None,
+    ) -> torch.LongTensor:
         """The decoding loop: returns token ids (B, num_tokens) in raster order. `set_timesteps` must have run over
         the number of tokens to generate, `orders.shape[1]`.
 
@@ -478,8 +508,9 @@ class ARPGPipelineMixin:
         """
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
         scheduler, compiled = self.scheduler, self._compiled_decoder
-        cache = (compiled or self.transformer).allocate_cache(2 * orders.shape[0], 1 + tokens.shape[1],
-                                                             device=orders.device)  # fmt: skip
+        cache = (compiled or self.transformer).allocate_cache(
+            2 * orders.shape[0], 1 + tokens.shape[1], device=orders.device
+        )
         inputs, input_positions = self.prefill_inputs(
             class_labels, orders, known_tokens, negative_class_labels
         )  # (2B, 1 + K) each
@@ -515,13 +546,27 @@ class ARPGPipelineMixin:
                 step_index += 1
         return tokens
 
-    def decode_step(self, input_ids, input_position_ids, query_position_ids, cache, attention_ends=None,
-                    grid_size=None, position_mode="extrapolate") -> torch.FloatTensor:  # fmt: skip
+    def decode_step(
+        self,
+        input_ids,
+        input_position_ids,
+        query_position_ids,
+        cache,
+        attention_ends=None,
+        grid_size=None,
+        position_mode="extrapolate",
+    ) -> torch.FloatTensor:
         """One decoding step through the transformer's forward (compiled when enabled): float32 logits (2B, n, V)."""
         step = self._compiled_decoder or (lambda *args, **kwargs: self.transformer(*args, **kwargs).logits)
-        return step(input_ids, input_position_ids=input_position_ids, query_position_ids=query_position_ids,
-                    past_key_values=cache, attention_ends=attention_ends, grid_size=grid_size,
-                    position_mode=position_mode).float()  # fmt: skip
+        return step(
+            input_ids,
+            input_position_ids=input_position_ids,
+            query_position_ids=query_position_ids,
+            past_key_values=cache,
+            attention_ends=attention_ends,
+            grid_size=grid_size,
+            position_mode=position_mode,
+        ).float()
 
     def prefill_inputs(
         self, class_labels, orders, known_tokens=None, negative_class_labels=None
@@ -536,8 +581,10 @@ class ARPGPipelineMixin:
         input_positions = torch.full_like(inputs, CLASS_POSITION)
         if known_tokens is None:
             return inputs, input_positions
-        if known_tokens.shape[0] != batch_size or bool((known_tokens.gather(1, orders) >= 0).any()) or (
-            known_tokens.shape[1] - orders.shape[1] != int((known_tokens[0] >= 0).sum())
+        if (
+            known_tokens.shape[0] != batch_size
+            or bool((known_tokens.gather(1, orders) >= 0).any())
+            or (known_tokens.shape[1] - orders.shape[1] != int((known_tokens[0] >= 0).sum()))
         ):
             raise ValueError(
                 "known_tokens (B, L) must hold -1 exactly at the positions listed in orders (B, U), one row per image."
@@ -565,9 +612,20 @@ class ARPGPipeline(ARPGPipelineMixin, DiffusionPipeline):
         scheduler ([`ARPGScheduler`]): decoding order, tokens per step, guidance per step and sampling.
     """
 
-    def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                     callback_on_step_end_tensor_inputs, height=None, width=None,
-                     position_mode="extrapolate"):  # fmt: skip
+    def check_inputs(
+        self,
+        class_labels,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+        temperature,
+        top_k,
+        top_p,
+        callback_on_step_end_tensor_inputs,
+        height=None,
+        width=None,
+        position_mode="extrapolate",
+    ):
         check_class_labels(class_labels, self.transformer.config.num_classes)
         grid_height, grid_width = self.token_grid_size(height, width)
         check_num_inference_steps(num_inference_steps, grid_height * grid_width)
@@ -669,18 +727,38 @@ class ARPGPipeline(ARPGPipelineMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs = self._start_call(
             guidance_scale, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
-        self.check_inputs(labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                          callback_on_step_end_tensor_inputs, height, width, position_mode)  # fmt: skip
+        self.check_inputs(
+            labels,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            temperature,
+            top_k,
+            top_p,
+            callback_on_step_end_tensor_inputs,
+            height,
+            width,
+            position_mode,
+        )
         if isinstance(generator, list) and len(generator) != labels.shape[0]:
             raise ValueError(f"Got {len(generator)} generators for {labels.shape[0]} images; pass one per image.")
         self.check_memory(labels.shape[0], grid_size, num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, num_tokens, device=device)
         orders = self.prepare_orders(orders, labels.shape[0], generator, device, num_tokens=num_tokens)
         tokens = self.generate_tokens(
-            labels.to(device), orders, guidance_scale, generator, temperature, top_k, top_p,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, grid_size=grid_size, position_mode=position_mode,
+            labels.to(device),
+            orders,
+            guidance_scale,
+            generator,
+            temperature,
+            top_k,
+            top_p,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            grid_size=grid_size,
+            position_mode=position_mode,
             negative_class_labels=negative_labels,
-        )  # fmt: skip
+        )
         if output_type == "latent":
             images = tokens
         else:

@@ -72,9 +72,19 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
         self.mask_processor = mask_processor(vqvae.downsample_factor)  # grayscale, binarised at 0.5
 
     # -------------------------------------------------------------------------------------------- inputs
-    def check_inputs(self, class_labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                     callback_on_step_end_tensor_inputs, position_mode="extrapolate",
-                     mask_coverage_threshold=0.0):  # fmt: skip
+    def check_inputs(
+        self,
+        class_labels,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+        temperature,
+        top_k,
+        top_p,
+        callback_on_step_end_tensor_inputs,
+        position_mode="extrapolate",
+        mask_coverage_threshold=0.0,
+    ):
         check_class_labels(class_labels, self.transformer.config.num_classes)
         if not is_int(num_inference_steps):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
@@ -159,8 +169,19 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
         permutation = self.prepare_orders(None, batch_size, generator, device, num_tokens=num_unknown)  # (B, U)
         return unknown_positions.to(device).gather(1, permutation)
 
-    def inpaint_tokens(self, labels, encoded, token_mask, orders, num_inference_steps, generator, grid_size,
-                       sampling: dict, negative_labels=None, **decode_kwargs) -> torch.LongTensor:  # fmt: skip
+    def inpaint_tokens(
+        self,
+        labels,
+        encoded,
+        token_mask,
+        orders,
+        num_inference_steps,
+        generator,
+        grid_size,
+        sampling: dict,
+        negative_labels=None,
+        **decode_kwargs,
+    ) -> torch.LongTensor:
         """Regenerates the masked tokens of `encoded` (B, L); returns all tokens (B, L), raster order.
 
         Images whose masks leave the same number of tokens to generate are decoded together; the others one group
@@ -182,10 +203,15 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
             self.scheduler.set_timesteps(steps, count, device=encoded.device)
             known = encoded[rows].masked_fill(token_mask[rows], -1)  # (b, L), -1 = to generate
             tokens[rows] = self.generate_tokens(
-                labels[rows], group_orders, generator=group_generator, known_tokens=known, grid_size=grid_size,
+                labels[rows],
+                group_orders,
+                generator=group_generator,
+                known_tokens=known,
+                grid_size=grid_size,
                 negative_class_labels=None if negative_labels is None else negative_labels[rows],
-                **sampling, **decode_kwargs,
-            )  # fmt: skip
+                **sampling,
+                **decode_kwargs,
+            )
         if capped:
             logger.warning(
                 f"num_inference_steps={num_inference_steps} exceeds the number of tokens to generate ({counts}); "
@@ -275,8 +301,18 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs = self._start_call(
             guidance_scale, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
         )
-        self.check_inputs(labels, num_inference_steps, guidance_scale, output_type, temperature, top_k, top_p,
-                          callback_on_step_end_tensor_inputs, position_mode, mask_coverage_threshold)  # fmt: skip
+        self.check_inputs(
+            labels,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            temperature,
+            top_k,
+            top_p,
+            callback_on_step_end_tensor_inputs,
+            position_mode,
+            mask_coverage_threshold,
+        )
         pixels, pixel_mask, labels = self.prepare_canvas(image, mask_image, labels, generator)
         factor = self.vqvae.downsample_factor
         grid_size = canvas_grid_size(pixels.shape[-2], pixels.shape[-1], factor)
@@ -285,17 +321,26 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
         batch_size = labels.shape[0]
         token_mask = token_mask_from_pixel_mask(pixel_mask, factor, mask_coverage_threshold).flatten(1).to(device)
         most_unknown = int(token_mask.sum(dim=1).max())  # the largest group decoded together
-        self.check_memory(batch_size, grid_size, num_inference_steps, num_known=token_mask.shape[1] - most_unknown,
-                          encode=True)  # fmt: skip
+        self.check_memory(
+            batch_size, grid_size, num_inference_steps, num_known=token_mask.shape[1] - most_unknown, encode=True
+        )
         encoded = self.encode_image(pixels).to(device).expand(batch_size, -1)  # (B, L)
         pixels = pixels.expand(batch_size, -1, -1, -1)  # (B, 3, H, W)
         sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = self.inpaint_tokens(
-            labels.to(device), encoded, token_mask, orders, num_inference_steps, generator, grid_size, sampling,
+            labels.to(device),
+            encoded,
+            token_mask,
+            orders,
+            num_inference_steps,
+            generator,
+            grid_size,
+            sampling,
             negative_labels=negative_labels,
             callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, position_mode=position_mode,
-        )  # fmt: skip
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            position_mode=position_mode,
+        )
         if output_type == "latent":
             images = tokens
         else:
@@ -356,8 +401,10 @@ def _select_orders(orders, rows: list[int], batch_size: int):
     """The rows of user `orders` that belong to a group of images: a shared 1-D order stays shared."""
     if orders is None:
         return None
-    if isinstance(orders, (list, tuple)) and len(orders) == batch_size and all(
-        isinstance(row, (list, tuple, np.ndarray, torch.Tensor)) for row in orders
+    if (
+        isinstance(orders, (list, tuple))
+        and len(orders) == batch_size
+        and all(isinstance(row, (list, tuple, np.ndarray, torch.Tensor)) for row in orders)
     ):
         selected = [torch.as_tensor(orders[i]) for i in rows]  # one sequence per image
         if any(row.ndim != 1 or row.shape != selected[0].shape for row in selected):

@@ -15,14 +15,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(model: str | None, device: str, dtype_name: str | None, model_cpu_offload: bool = False,
-                  pipeline_class=None):  # fmt: skip
+def load_pipeline(
+    model: str | None, device: str, dtype_name: str | None, model_cpu_offload: bool = False, pipeline_class=None
+):
     """Loads an ARPGPipeline from a folder or Hub id (the bundled model when `model` is None), as `pipeline_class`
     (e.g. ARPGInpaintPipeline) when given, onto `device`, or, with `model_cpu_offload`, onto the CPU with diffusers'
     offload hooks that move each model to `device` while it runs."""
     import torch
 
-    dtype = getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = (
+        getattr(torch, dtype_name) if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
     if model is None:
         from .bundled import load_bundled_pipeline
 

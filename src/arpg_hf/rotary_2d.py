@@ -108,8 +108,13 @@ def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return rotated.flatten(-2).to(x.dtype)  # (B, H, N, Dh)
 
 
-def absolute_position_embedding(table: nn.Embedding, position_ids: torch.LongTensor, trained: tuple[int, int],
-                                grid_size: tuple[int, int] | None = None, position_mode: str = "extrapolate") -> torch.Tensor:  # fmt: skip
+def absolute_position_embedding(
+    table: nn.Embedding,
+    position_ids: torch.LongTensor,
+    trained: tuple[int, int],
+    grid_size: tuple[int, int] | None = None,
+    position_mode: str = "extrapolate",
+) -> torch.Tensor:
     """The learned absolute embedding (`table`, one row per position of the `trained` grid; see
     `ARPGConfig.absolute_position_embeddings`) of raster positions on `grid_size`, zero for the class slot (-1):
     `(batch, seq, hidden_size)`. Rows are read by calling `table`, so that offload hooks see every use.

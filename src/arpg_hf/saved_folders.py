@@ -84,20 +84,34 @@ class SavedWithImportShims:
 
     _save_options = ("is_main_process", "state_dict", "max_shard_size", "variant")  # what the base class takes
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, state_dict=None,
-                        push_to_hub: bool = False, max_shard_size=None, variant: str | None = None, **kwargs):  # fmt: skip
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict=None,
+        push_to_hub: bool = False,
+        max_shard_size=None,
+        variant: str | None = None,
+        **kwargs,
+    ):
         # Named parameters: diffusers' pipeline saving passes `variant` and `max_shard_size` only when they are named.
         if variant in VARIANT_DTYPES:
             state_dict = variant_state_dict(self.state_dict() if state_dict is None else state_dict, variant)
-        given = dict(is_main_process=is_main_process, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant)
-        kwargs.update({name: value for name, value in given.items() if value is not None and name in self._save_options})
+        given = dict(
+            is_main_process=is_main_process, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant
+        )
+        kwargs.update(
+            {name: value for name, value in given.items() if value is not None and name in self._save_options}
+        )
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
         hub = {name: kwargs.pop(name) for name in ("commit_message", "private", "token", "create_pr") if name in kwargs}
         super().save_pretrained(save_directory, **kwargs)
         if is_main_process:
             write_import_shims(save_directory, [type(self)])
             if push_to_hub:
-                return self.push_to_hub(repo_id, **hub, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+                return self.push_to_hub(
+                    repo_id, **hub, **({"max_shard_size": max_shard_size} if max_shard_size else {})
+                )
 
     @classmethod
     def register_for_auto_class(cls, auto_class=None):
@@ -200,9 +214,14 @@ def download_pipeline_folder(
         allow_patterns = pipeline_files(files, variant, use_safetensors)
     try:
         return snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline,
-            force_download=force_download, allow_patterns=allow_patterns,
-        )  # fmt: skip
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=offline,
+            force_download=force_download,
+            allow_patterns=allow_patterns,
+        )
     except LocalEntryNotFoundError as error:
         raise OSError(
             f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and the Hub is not reachable here "

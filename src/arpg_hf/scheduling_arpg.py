@@ -82,16 +82,14 @@ class ARPGScheduler(SchedulerMixin, ConfigMixin):
         if sampling_method not in SAMPLING_METHODS:
             raise ValueError(f"`sampling_method` must be one of {SAMPLING_METHODS}, got {sampling_method!r}.")
         if recommended_guidance_scale is not None and (
-            not is_real(recommended_guidance_scale)
-            or recommended_guidance_scale < 0
+            not is_real(recommended_guidance_scale) or recommended_guidance_scale < 0
         ):
             raise ValueError(f"`recommended_guidance_scale` must be a number >= 0, got {recommended_guidance_scale!r}.")
-        if recommended_num_inference_steps is not None and _as_int(
-            recommended_num_inference_steps, "recommended_num_inference_steps"
-        ) < 1:
-            raise ValueError(
-                f"`recommended_num_inference_steps` must be >= 1, got {recommended_num_inference_steps}."
-            )
+        if (
+            recommended_num_inference_steps is not None
+            and _as_int(recommended_num_inference_steps, "recommended_num_inference_steps") < 1
+        ):
+            raise ValueError(f"`recommended_num_inference_steps` must be >= 1, got {recommended_num_inference_steps}.")
         self.num_inference_steps = None
         self.num_tokens = None
         self.timesteps = None

@@ -139,8 +139,11 @@ def check_shard_count(output_dir: str | os.PathLike, num_shards: int, cut: str, 
     folder = os.path.join(output_dir, DATA_SUBDIR)
     if not os.path.isdir(folder):
         return
-    others = sorted(name for name in os.listdir(folder)
-                    if (match := SHARD_PATTERN.match(name)) and int(match.group(2)) != num_shards)  # fmt: skip
+    others = sorted(
+        name
+        for name in os.listdir(folder)
+        if (match := SHARD_PATTERN.match(name)) and int(match.group(2)) != num_shards
+    )
     if others:
         raise ValueError(
             f"{folder} holds shards of another run ({others[0]}{', ...' if len(others) > 1 else ''}), but this one "
@@ -409,8 +412,15 @@ def class_names_of(dataset, info: TokenDatasetInfo | None = None) -> list[str] |
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def check_token_dataset(dataset, info, config, codebook_size: int | None = None, source: str = "the token dataset",
-                        shard: tuple[int, int] = (0, 1), chunk_size: int = 8192) -> None:  # fmt: skip
+def check_token_dataset(
+    dataset,
+    info,
+    config,
+    codebook_size: int | None = None,
+    source: str = "the token dataset",
+    shard: tuple[int, int] = (0, 1),
+    chunk_size: int = 8192,
+) -> None:
     """Raises ValueError, saying what was expected and how to fix it, unless the rows fit the model.
 
     Checks: at least one row; `codes` and `label` columns; every row's codes are `(n_crops, num_image_tokens)` (or

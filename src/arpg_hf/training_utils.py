@@ -17,7 +17,6 @@ from torch import nn
 REFERENCE_BATCH_SIZE = 256
 
 
-
 # ---------------------------------------------------------------------------------------------- randomness
 
 
@@ -177,8 +176,9 @@ def select_crops(codes: torch.Tensor, generator: torch.Generator | None = None) 
     return codes[torch.arange(batch_size, device=codes.device), choice.to(codes.device)]  # (B, L)
 
 
-def arpg_loss(model: nn.Module, codes: torch.Tensor, class_labels: torch.Tensor,
-              generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def arpg_loss(
+    model: nn.Module, codes: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The ARPG training objective on a batch: one random view per image, a random order per image, class dropout
     (in train mode), teacher-forced cross-entropy over every token.
 
@@ -250,8 +250,9 @@ class BadStepGuard:
         setting (`str`, *optional*, defaults to `"--max_bad_steps"`): the option named in the message.
     """
 
-    def __init__(self, max_bad_steps: int, can_skip: bool = True, uses_scaler: bool = False,
-                 setting: str = "--max_bad_steps"):  # fmt: skip
+    def __init__(
+        self, max_bad_steps: int, can_skip: bool = True, uses_scaler: bool = False, setting: str = "--max_bad_steps"
+    ):
         if max_bad_steps < 0:
             raise ValueError(f"max_bad_steps must be >= 0 (0 turns the check off), got {max_bad_steps}.")
         self.max_bad_steps, self.can_skip, self.uses_scaler = max_bad_steps, can_skip, uses_scaler

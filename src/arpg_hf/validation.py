@@ -7,6 +7,10 @@ a count, a size or a scale goes through these predicates instead, so that the ru
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def is_int(value: object, exact: bool = False) -> bool:
@@ -86,5 +90,7 @@ def check_training_inputs(input_ids, class_labels, labels, config) -> tuple[int,
         raise ValueError(f"class_labels must have shape ({batch_size},), got {tuple(class_labels.shape)}.")
     check_class_labels(class_labels, config.num_classes)
     if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+        raise ValueError(
+            f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
+        )
     return batch_size, seq_len

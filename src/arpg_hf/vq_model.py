@@ -26,7 +26,10 @@ from torch import nn
 from torch.func import functional_call
 
 from .llamagen_vq import (  # noqa: F401  (llamagen_vq_config is public here too)
-    L2_NORM_EPS, REFERENCE_GROUP_NORM_EPS, l2_normalize_rows, llamagen_vq_config,
+    L2_NORM_EPS,
+    REFERENCE_GROUP_NORM_EPS,
+    l2_normalize_rows,
+    llamagen_vq_config,
 )
 from .saved_folders import config_json, variant_state_dict, without_load_path
 from .validation import is_int
@@ -107,19 +110,38 @@ class ARPGVQModel(VQModel):
         force_upcast: bool = False,
     ):
         _validate_config(
-            dict(in_channels=in_channels, out_channels=out_channels, layers_per_block=layers_per_block,
-                 latent_channels=latent_channels, num_vq_embeddings=num_vq_embeddings, vq_embed_dim=vq_embed_dim,
-                 norm_num_groups=norm_num_groups),
-            block_out_channels, down_block_types, up_block_types,
-        )  # fmt: skip
+            dict(
+                in_channels=in_channels,
+                out_channels=out_channels,
+                layers_per_block=layers_per_block,
+                latent_channels=latent_channels,
+                num_vq_embeddings=num_vq_embeddings,
+                vq_embed_dim=vq_embed_dim,
+                norm_num_groups=norm_num_groups,
+            ),
+            block_out_channels,
+            down_block_types,
+            up_block_types,
+        )
         super().__init__(
-            in_channels=in_channels, out_channels=out_channels, down_block_types=tuple(down_block_types),
-            up_block_types=tuple(up_block_types), block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block, act_fn=act_fn, latent_channels=latent_channels, sample_size=sample_size,
-            num_vq_embeddings=num_vq_embeddings, norm_num_groups=norm_num_groups, vq_embed_dim=vq_embed_dim,
-            scaling_factor=scaling_factor, norm_type=norm_type, mid_block_add_attention=mid_block_add_attention,
-            lookup_from_codebook=lookup_from_codebook, force_upcast=force_upcast,
-        )  # fmt: skip
+            in_channels=in_channels,
+            out_channels=out_channels,
+            down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            act_fn=act_fn,
+            latent_channels=latent_channels,
+            sample_size=sample_size,
+            num_vq_embeddings=num_vq_embeddings,
+            norm_num_groups=norm_num_groups,
+            vq_embed_dim=vq_embed_dim,
+            scaling_factor=scaling_factor,
+            norm_type=norm_type,
+            mid_block_add_attention=mid_block_add_attention,
+            lookup_from_codebook=lookup_from_codebook,
+            force_upcast=force_upcast,
+        )
         for module in chain(self.encoder.modules(), self.decoder.modules()):
             if isinstance(module, nn.GroupNorm) and module.eps != REFERENCE_GROUP_NORM_EPS:
                 # diffusers' Encoder/Decoder hard-code 1e-6 today; should that change, keep the reference value.
@@ -174,10 +196,15 @@ class ARPGVQModel(VQModel):
         hook = self.register_state_dict_post_hook(cast_to_variant)  # diffusers saves `self.state_dict()`
         try:
             return super().save_pretrained(
-                save_directory, is_main_process=is_main_process, save_function=save_function,
-                safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size,
-                push_to_hub=push_to_hub, **kwargs,
-            )  # fmt: skip
+                save_directory,
+                is_main_process=is_main_process,
+                save_function=save_function,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                push_to_hub=push_to_hub,
+                **kwargs,
+            )
         finally:
             hook.remove()
 
@@ -373,9 +400,11 @@ def _grid_shape(num_positions: int, shape: tuple[int, int] | None) -> tuple[int,
 
 
 def _validate_config(
-    positive: dict[str, int], block_out_channels: Sequence[int], down_block_types: Sequence[str],
+    positive: dict[str, int],
+    block_out_channels: Sequence[int],
+    down_block_types: Sequence[str],
     up_block_types: Sequence[str],
-) -> None:  # fmt: skip
+) -> None:
     """Raises a ValueError for a non-positive size, block lists that disagree, or level widths that the group norms
     cannot split."""
     for name, value in positive.items():
@@ -405,8 +434,15 @@ def _validate_config(
 # ------------------------------------------------------------------------------- folders saved before 0.2
 # Until ARPGVQModel became a diffusers VQModel, its config named the sizes as llamagen_vq_config's arguments (plus
 # `codebook_l2_norm`, always true) and its codebook was the parameter `codebook.weight`.
-LEGACY_CONFIG_KEYS = {"base_channels", "channel_multipliers", "z_channels", "codebook_size", "codebook_embed_dim",
-                      "codebook_l2_norm", "attention"}  # fmt: skip
+LEGACY_CONFIG_KEYS = {
+    "base_channels",
+    "channel_multipliers",
+    "z_channels",
+    "codebook_size",
+    "codebook_embed_dim",
+    "codebook_l2_norm",
+    "attention",
+}
 LEGACY_CODEBOOK_KEY = "codebook.weight"
 
 

@@ -54,9 +54,17 @@ ARPG_REFERENCE_KEY_MAP = [
 
 # The published ARPG-L (arpg_300m.pt) settings, in upstream ModelArgs names.
 PUBLISHED_ARPG_L = dict(
-    dim=1024, n_layer=24, n_head=16, vocab_size=16384, num_classes=1000, block_size=256, multiple_of=256,
-    ffn_dim_multiplier=None, rope_base=10000, norm_eps=1e-5,
-)  # fmt: skip
+    dim=1024,
+    n_layer=24,
+    n_head=16,
+    vocab_size=16384,
+    num_classes=1000,
+    block_size=256,
+    multiple_of=256,
+    ffn_dim_multiplier=None,
+    rope_base=10000,
+    norm_eps=1e-5,
+)
 
 # Upstream ModelArgs of each published decoder size (everything else as in PUBLISHED_ARPG_L).
 PRESET_REFERENCE_FIELDS = {
@@ -101,12 +109,16 @@ def arpg_config_from_reference(reference_config: Mapping[str, Any] | None = None
     if unknown:
         logger.warning(f"Ignoring upstream config fields that ARPG does not use: {unknown}")
     if fields.get("model_type", "c2i") != "c2i":
-        raise ValueError(f"Only class-conditional ('c2i') ARPG checkpoints exist; got model_type {fields['model_type']!r}.")
+        raise ValueError(
+            f"Only class-conditional ('c2i') ARPG checkpoints exist; got model_type {fields['model_type']!r}."
+        )
     if fields.get("cls_token_num", 1) != 1:
         raise ValueError(f"ARPG uses one class token; got cls_token_num={fields['cls_token_num']}.")
     n_kv_head = fields.get("n_kv_head")
     if n_kv_head is not None and n_kv_head != fields["n_head"]:
-        raise ValueError(f"Grouped-query attention is not part of ARPG: n_kv_head={n_kv_head} != n_head={fields['n_head']}.")
+        raise ValueError(
+            f"Grouped-query attention is not part of ARPG: n_kv_head={n_kv_head} != n_head={fields['n_head']}."
+        )
     if fields["n_layer"] % 2 != 0:
         logger.warning(f"Odd n_layer={fields['n_layer']}: like upstream, each pass gets n_layer // 2 layers.")
     grid = math.isqrt(fields["block_size"])
@@ -131,7 +143,9 @@ def load_reference_arpg(
 
     `reference_config` is a dict of upstream `ModelArgs` fields or an [`ARPGConfig`]; None means the published ARPG-L.
     """
-    config = reference_config if isinstance(reference_config, ARPGConfig) else arpg_config_from_reference(reference_config)
+    config = (
+        reference_config if isinstance(reference_config, ARPGConfig) else arpg_config_from_reference(reference_config)
+    )
     state_dict = load_reference_state_dict(checkpoint)
     model = ARPGForImageGeneration(config)
     expected = model.state_dict()

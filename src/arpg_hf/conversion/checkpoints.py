@@ -40,7 +40,9 @@ class KeyRule:
 
     def __post_init__(self):
         if self.source.count("{}") != self.target.count("{}"):
-            raise ValueError(f"KeyRule {self.source!r} -> {self.target!r}: both patterns need the same number of '{{}}'.")
+            raise ValueError(
+                f"KeyRule {self.source!r} -> {self.target!r}: both patterns need the same number of '{{}}'."
+            )
         pattern = "^" + re.escape(self.source).replace(re.escape("{}"), r"(\d+)") + "$"
         object.__setattr__(self, "_regex", re.compile(pattern))
 

@@ -10,32 +10,57 @@ from ..model_card import create_model_card
 from ..user_errors import run_guarded
 from .arpg import PRESET_REFERENCE_FIELDS
 from .convert import (
-    DTYPES, check_output_dir, convert_reference_checkpoints, read_json_config, save_pipeline_folder,
+    DTYPES,
+    check_output_dir,
+    convert_reference_checkpoints,
+    read_json_config,
+    save_pipeline_folder,
     upload_pipeline_folder,
-)  # fmt: skip
+)
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--arpg-checkpoint", required=True, metavar="PATH_OR_HUB",
-                        help="upstream decoder checkpoint: a file, or a Hub file like hp-l33/ARPG/arpg_300m.pt")
-    parser.add_argument("--vq-checkpoint", required=True, metavar="PATH_OR_HUB",
-                        help="LlamaGen VQ tokenizer checkpoint, e.g. FoundationVision/LlamaGen/vq_ds16_c2i.pt")
+    parser.add_argument(
+        "--arpg-checkpoint",
+        required=True,
+        metavar="PATH_OR_HUB",
+        help="upstream decoder checkpoint: a file, or a Hub file like hp-l33/ARPG/arpg_300m.pt",
+    )
+    parser.add_argument(
+        "--vq-checkpoint",
+        required=True,
+        metavar="PATH_OR_HUB",
+        help="LlamaGen VQ tokenizer checkpoint, e.g. FoundationVision/LlamaGen/vq_ds16_c2i.pt",
+    )
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="the pipeline folder to write")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--preset", choices=sorted(PRESET_REFERENCE_FIELDS),
-                      help="published decoder size (default: detected from the checkpoint's width)")
-    size.add_argument("--reference-config", metavar="JSON",
-                      help="JSON of the upstream ModelArgs fields (dim, n_layer, n_head, vocab_size, ...)")
-    parser.add_argument("--vq-config", metavar="JSON",
-                        help="JSON of the upstream VQ fields (ch, encoder_ch_mult, z_channels, codebook_size, ...); "
-                             "default: the published VQ-16")
+    size.add_argument(
+        "--preset",
+        choices=sorted(PRESET_REFERENCE_FIELDS),
+        help="published decoder size (default: detected from the checkpoint's width)",
+    )
+    size.add_argument(
+        "--reference-config",
+        metavar="JSON",
+        help="JSON of the upstream ModelArgs fields (dim, n_layer, n_head, vocab_size, ...)",
+    )
+    parser.add_argument(
+        "--vq-config",
+        metavar="JSON",
+        help="JSON of the upstream VQ fields (ch, encoder_ch_mult, z_channels, codebook_size, ...); "
+        "default: the published VQ-16",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the decoder weights")
-    parser.add_argument("--vq-dtype", choices=sorted(DTYPES), default="float32",
-                        help="dtype of the tokenizer weights (it decodes in float32 either way)")
+    parser.add_argument(
+        "--vq-dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="dtype of the tokenizer weights (it decodes in float32 either way)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
-    parser.add_argument("--license", default="mit", help="license in the model card metadata")  # fmt: skip
+    parser.add_argument("--license", default="mit", help="license in the model card metadata")
     return parser
 
 

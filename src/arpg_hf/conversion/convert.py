@@ -78,7 +78,9 @@ def resolve_checkpoint(path_or_hub: str) -> str:
             f"{filename} --local-dir .`) and pass the local path instead."
         ) from error
     except RepositoryNotFoundError as error:
-        raise ConversionError(f"The Hub repository {repo_id!r} does not exist or is private: {path_or_hub!r}.") from error
+        raise ConversionError(
+            f"The Hub repository {repo_id!r} does not exist or is private: {path_or_hub!r}."
+        ) from error
     except EntryNotFoundError as error:
         raise ConversionError(f"The Hub repository {repo_id!r} has no file {filename!r}.") from error
 
@@ -102,7 +104,9 @@ def read_json_config(path: str | None, what: str) -> dict[str, Any] | None:
     except json.JSONDecodeError as error:
         raise ConversionError(f"The {what} file {path!r} is not valid JSON: {error}.") from error
     if not isinstance(config, dict):
-        raise ConversionError(f"The {what} file {path!r} must hold a JSON object of fields, got {type(config).__name__}.")
+        raise ConversionError(
+            f"The {what} file {path!r} must hold a JSON object of fields, got {type(config).__name__}."
+        )
     return config
 
 
@@ -151,8 +155,10 @@ def _run_shape_checks(state_dict, checks: Sequence[ShapeCheck], source: str, hin
             )
     if problems:
         raise ConversionError(
-            f"{source} does not match the configuration: " + "; ".join(problems[:6])
-            + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "") + f". {hint}"
+            f"{source} does not match the configuration: "
+            + "; ".join(problems[:6])
+            + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            + f". {hint}"
         )
 
 
@@ -189,29 +195,45 @@ def check_arpg_shapes(state_dict: Mapping[str, torch.Tensor], fields: Mapping[st
     per_pass = fields["n_layer"] // 2
     ffn = swiglu_intermediate_size(dim, fields["multiple_of"], fields["ffn_dim_multiplier"])
     checks = [
-        ShapeCheck("embeddings.weight", (vocab + classes + 3, dim),
-                   f"vocab_size {vocab} + num_classes {classes} + 3 rows ([MASK], null class, unused), dim {dim}"),
+        ShapeCheck(
+            "embeddings.weight",
+            (vocab + classes + 3, dim),
+            f"vocab_size {vocab} + num_classes {classes} + 3 rows ([MASK], null class, unused), dim {dim}",
+        ),
         ShapeCheck("head.weight", (vocab, dim), f"vocab_size {vocab}, dim {dim}"),
         ShapeCheck("layers.to_k.weight", (dim, dim), f"dim {dim}"),
-    ]  # fmt: skip
+    ]
     for layer in range(per_pass):
         checks += [
-            ShapeCheck(f"layers.self_dec.{layer}.attn.to_q.weight", (dim, dim), f"n_layer {fields['n_layer']}, dim {dim}"),
+            ShapeCheck(
+                f"layers.self_dec.{layer}.attn.to_q.weight", (dim, dim), f"n_layer {fields['n_layer']}, dim {dim}"
+            ),
             ShapeCheck(f"layers.self_dec.{layer}.ffn.w1.weight", (ffn, dim), f"SwiGLU width {ffn} of dim {dim}"),
-            ShapeCheck(f"layers.cross_dec.{layer}.attn.to_q.weight", (dim, dim), f"n_layer {fields['n_layer']}, dim {dim}"),
+            ShapeCheck(
+                f"layers.cross_dec.{layer}.attn.to_q.weight", (dim, dim), f"n_layer {fields['n_layer']}, dim {dim}"
+            ),
             ShapeCheck(f"layers.cross_dec.{layer}.ffn.w1.weight", (ffn, dim), f"SwiGLU width {ffn} of dim {dim}"),
-        ]  # fmt: skip
+        ]
     for prefix in ("layers.self_dec.", "layers.cross_dec."):
         extra = [i for i in _layer_indices(state_dict, prefix) if i >= per_pass]
         if extra:
-            checks.append(ShapeCheck(f"{prefix}{extra[0]}.attn.to_q.weight", (), f"n_layer {fields['n_layer']} gives "
-                                     f"{per_pass} layers per pass, found {max(extra) + 1}"))  # fmt: skip
+            checks.append(
+                ShapeCheck(
+                    f"{prefix}{extra[0]}.attn.to_q.weight",
+                    (),
+                    f"n_layer {fields['n_layer']} gives {per_pass} layers per pass, found {max(extra) + 1}",
+                )
+            )
     inferred = infer_arpg_fields(state_dict)
     preset = preset_for_width(inferred["dim"])
     hint = (
         f"The tensors say: dim {inferred['dim']}, vocab_size {inferred['vocab_size']}, num_classes "
         f"{inferred['num_classes']}, {inferred['num_self_layers']} + {inferred['num_cross_layers']} layers"
-        + (f"; that is {preset}: pass --preset {preset}." if preset else "; pass a --reference-config with those values.")
+        + (
+            f"; that is {preset}: pass --preset {preset}."
+            if preset
+            else "; pass a --reference-config with those values."
+        )
     )
     _run_shape_checks(state_dict, checks, source, hint)
 
@@ -219,8 +241,10 @@ def check_arpg_shapes(state_dict: Mapping[str, torch.Tensor], fields: Mapping[st
 def infer_vq_fields(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Upstream VQ fields that the tokenizer's tensor shapes determine."""
     ch = state_dict["encoder.conv_in.weight"].shape[0]
-    widths = [state_dict[f"encoder.conv_blocks.{i}.res.0.conv2.weight"].shape[0]
-              for i in _layer_indices(state_dict, "encoder.conv_blocks.")]  # fmt: skip
+    widths = [
+        state_dict[f"encoder.conv_blocks.{i}.res.0.conv2.weight"].shape[0]
+        for i in _layer_indices(state_dict, "encoder.conv_blocks.")
+    ]
     return dict(
         codebook_size=state_dict["quantize.embedding.weight"].shape[0],
         codebook_embed_dim=state_dict["quantize.embedding.weight"].shape[1],
@@ -238,23 +262,37 @@ def check_vq_shapes(state_dict: Mapping[str, torch.Tensor], fields: Mapping[str,
     size, embed = fields["codebook_size"], fields["codebook_embed_dim"]
     checks = [
         ShapeCheck("quantize.embedding.weight", (size, embed), f"codebook_size {size}, codebook_embed_dim {embed}"),
-        ShapeCheck("encoder.conv_in.weight", (ch, fields["in_channels"], 3, 3), f"ch {ch}, in_channels {fields['in_channels']}"),
+        ShapeCheck(
+            "encoder.conv_in.weight", (ch, fields["in_channels"], 3, 3), f"ch {ch}, in_channels {fields['in_channels']}"
+        ),
         ShapeCheck("encoder.conv_out.weight", (z, ch * mult[-1], 3, 3), f"z_channels {z}, ch {ch} x {mult[-1]}"),
         ShapeCheck("quant_conv.weight", (embed, z, 1, 1), f"codebook_embed_dim {embed}, z_channels {z}"),
-        ShapeCheck("decoder.conv_out.weight", (fields["out_channels"], ch * mult[0], 3, 3),
-                   f"out_channels {fields['out_channels']}, ch {ch} x {mult[0]}"),
-    ]  # fmt: skip
+        ShapeCheck(
+            "decoder.conv_out.weight",
+            (fields["out_channels"], ch * mult[0], 3, 3),
+            f"out_channels {fields['out_channels']}, ch {ch} x {mult[0]}",
+        ),
+    ]
     checks += [
         ShapeCheck(f"encoder.conv_blocks.{level}.res.0.conv2.weight", (ch * m, ch * m, 3, 3), f"ch {ch} x ch_mult {m}")
         for level, m in enumerate(mult)
     ]
     levels = _layer_indices(state_dict, "encoder.conv_blocks.")
     if len(levels) != len(mult):
-        checks.append(ShapeCheck(f"encoder.conv_blocks.{len(levels) - 1}", (),
-                                 f"encoder_ch_mult {mult} gives {len(mult)} levels, found {len(levels)}"))  # fmt: skip
+        checks.append(
+            ShapeCheck(
+                f"encoder.conv_blocks.{len(levels) - 1}",
+                (),
+                f"encoder_ch_mult {mult} gives {len(mult)} levels, found {len(levels)}",
+            )
+        )
     try:
         inferred = infer_vq_fields(state_dict)
-        hint = "The tensors say: " + ", ".join(f"{k} {v}" for k, v in inferred.items()) + "; pass a --vq-config with those."
+        hint = (
+            "The tensors say: "
+            + ", ".join(f"{k} {v}" for k, v in inferred.items())
+            + "; pass a --vq-config with those."
+        )
     except KeyError:
         hint = "Pass the --vq-config the tokenizer was trained with."
     _run_shape_checks(state_dict, checks, source, hint)
@@ -301,8 +339,9 @@ def convert_reference_checkpoints(
     for component, argument, family in (("transformer", arpg_checkpoint, "arpg"), ("vqvae", vq_checkpoint, "vq")):
         path = resolve_checkpoint(argument)
         raw = _read(path)
-        layout = next((f'{{"{key}": state_dict}}' for key in WRAPPER_KEYS if isinstance(raw.get(key), Mapping)),
-                      "raw state dict")  # the wrapper load_reference_state_dict unwraps  # fmt: skip
+        layout = next(
+            (f'{{"{key}": state_dict}}' for key in WRAPPER_KEYS if isinstance(raw.get(key), Mapping)), "raw state dict"
+        )  # the wrapper load_reference_state_dict unwraps
         state_dict = load_reference_state_dict(raw)
         check_model_family(state_dict, family, f"{component} checkpoint {argument!r}")
         state_dicts[component] = state_dict
@@ -339,7 +378,9 @@ def convert_reference_checkpoints(
 def _read(path: str) -> Mapping:
     checkpoint = read_checkpoint_file(path)
     if not isinstance(checkpoint, Mapping):
-        raise ConversionError(f"{path!r} holds a {type(checkpoint).__name__}, expected a state dict (a mapping of names to tensors).")
+        raise ConversionError(
+            f"{path!r} holds a {type(checkpoint).__name__}, expected a state dict (a mapping of names to tensors)."
+        )
     return checkpoint
 
 

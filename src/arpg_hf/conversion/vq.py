@@ -68,12 +68,26 @@ VQ_REFERENCE_IGNORED_KEYS = ("quantize.codebook_used",)
 
 # Upstream VQ fields that do not change the inference architecture (training losses, bookkeeping, derived sizes).
 _IGNORED_REFERENCE_FIELDS = {
-    "codebook_show_usage", "commit_loss_beta", "entropy_loss_ratio", "dropout_p", "num_res_blocks", "image_size",
-    "latent_size", "_notes",
+    "codebook_show_usage",
+    "commit_loss_beta",
+    "entropy_loss_ratio",
+    "dropout_p",
+    "num_res_blocks",
+    "image_size",
+    "latent_size",
+    "_notes",
 }
 PUBLISHED_VQ16 = dict(
-    codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, encoder_ch_mult=[1, 1, 2, 2, 4],
-    decoder_ch_mult=[1, 1, 2, 2, 4], z_channels=256, ch=128, in_channels=3, out_channels=3, group_norm_groups=32,
+    codebook_size=16384,
+    codebook_embed_dim=8,
+    codebook_l2_norm=True,
+    encoder_ch_mult=[1, 1, 2, 2, 4],
+    decoder_ch_mult=[1, 1, 2, 2, 4],
+    z_channels=256,
+    ch=128,
+    in_channels=3,
+    out_channels=3,
+    group_norm_groups=32,
 )
 
 

@@ -38,8 +38,9 @@ CSS = """
 
 def offline_theme() -> gr.themes.Base:
     """The default theme with system fonts (the stock theme loads fonts from Google, unreachable offline)."""
-    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                             font_mono=["ui-monospace", "SFMono-Regular", "monospace"])  # fmt: skip
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "SFMono-Regular", "monospace"]
+    )
 
 
 def _display(image: Image.Image, scale: int) -> Image.Image:
@@ -66,20 +67,33 @@ def _user_errors(function):
 def _sampling_controls(model: DemoModel, prefix: str) -> tuple:
     steps, guidance = model.recommended
     num_tokens = model.grid_size[0] * model.grid_size[1]
-    class_picker = gr.Dropdown(model.class_choices, value=model.class_choices[0][1], label="Class", filterable=True,
-                               elem_id=f"{prefix}class-picker")  # fmt: skip
+    class_picker = gr.Dropdown(
+        model.class_choices,
+        value=model.class_choices[0][1],
+        label="Class",
+        filterable=True,
+        elem_id=f"{prefix}class-picker",
+    )
     steps = gr.Slider(1, num_tokens, value=steps, step=1, label="Steps", elem_id=f"{prefix}steps")
     guidance = gr.Slider(0, GUIDANCE_MAX, value=guidance, step=0.5, label="Guidance scale")
-    schedule = gr.Radio(list(TOKEN_SCHEDULES), value=model.default_token_schedule,
-                        label="Token schedule (how many tokens each step decodes)")  # fmt: skip
+    schedule = gr.Radio(
+        list(TOKEN_SCHEDULES),
+        value=model.default_token_schedule,
+        label="Token schedule (how many tokens each step decodes)",
+    )
     seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}seed")
     return class_picker, steps, guidance, schedule, seed
 
 
 def _negative_class_picker(model: DemoModel, prefix: str, label: str) -> gr.Dropdown:
     """The class of the guidance's second half (`negative_class_labels`); -1: the null class (plain guidance)."""
-    return gr.Dropdown([("nothing (plain guidance)", -1)] + model.class_choices, value=-1, filterable=True,
-                       label=label, elem_id=f"{prefix}negative-class")  # fmt: skip
+    return gr.Dropdown(
+        [("nothing (plain guidance)", -1)] + model.class_choices,
+        value=-1,
+        filterable=True,
+        label=label,
+        elem_id=f"{prefix}negative-class",
+    )
 
 
 def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
@@ -90,16 +104,25 @@ def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
             num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images (seeds seed, seed + 1, ...)")
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column():
-            live = gr.Image(label="Decoding, live (image 1)", type="pil", format="png", interactive=False,
-                            elem_id="live-view")  # fmt: skip
-            order = gr.Image(label="Decoding order map", type="pil", format="png", interactive=False,
-                             elem_id="order-map")  # fmt: skip
-    gallery = gr.Gallery(label="Samples (model resolution)", columns=MAX_IMAGES // 2, format="png", type="pil",
-                         elem_id="gallery", interactive=False)  # fmt: skip
+            live = gr.Image(
+                label="Decoding, live (image 1)", type="pil", format="png", interactive=False, elem_id="live-view"
+            )
+            order = gr.Image(
+                label="Decoding order map", type="pil", format="png", interactive=False, elem_id="order-map"
+            )
+    gallery = gr.Gallery(
+        label="Samples (model resolution)",
+        columns=MAX_IMAGES // 2,
+        format="png",
+        type="pil",
+        elem_id="gallery",
+        interactive=False,
+    )
 
     def run(class_index, steps_, guidance_, schedule_, seed_, count, negative_index):
-        for live_image, order_image, images in model.stream_generation(class_index, steps_, guidance_, seed_,
-                                                                       schedule_, count, negative_index):  # fmt: skip
+        for live_image, order_image, images in model.stream_generation(
+            class_index, steps_, guidance_, seed_, schedule_, count, negative_index
+        ):
             if images is None:
                 yield live_image, gr.skip(), gr.skip(), gr.skip()
             else:
@@ -108,8 +131,13 @@ def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
                 captions = [(image, f"{name} · seed {int(seed_) + i}") for i, image in enumerate(images)]
                 yield live_image, order_image, captions, images
 
-    button.click(_user_errors(run), [class_picker, steps, guidance, schedule, seed, num_images, negative_picker],
-                 [live, order, gallery, last_images], api_name="generate_live", concurrency_id="model")  # fmt: skip
+    button.click(
+        _user_errors(run),
+        [class_picker, steps, guidance, schedule, seed, num_images, negative_picker],
+        [live, order, gallery, last_images],
+        api_name="generate_live",
+        concurrency_id="model",
+    )
 
 
 def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.State) -> None:
@@ -117,10 +145,14 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
     with gr.Row():
         with gr.Column():
             editor = gr.ImageEditor(
-                value={"background": start_image, "layers": [], "composite": start_image}, type="pil",
-                sources=("upload", "clipboard"), transforms=(), label="Image and mask", elem_id="editor",
+                value={"background": start_image, "layers": [], "composite": start_image},
+                type="pil",
+                sources=("upload", "clipboard"),
+                transforms=(),
+                label="Image and mask",
+                elem_id="editor",
                 brush=gr.Brush(colors=["#ff4040"], default_size=max(8, start_image.width // 8)),
-            )  # fmt: skip
+            )
             use_generated = gr.Button("Use the generated image", elem_id="use-generated")
             preset = gr.Radio(list(MASK_PRESETS), value=MASK_PRESETS[0], label="Mask", elem_id="mask-preset")
             class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "inpaint-")
@@ -132,15 +164,28 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
             mask_view = gr.Image(label="Mask (white = regenerate)", type="pil", format="png", interactive=False)
             live = gr.Image(label="Decoding, live", type="pil", format="png", interactive=False, elem_id="inpaint-live")
             order = gr.Image(label="Decoding order map (grey = kept)", type="pil", format="png", interactive=False)
-            result = gr.Image(label="Result (model resolution)", type="pil", format="png", interactive=False,
-                              elem_id="inpaint-result", height=300)  # fmt: skip
+            result = gr.Image(
+                label="Result (model resolution)",
+                type="pil",
+                format="png",
+                interactive=False,
+                elem_id="inpaint-result",
+                height=300,
+            )
 
     def run(editor_value, preset_, class_index, steps_, guidance_, schedule_, seed_, negative_index):
         editor_value, shown_mask = editor_value or {}, False
         for mask, live_image, order_image, images in model.stream_inpainting(
-            editor_value.get("background"), editor_value.get("layers"), preset_, class_index, steps_, guidance_, seed_,
-            schedule_, negative_index,
-        ):  # fmt: skip
+            editor_value.get("background"),
+            editor_value.get("layers"),
+            preset_,
+            class_index,
+            steps_,
+            guidance_,
+            seed_,
+            schedule_,
+            negative_index,
+        ):
             mask_update, shown_mask = (gr.skip() if shown_mask else _display(mask, model.scale)), True
             live_update = live_image if live_image is not None else gr.skip()
             order_update = order_image if order_image is not None else gr.skip()
@@ -153,8 +198,13 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
         return {"background": image, "layers": [], "composite": image}
 
     use_generated.click(take_generated, [last_images], [editor], api_visibility="private")
-    button.click(_user_errors(run), [editor, preset, class_picker, steps, guidance, schedule, seed, negative_picker],
-                 [mask_view, live, order, result], api_name="inpaint", concurrency_id="model")  # fmt: skip
+    button.click(
+        _user_errors(run),
+        [editor, preset, class_picker, steps, guidance, schedule, seed, negative_picker],
+        [mask_view, live, order, result],
+        api_name="inpaint",
+        concurrency_id="model",
+    )
 
 
 def _api(model: DemoModel) -> None:
@@ -162,8 +212,12 @@ def _api(model: DemoModel) -> None:
     steps, guidance = model.recommended
     with gr.Group(visible=False):
         # No rounding (precision): a non-integer class, step count or seed is an error, not another value.
-        inputs = [gr.Number(0, label="class_label"), gr.Number(steps, label="steps"),
-                  gr.Number(guidance, label="guidance_scale"), gr.Number(0, label="seed")]  # fmt: skip
+        inputs = [
+            gr.Number(0, label="class_label"),
+            gr.Number(steps, label="steps"),
+            gr.Number(guidance, label="guidance_scale"),
+            gr.Number(0, label="seed"),
+        ]
         output = gr.Image(type="pil", format="png", label="image")
         trigger = gr.Button("generate")
 
@@ -198,8 +252,12 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT or 7860.")
     parser.add_argument("--model", default=None, help="Pipeline folder or Hub id (default: the bundled digits model).")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="Default: bfloat16 on cuda, float32 on cpu.")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="Default: bfloat16 on cuda, float32 on cpu.",
+    )
     return parser.parse_args(argv)
 
 
@@ -215,7 +273,15 @@ def main(argv=None) -> int:
     def serve():
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         demo = build_demo(load_pipeline(args.model, device, args.dtype))
-        demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, ssr_mode=False,
-                    theme=offline_theme(), css=CSS, footer_links=["api"])  # fmt: skip
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            show_error=True,
+            ssr_mode=False,
+            theme=offline_theme(),
+            css=CSS,
+            footer_links=["api"],
+        )
 
     return run_guarded(serve, prog="app.py")

@@ -38,8 +38,13 @@ def _token_to_pixel_mask(mask: torch.Tensor, grid_size: tuple[int, int], factor:
 
 
 @torch.no_grad()
-def render_partial_tokens(pipe, tokens: torch.LongTensor, previous_tokens: torch.LongTensor | None = None,
-                          grid_size: tuple[int, int] | None = None, scale: int = 1) -> Image.Image:  # fmt: skip
+def render_partial_tokens(
+    pipe,
+    tokens: torch.LongTensor,
+    previous_tokens: torch.LongTensor | None = None,
+    grid_size: tuple[int, int] | None = None,
+    scale: int = 1,
+) -> Image.Image:
     """Decodes a partially known token grid: unknown tokens (-1) grey, tokens new since `previous_tokens` tinted.
 
     Args:
@@ -62,8 +67,9 @@ def render_partial_tokens(pipe, tokens: torch.LongTensor, previous_tokens: torch
     return _upscale(pixels, scale)
 
 
-def order_map(step_of_position: torch.LongTensor, num_steps: int, grid_size: tuple[int, int],
-              cell: int = 32) -> Image.Image:  # fmt: skip
+def order_map(
+    step_of_position: torch.LongTensor, num_steps: int, grid_size: tuple[int, int], cell: int = 32
+) -> Image.Image:
     """The decoding order as a picture: each token cell coloured by the step that decoded it (dark = early, yellow =
     late, grey = kept / never decoded, marked -1).
 

@@ -28,10 +28,12 @@ def preset_mask(preset: str, height: int, width: int) -> np.ndarray:
     """A (H, W) bool mask (True = regenerate) for one of the non-brush `MASK_PRESETS`."""
     mask = np.zeros((height, width), dtype=bool)
     regions = {
-        "left half": (slice(None), slice(0, width // 2)), "right half": (slice(None), slice(width // 2, None)),
-        "top half": (slice(0, height // 2), slice(None)), "bottom half": (slice(height // 2, None), slice(None)),
+        "left half": (slice(None), slice(0, width // 2)),
+        "right half": (slice(None), slice(width // 2, None)),
+        "top half": (slice(0, height // 2), slice(None)),
+        "bottom half": (slice(height // 2, None), slice(None)),
         "centre square": (slice(height // 4, height - height // 4), slice(width // 4, width - width // 4)),
-    }  # fmt: skip
+    }
     if preset not in regions:
         raise ValueError(f"Unknown mask preset {preset!r}; choose one of {MASK_PRESETS}.")
     mask[regions[preset]] = True
@@ -65,8 +67,10 @@ class DemoModel:
     @property
     def class_choices(self) -> list[tuple[str, int]]:
         """(label, class index) pairs; the label is "index: name" unless the name is the index itself (digits)."""
-        return [(name if name == str(index) else f"{index}: {name}", index)
-                for index, name in sorted(self.pipe.id2label.items())]  # fmt: skip
+        return [
+            (name if name == str(index) else f"{index}: {name}", index)
+            for index, name in sorted(self.pipe.id2label.items())
+        ]
 
     @property
     def recommended(self) -> tuple[int, float]:
@@ -77,9 +81,11 @@ class DemoModel:
         """Validates the UI/API values; returns them as (int, int, float, int, str, int)."""
         num_classes, num_tokens = self.pipe.transformer.config.num_classes, self.grid_size[0] * self.grid_size[1]
         checks = [
-            (class_index, 0, num_classes - 1, "class label index"), (steps, 1, num_tokens, "steps"),
-            (seed, 0, 2**63 - 1, "seed"), (num_images, 1, MAX_IMAGES, "number of images"),
-        ]  # fmt: skip
+            (class_index, 0, num_classes - 1, "class label index"),
+            (steps, 1, num_tokens, "steps"),
+            (seed, 0, 2**63 - 1, "seed"),
+            (num_images, 1, MAX_IMAGES, "number of images"),
+        ]
         for value, low, high, name in checks:
             _check_integer(value, low, high, name)
         check_guidance_scale(guidance_scale, name="The guidance scale")  # finite, >= 0, within float32
@@ -105,8 +111,9 @@ class DemoModel:
         self.pipe.scheduler = self.schedulers[self.default_token_schedule]
         return self.pipe([class_index], steps, guidance_scale, generator=self._generators(seed, 1)).images[0]
 
-    def stream_generation(self, class_index, steps, guidance_scale, seed, token_schedule, num_images,
-                          negative_class_index=-1) -> Iterator:  # fmt: skip
+    def stream_generation(
+        self, class_index, steps, guidance_scale, seed, token_schedule, num_images, negative_class_index=-1
+    ) -> Iterator:
         """Yields `(live picture, order map or None, images or None)` after every step, then the final images.
 
         The live picture shows image 0's token grid: grey where not decoded yet, tinted where decoded this step.
@@ -117,8 +124,13 @@ class DemoModel:
         )
         negative = self._negative_labels(negative_class_index, num_images)
         self.pipe.scheduler = self.schedulers[token_schedule]
-        call = dict(class_labels=[class_index] * num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    generator=self._generators(seed, num_images), negative_class_labels=negative)  # fmt: skip
+        call = dict(
+            class_labels=[class_index] * num_images,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=self._generators(seed, num_images),
+            negative_class_labels=negative,
+        )
         yield from self._stream(self.pipe, call, steps)
 
     def _stream(self, pipe, call: dict, steps: int, kept: torch.Tensor | None = None) -> Iterator:
@@ -145,8 +157,10 @@ class DemoModel:
         """The white-is-regenerate mask at the model's resolution, from brush layers or a preset."""
         height, width = self.image_size
         if preset == "brush strokes":
-            alphas = [np.asarray(layer.convert("RGBA").resize((width, height), Image.NEAREST))[..., 3] > 0
-                      for layer in layers or []]  # fmt: skip
+            alphas = [
+                np.asarray(layer.convert("RGBA").resize((width, height), Image.NEAREST))[..., 3] > 0
+                for layer in layers or []
+            ]
             mask = np.logical_or.reduce(alphas) if alphas else np.zeros((height, width), dtype=bool)
             if not mask.any():
                 raise ValueError("Paint over the part to regenerate (or pick a mask preset), then press Inpaint.")
@@ -154,8 +168,18 @@ class DemoModel:
             mask = preset_mask(preset, height, width)
         return Image.fromarray(mask.astype(np.uint8) * 255)
 
-    def stream_inpainting(self, background, layers, preset, class_index, steps, guidance_scale, seed,
-                          token_schedule, negative_class_index=-1) -> Iterator:  # fmt: skip
+    def stream_inpainting(
+        self,
+        background,
+        layers,
+        preset,
+        class_index,
+        steps,
+        guidance_scale,
+        seed,
+        token_schedule,
+        negative_class_index=-1,
+    ) -> Iterator:
         """Like `stream_generation`, for regenerating the masked part of `background` (resized to the model's size);
         the mask picture comes first. `negative_class_index` >= 0 guides away from that class instead of the null
         class (`negative_class_labels`), e.g. the class the image shows when editing it into another."""
@@ -171,9 +195,15 @@ class DemoModel:
         pixel_mask = torch.from_numpy(np.asarray(mask) > 0)[None]  # (1, H, W)
         kept = ~token_mask_from_pixel_mask(pixel_mask, self.pipe.vqvae.downsample_factor).flatten()  # (L,)
         self.inpaint_pipe.scheduler = self.schedulers[token_schedule]
-        call = dict(image=image, mask_image=mask, class_labels=[class_index], num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=self._generators(seed, 1),
-                    negative_class_labels=negative)  # fmt: skip
+        call = dict(
+            image=image,
+            mask_image=mask,
+            class_labels=[class_index],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=self._generators(seed, 1),
+            negative_class_labels=negative,
+        )
         yield mask, None, None, None
         for live, order, images in self._stream(self.inpaint_pipe, call, steps, kept):
             yield mask, live, order, images

@@ -12,12 +12,17 @@ Configurations (`evaluate.load(path, config_name=...)`):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..optional_dependencies import require
 from .features import DEFAULT_BATCH_SIZE, build_feature_extractor, extract_features
 from .inputs import as_feature_matrix
 
 # The module scripts run inside `evaluate`, which brings `datasets`; the check covers a direct import.
 datasets = require("datasets", "metrics", "arpg_hf.metrics.evaluate_support")
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 IMAGE_CONFIGS = ("default", "images")
 CONFIGS_BY_METRIC = {
@@ -74,8 +79,9 @@ def drop_padding(column) -> list:
     return [value for value in column if value is not None]
 
 
-def features_of(inputs, config_name: str, key: str, extractor=None, batch_size: int = DEFAULT_BATCH_SIZE,
-                name: str = "predictions") -> np.ndarray:  # fmt: skip
+def features_of(
+    inputs, config_name: str, key: str, extractor=None, batch_size: int = DEFAULT_BATCH_SIZE, name: str = "predictions"
+) -> np.ndarray:
     """`(N, D)` float64 features of the module inputs: as given ("features") or extracted from images (`key` is
     "pool" or "logits")."""
     inputs = drop_padding(inputs)

@@ -36,8 +36,13 @@ class TinyRandomFeatureExtractor(nn.Module):
             instances built the same way compute the same features.
     """
 
-    def __init__(self, feature_dim: int = 16, num_logits: int = 10, resolution: int = 16,
-                 generator: torch.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        feature_dim: int = 16,
+        num_logits: int = 10,
+        resolution: int = 16,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.resolution = resolution
@@ -60,8 +65,9 @@ class TinyRandomFeatureExtractor(nn.Module):
         return {"pool": pool, "logits": self.head(pool)}
 
 
-def build_feature_extractor(feature_extractor: str | Callable | None = None,
-                            inception_weights: str | os.PathLike | None = None, device=None) -> Callable:  # fmt: skip
+def build_feature_extractor(
+    feature_extractor: str | Callable | None = None, inception_weights: str | os.PathLike | None = None, device=None
+) -> Callable:
     """A feature extractor from a name (`"inception-v3"`, the default, or `"tiny-random"`) or a callable (returned
     as is, moved to `device` when it is an `nn.Module`)."""
     if feature_extractor is None or feature_extractor == "inception-v3":
@@ -88,8 +94,9 @@ def _module_device(feature_extractor) -> torch.device:
 
 
 @torch.no_grad()
-def extract_features(images: Sequence, feature_extractor: Callable, batch_size: int = DEFAULT_BATCH_SIZE,
-                     progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+def extract_features(
+    images: Sequence, feature_extractor: Callable, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
+) -> dict[str, np.ndarray]:
     """Runs `feature_extractor` over `images` in batches.
 
     Args:

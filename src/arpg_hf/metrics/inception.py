@@ -18,9 +18,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.utils import logging
+from torch import nn
 
 logger = logging.get_logger(__name__)
 
@@ -119,8 +118,13 @@ class InceptionC(nn.Module):
     def forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         branch7x7dbl = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):  # fmt: skip
+        for layer in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             branch7x7dbl = layer(branch7x7dbl)
         return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(_tf_avg_pool(x))], 1)
 
@@ -203,8 +207,19 @@ class InceptionV3FeatureExtractor(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):  # fmt: skip
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)  # ends at (B, 2048, 8, 8)
         pool = x.mean(dim=(2, 3))  # (B, 2048)
         logits = pool @ self.fc.weight.T  # (B, 1008), no bias

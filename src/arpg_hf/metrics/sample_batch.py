@@ -49,8 +49,9 @@ def npz_size(arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
     return data + 512 * (len(arrays) + 1)
 
 
-def save_npz_streaming(path: str | os.PathLike, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype, Iterable]]
-                       ) -> None:  # fmt: skip
+def save_npz_streaming(
+    path: str | os.PathLike, arrays: Mapping[str, tuple[tuple[int, ...], np.dtype, Iterable]]
+) -> None:
     """Writes an uncompressed `.npz` (what `np.savez` writes, read by `np.load`) from arrays given as `name -> (shape,
     dtype, chunks)`, where `chunks` yields arrays of shape `(k, *shape[1:])` whose rows, in order, fill the array.
     Memory: one chunk, whatever the size of the arrays. Atomic: a hidden temporary sibling renamed into place; a

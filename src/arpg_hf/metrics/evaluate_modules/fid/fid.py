@@ -21,18 +21,22 @@ images: |mu_g - mu_r|^2 + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^(1/2)), covariances
 Lower is better; 0 for identical feature sets.
 """
 
-_KWARGS_DESCRIPTION = """
+_KWARGS_DESCRIPTION = (
+    """
 Args:
     predictions: generated images (default / "statistics" configurations) or their pool features ("features").
     references: reference images, or their pool features ("features"); not used by "statistics".
     reference_statistics: "statistics" configuration only: an ADM reference batch .npz with mu/sigma, or (mu, sigma).
-""" + EXTRACTOR_ARGS_DOC + """
+"""
+    + EXTRACTOR_ARGS_DOC
+    + """
 Returns:
     fid (`float`).
 Examples:
     >>> fid = arpg_hf.load_metric("fid", config_name="features")
     >>> fid.compute(predictions=features_a, references=features_b)["fid"]
 """
+)
 
 _CITATION = """
 @inproceedings{heusel2017gans, title={GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
@@ -44,12 +48,22 @@ Hochreiter, Sepp}, booktitle={NeurIPS}, year={2017}}
 class FID(UnequalLengthsMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
             features=metric_features("fid", self.config_name),
-        )  # fmt: skip
+        )
 
-    def _compute(self, predictions, references=None, reference_statistics=None, feature_extractor=None,
-                 inception_weights=None, batch_size=50, device=None):  # fmt: skip
+    def _compute(
+        self,
+        predictions,
+        references=None,
+        reference_statistics=None,
+        feature_extractor=None,
+        inception_weights=None,
+        batch_size=50,
+        device=None,
+    ):
         extractor = extractor_for(self.config_name, feature_extractor, inception_weights, device)
         generated = features_of(predictions, self.config_name, "pool", extractor, batch_size)
         if self.config_name == "statistics":
@@ -59,6 +73,7 @@ class FID(UnequalLengthsMixin, evaluate.Metric):
         else:
             if reference_statistics is not None:
                 raise ValueError("reference_statistics is for config_name='statistics'; here pass references=.")
-            reference = feature_statistics(features_of(references, self.config_name, "pool", extractor, batch_size,
-                                                       name="references"))  # fmt: skip
+            reference = feature_statistics(
+                features_of(references, self.config_name, "pool", extractor, batch_size, name="references")
+            )
         return {"fid": frechet_distance_from_statistics(*feature_statistics(generated), *reference)}

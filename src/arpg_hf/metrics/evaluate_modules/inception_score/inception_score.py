@@ -13,14 +13,18 @@ exp(E_x KL(p(y|x) || p(y))) with p(y|x) the softmax of Inception-v3's 1008 unbia
 per split of `split_size` generated images; the score is the mean over splits. Higher is better.
 """
 
-_KWARGS_DESCRIPTION = """
+_KWARGS_DESCRIPTION = (
+    """
 Args:
     predictions: generated images, or their classifier logits (config_name="features").
     split_size (`int`, *optional*, defaults to 5000): images per split.
-""" + EXTRACTOR_ARGS_DOC + """
+"""
+    + EXTRACTOR_ARGS_DOC
+    + """
 Returns:
     inception_score (`float`): mean over splits; inception_score_std (`float`): their standard deviation.
 """
+)
 
 _CITATION = """
 @inproceedings{salimans2016improved, title={Improved Techniques for Training GANs}, author={Salimans, Tim and
@@ -32,12 +36,21 @@ year={2016}}
 class InceptionScore(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
             features=metric_features("inception_score", self.config_name),
-        )  # fmt: skip
+        )
 
-    def _compute(self, predictions, split_size=DEFAULT_SPLIT_SIZE, feature_extractor=None, inception_weights=None,
-                 batch_size=50, device=None):  # fmt: skip
+    def _compute(
+        self,
+        predictions,
+        split_size=DEFAULT_SPLIT_SIZE,
+        feature_extractor=None,
+        inception_weights=None,
+        batch_size=50,
+        device=None,
+    ):
         extractor = extractor_for(self.config_name, feature_extractor, inception_weights, device)
         logits = features_of(predictions, self.config_name, "logits", extractor, batch_size)
         mean, std = inception_score(logits, split_size=split_size)

@@ -20,15 +20,19 @@ the k-th nearest neighbour in the same set as radius. Precision: share of genera
 manifold. Recall: share of reference samples inside the generated manifold.
 """
 
-_KWARGS_DESCRIPTION = """
+_KWARGS_DESCRIPTION = (
+    """
 Args:
     predictions: generated images, or their pool features (config_name="features").
     references: reference images, or their pool features (config_name="features").
     nearest_k (`int`, *optional*, defaults to 3): the neighbour that sets each radius.
-""" + EXTRACTOR_ARGS_DOC + """
+"""
+    + EXTRACTOR_ARGS_DOC
+    + """
 Returns:
     precision (`float`), recall (`float`).
 """
+)
 
 _CITATION = """
 @inproceedings{kynkaanniemi2019improved, title={Improved Precision and Recall Metric for Assessing Generative Models},
@@ -40,12 +44,22 @@ booktitle={NeurIPS}, year={2019}}
 class PrecisionRecall(UnequalLengthsMixin, evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
             features=metric_features("precision_recall", self.config_name),
-        )  # fmt: skip
+        )
 
-    def _compute(self, predictions, references, nearest_k=DEFAULT_NEAREST_K, feature_extractor=None,
-                 inception_weights=None, batch_size=50, device=None):  # fmt: skip
+    def _compute(
+        self,
+        predictions,
+        references,
+        nearest_k=DEFAULT_NEAREST_K,
+        feature_extractor=None,
+        inception_weights=None,
+        batch_size=50,
+        device=None,
+    ):
         extractor = extractor_for(self.config_name, feature_extractor, inception_weights, device)
         generated = features_of(predictions, self.config_name, "pool", extractor, batch_size)
         reference = features_of(references, self.config_name, "pool", extractor, batch_size, name="references")
