@@ -7,7 +7,7 @@ Spaces set GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, which the app uses when --ho
 import os
 import sys
 
-from arpg_hf.demo import main
+from demo import main  # space/demo, beside this file
 
 if __name__ == "__main__":
     sys.exit(main(["--model", os.environ["ARPG_MODEL"]] if os.environ.get("ARPG_MODEL") else []))

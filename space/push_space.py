@@ -18,6 +18,7 @@ import tempfile
 SPACE_DIR = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(os.path.dirname(SPACE_DIR), "src", "arpg_hf")
 SPACE_FILES = ("README.md", "app.py", "requirements.txt")
+SPACE_FOLDERS = ("demo",)
 
 
 def build_space_folder(output_dir: str) -> str:
@@ -27,9 +28,10 @@ def build_space_folder(output_dir: str) -> str:
     os.makedirs(output_dir, exist_ok=True)
     for name in SPACE_FILES:
         shutil.copy2(os.path.join(SPACE_DIR, name), os.path.join(output_dir, name))
-    shutil.copytree(
-        PACKAGE_DIR, os.path.join(output_dir, "arpg_hf"), ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in SPACE_FOLDERS:
+        shutil.copytree(os.path.join(SPACE_DIR, name), os.path.join(output_dir, name), ignore=ignore)
+    shutil.copytree(PACKAGE_DIR, os.path.join(output_dir, "arpg_hf"), ignore=ignore)
     return output_dir
 
 

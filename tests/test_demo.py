@@ -1,4 +1,4 @@
-"""The demo's model calls and pictures (arpg_hf.demo.session / rendering) on the bundled digits model, no browser."""
+"""The demo's model calls and pictures (space/demo: session, rendering) on the bundled digits model, no browser."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from arpg_hf import load_bundled_pipeline
-from arpg_hf.demo.rendering import ORDER_MAP_COLOURS, UNKNOWN_GREY, order_map, render_partial_tokens, stream_decoding
-from arpg_hf.demo.session import DemoModel, preset_mask
+from space.demo.rendering import ORDER_MAP_COLOURS, UNKNOWN_GREY, order_map, render_partial_tokens, stream_decoding
+from space.demo.session import DemoModel, preset_mask
 
 
 @pytest.fixture(scope="module")

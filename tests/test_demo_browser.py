@@ -187,7 +187,7 @@ def test_gradio_client_generate_returns_an_image(app_url):
 
 
 def test_app_reports_a_bad_model_in_one_line(capsys):
-    from arpg_hf.demo.app import main
+    from space.demo.app import main
 
     assert main(["--model", "/no/such/folder", "--port", str(free_port())]) == 1
     assert "app.py: error: --model '/no/such/folder' is neither a pipeline folder" in capsys.readouterr().err

@@ -53,7 +53,6 @@ LAYERS = {
     "metrics": INTEGRATION,
     "cli": APPLICATION,
     "__main__": APPLICATION,
-    "demo": APPLICATION,
 }
 # Top-level names of the repository's applications, which the library never imports.
 APPLICATION_ROOTS = ("pipelines", "benchmarks", "train", "app", "space", "conversion.convert_arpg_to_hf")

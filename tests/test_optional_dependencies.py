@@ -66,10 +66,10 @@ def test_digits_without_scikit_learn_names_the_digits_extra(monkeypatch):
 
 def test_demo_without_gradio_names_the_demo_extra(monkeypatch):
     block(monkeypatch, "gradio")
-    monkeypatch.delitem(sys.modules, "arpg_hf.demo.app", raising=False)  # imported afresh (the import fails)
+    monkeypatch.delitem(sys.modules, "space.demo.app", raising=False)  # imported afresh (the import fails)
     with pytest.raises(ImportError) as caught:
-        importlib.import_module("arpg_hf.demo.app")
-    assert str(caught.value) == message("arpg_hf.demo", "gradio", "demo")
+        importlib.import_module("space.demo.app")
+    assert str(caught.value) == message("space.demo", "gradio", "demo")
 
 
 def test_an_installed_package_that_fails_to_import_is_reported_as_such(monkeypatch, tmp_path):

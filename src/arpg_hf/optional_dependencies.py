@@ -2,7 +2,7 @@
 
     training   datasets, tensorboard      token datasets (`load_token_dataset`, pipelines/tokenize_dataset.py), train.py
     metrics    datasets, evaluate         `load_metric` and the `evaluate` module scripts
-    demo       gradio                     the Gradio demo (`arpg_hf.demo`, app.py)
+    demo       gradio                     the Gradio demo (space/demo, app.py)
     digits     scikit-learn               the digits data set of the bundled model (`arpg_hf.digits`)
     all        everything above
 

@@ -18,9 +18,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 from PIL import Image  # noqa: E402
 
-from ..optional_dependencies import require  # noqa: E402
+from arpg_hf.optional_dependencies import require  # noqa: E402
 
-gr = require("gradio", "demo", "arpg_hf.demo")
+gr = require("gradio", "demo", "space.demo")
 
 from .session import MASK_PRESETS, MAX_IMAGES, TOKEN_SCHEDULES, DemoModel  # noqa: E402
 
@@ -265,8 +265,8 @@ def main(argv=None) -> int:
     """Starts the demo; returns the exit status (1 with a one-line message for a bad --model and the like)."""
     import torch
 
-    from ..pipeline_loading import load_pipeline
-    from ..user_errors import run_guarded
+    from arpg_hf.pipeline_loading import load_pipeline
+    from arpg_hf.user_errors import run_guarded
 
     args = parse_args(argv)
 

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..editing_utils import token_mask_from_pixel_mask
-from ..pipeline_arpg import check_guidance_scale
-from ..pipeline_arpg_inpaint import ARPGInpaintPipeline
-from ..scheduling_arpg import ARPGScheduler
+from arpg_hf.editing_utils import token_mask_from_pixel_mask
+from arpg_hf.pipeline_arpg import check_guidance_scale
+from arpg_hf.pipeline_arpg_inpaint import ARPGInpaintPipeline
+from arpg_hf.scheduling_arpg import ARPGScheduler
+
 from .rendering import display_scale, order_map, render_partial_tokens, stream_decoding
 
 TOKEN_SCHEDULES = ("arccos", "cosine")

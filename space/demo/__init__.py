@@ -1,4 +1,5 @@
-"""The Gradio demo (Hugging Face Spaces): `python app.py --host 127.0.0.1 --port 7860 [--model FOLDER]`.
+"""The Gradio demo (Hugging Face Spaces), an application of arpg_hf: `python app.py --host 127.0.0.1 --port 7860
+[--model FOLDER]` from the repository root, or `python space/app.py`.
 
 `session` and `rendering` hold what the demo does with the model and need no Gradio; `app` builds the interface.
 """
@@ -13,4 +14,4 @@ def __getattr__(name):
         from . import app
 
         return getattr(app, name)
-    raise AttributeError(f"module 'arpg_hf.demo' has no attribute {name!r}")
+    raise AttributeError(f"module 'demo' has no attribute {name!r}")
