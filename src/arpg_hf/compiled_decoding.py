@@ -100,17 +100,15 @@ class CompiledDecoder:
             raise ValueError("The cache has no room for the padding of this step; allocate it with allocate_cache.")
         rotary = self.transformer.model.rotary_emb
         rotary.table(kwargs["grid_size"] or rotary.grid_size, position_mode, input_ids.device)  # built eagerly
-        device, end = input_ids.device, start + num_inputs
+        device = input_ids.device
+        ends = torch.full((1,), start + num_inputs, device=device)
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)):
             logits = self.step(
                 _pad_columns(input_ids, input_width),
                 input_position_ids=_pad_columns(input_position_ids, input_width),
                 query_position_ids=_pad_columns(query_position_ids, query_width),
                 cache_position=torch.arange(start, start + input_width, device=device),
-                attention_ends=(
-                    torch.full((input_width,), end, device=device),
-                    torch.full((query_width,), end, device=device),
-                ),
+                attention_ends=(ends, ends),  # one end for every row: a mask broadcast over the rows
                 **kwargs,
             ).logits  # (B, query_width, V)
         return logits[:, :num_queries]

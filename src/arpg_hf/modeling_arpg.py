@@ -265,7 +265,7 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
             past_key_values ([`ARPGStaticCache`], *optional*), cache_position (`(num_inputs,)`, *optional*): the
                 decoding cache, updated in place, and the inputs' slots in it (default: the next free ones).
             attention_ends (`tuple` of two `torch.LongTensor`, *optional*): the mask rule: input j sees the key slots
-                below `attention_ends[0][j]`, query i those below `attention_ends[1][i]`. Default: causal without a
+                below `attention_ends[0][j]`, query i those below `attention_ends[1][i]` (a `(1,)` end serves all). Default: causal without a
                 cache (input j and query j see inputs 0..j); with one, the inputs form one step and see every slot.
             grid_size (`tuple[int, int]`, *optional*), position_mode (`str`): see [`ARPGRotaryEmbedding2D`].
         """
