@@ -391,6 +391,31 @@ class ARPGPipelineMixin:
         return self._compiled_decoder is not None
 
     # -------------------------------------------------------------------------------------------- inputs
+    def check_sampling_inputs(
+        self,
+        class_labels,
+        guidance_scale,
+        output_type,
+        temperature,
+        top_k,
+        top_p,
+        callback_on_step_end_tensor_inputs,
+        position_mode,
+    ) -> None:
+        """The checks every ARPG pipeline's `check_inputs` shares (ValueError with what was expected)."""
+        check_class_labels(class_labels, self.transformer.config.num_classes)
+        check_guidance_scale(guidance_scale)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
+        self.scheduler.check_sampling_args(temperature, top_k, top_p)
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
+            )
+
     def default_sampling_settings(self, num_inference_steps, guidance_scale, num_tokens: int | None = None) -> tuple:
         """Fills in `None` arguments from the scheduler config's recommended settings (a converted or trained
         folder stores the ones its model was tuned for), else 64 steps (at most `num_tokens`) and guidance 4.0."""
@@ -626,20 +651,18 @@ class ARPGPipeline(ARPGPipelineMixin, DiffusionPipeline):
         width=None,
         position_mode="extrapolate",
     ):
-        check_class_labels(class_labels, self.transformer.config.num_classes)
         grid_height, grid_width = self.token_grid_size(height, width)
         check_num_inference_steps(num_inference_steps, grid_height * grid_width)
-        check_guidance_scale(guidance_scale)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
-        self.scheduler.check_sampling_args(temperature, top_k, top_p)
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
-            )
+        self.check_sampling_inputs(
+            class_labels,
+            guidance_scale,
+            output_type,
+            temperature,
+            top_k,
+            top_p,
+            callback_on_step_end_tensor_inputs,
+            position_mode,
+        )
 
     @torch.no_grad()
     def __call__(

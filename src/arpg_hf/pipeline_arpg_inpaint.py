@@ -17,10 +17,9 @@ from diffusers.utils import logging
 
 from .editing_utils import check_coverage_threshold, mask_processor, preprocess_mask, token_mask_from_pixel_mask
 from .modeling_arpg import ARPGForImageGeneration
-from .pipeline_arpg import OUTPUT_TYPES, ARPGPipelineMixin, canvas_grid_size, check_guidance_scale
-from .rotary_2d import POSITION_MODES
+from .pipeline_arpg import ARPGPipelineMixin, canvas_grid_size
 from .scheduling_arpg import ARPGScheduler
-from .validation import check_class_labels, is_int
+from .validation import is_int
 from .vq_model import ARPGVQModel
 
 logger = logging.get_logger(__name__)
@@ -85,24 +84,19 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
         position_mode="extrapolate",
         mask_coverage_threshold=0.0,
     ):
-        check_class_labels(class_labels, self.transformer.config.num_classes)
-        if not is_int(num_inference_steps):
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        check_guidance_scale(guidance_scale)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if position_mode not in POSITION_MODES:
-            raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}.")
         check_coverage_threshold(mask_coverage_threshold)
-        self.scheduler.check_sampling_args(temperature, top_k, top_p)
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}, "
-                f"got {sorted(unknown)}."
-            )
+        self.check_sampling_inputs(
+            class_labels,
+            guidance_scale,
+            output_type,
+            temperature,
+            top_k,
+            top_p,
+            callback_on_step_end_tensor_inputs,
+            position_mode,
+        )
 
     def preprocess_image(self, image: PipelineImageInput) -> torch.FloatTensor:
         """Images as diffusers takes them (PIL; numpy `(H, W[, C])` / `(B, H, W, C)` and torch `(C, H, W)` /
