@@ -113,6 +113,17 @@ def test_sequential_offload_keeps_the_tokens(reference):
     assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, expected)
 
 
+def _group_offload_runs_here() -> bool:
+    """diffusers before 0.41 builds group offloading on `torch.accelerator.current_accelerator()`, None on a machine
+    without an accelerator (its own limitation: the hook setup fails for any model there)."""
+    import diffusers
+    from packaging.version import Version
+
+    has_accelerator = hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None
+    return has_accelerator or Version(diffusers.__version__) >= Version("0.41.0")
+
+
+@pytest.mark.skipif(not _group_offload_runs_here(), reason="diffusers < 0.41 needs an accelerator for group offloading")
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offload_keeps_the_tokens_and_images(reference, offload_type):
     """diffusers' group offload of the transformer; the VQ model is excluded because diffusers' `VQModel` declares
