@@ -4,6 +4,7 @@ tests/fixtures/parity/README.md) live in the repository, so that a fresh clone t
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,23 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 PARITY_DIR = Path(__file__).resolve().parent / "fixtures" / "parity"
+# `accelerate launch` of two CPU processes (gloo): prepend to a script and its arguments.
+TWO_PROCESS_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 
 def read_json(name: str) -> dict:

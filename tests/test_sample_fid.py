@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import TWO_PROCESS_LAUNCH
+
 pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): sampling subprocesses, ~20 s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,20 +74,7 @@ def test_resume_redraws_only_missing_samples_identically(single_run):
 def test_two_processes_draw_the_same_samples(single_run, tmp_path):
     out, _ = single_run
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
+        *TWO_PROCESS_LAUNCH,
         str(ROOT / "pipelines" / "sample_fid.py"),
         "--output_dir",
         str(tmp_path / "ddp"),

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from arpg_hf.token_dataset import UnreadableImageError, load_token_dataset, read_image
+from tests.conftest import TWO_PROCESS_LAUNCH
 from tests.test_tokenize_dataset import TINY_PIPELINE, make_image_folder, run_tokenize, tokenize_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,20 +238,7 @@ def test_two_processes_agree_on_the_skipped_images(tmp_path):
     )
     out = tmp_path / "ddp"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
+        *TWO_PROCESS_LAUNCH,
         *tokenize_command(images, out, "--skip_bad_images")[1:],
     ]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240, cwd=ROOT)

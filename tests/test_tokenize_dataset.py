@@ -13,6 +13,8 @@ from PIL import Image
 
 from arpg_hf.token_dataset import TokenDatasetInfo, augment_image, images_to_tensor, load_token_dataset, load_vq_model
 
+from .conftest import TWO_PROCESS_LAUNCH
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PIPELINE = str(ROOT / "tests" / "fixtures" / "tiny-arpg-pipeline")  # VQ: downsample 2, 16 codes
 
@@ -186,20 +188,7 @@ def test_two_processes_split_the_shards_and_write_the_same_rows(tokens, tmp_path
     images, single = tokens
     out = tmp_path / "ddp"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
+        *TWO_PROCESS_LAUNCH,
         str(ROOT / "pipelines" / "tokenize_dataset.py"),
         "--image_dir",
         str(images),

@@ -164,34 +164,37 @@ def tiny_run_inputs(tmp_path_factory):
     return tokens, config_dir / "config.json"
 
 
+def train_argv(tokens, config, output_dir, *extra) -> list[str]:
+    """The command line of a tiny training run (train.py's arguments)."""
+    return [
+        "--train_data_dir",
+        str(tokens),
+        "--model_config",
+        str(config),
+        "--vqvae",
+        TINY_PIPELINE,
+        "--output_dir",
+        str(output_dir),
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "3",
+        "--mixed_precision",
+        "no",
+        "--learning_rate",
+        "3e-3",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        *map(str, extra),
+    ]
+
+
 def train_args(tokens, config, output_dir, *extra):
-    return train_script.parse_args(
-        [
-            "--train_data_dir",
-            str(tokens),
-            "--model_config",
-            str(config),
-            "--vqvae",
-            TINY_PIPELINE,
-            "--output_dir",
-            str(output_dir),
-            "--train_batch_size",
-            "2",
-            "--seed",
-            "3",
-            "--mixed_precision",
-            "no",
-            "--learning_rate",
-            "3e-3",
-            "--lr_scheduler",
-            "cosine",
-            "--lr_warmup_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            *map(str, extra),
-        ]
-    )
+    return train_script.parse_args(train_argv(tokens, config, output_dir, *extra))
 
 
 class Interrupt(Exception):

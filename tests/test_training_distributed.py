@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,33 +15,19 @@ from safetensors.torch import load_file
 from arpg_hf import ARPGPipeline
 from arpg_hf.training_checkpoints import list_checkpoints
 
-from .conftest import tiny_config
+from .conftest import TWO_PROCESS_LAUNCH, tiny_config
 from .test_training import TINY_PIPELINE, write_tokens
 
 pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): multi-process training launches
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
+LAUNCH = TWO_PROCESS_LAUNCH
 
 
-def launch_command(tokens, config, output_dir, *extra):
+def launch_command(tokens, config, output_dir, *extra, launch=LAUNCH):
+    """`launch` (default: two DDP processes) of train.py on the tiny setup, plus `extra` arguments."""
     return [
-        *LAUNCH,
+        *launch,
         str(ROOT / "train.py"),
         "--train_data_dir",
         str(tokens),

@@ -20,8 +20,8 @@ from arpg_hf.training_checkpoints import MANIFEST_NAME, list_checkpoints
 from arpg_hf.training_utils import check_world_size, enable_fsdp_on_cpu
 
 from .conftest import tiny_config
-from .test_training import TINY_PIPELINE, train_script, write_tokens
-from .test_training_distributed import LAUNCH, kill_once_checkpointed, launch_env
+from .test_training import train_script, write_tokens
+from .test_training_distributed import LAUNCH, kill_once_checkpointed, launch_command, launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CPU_CONFIG = ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml"
@@ -53,32 +53,8 @@ ARGS = (
 
 
 def train_command(launch, tokens, config, output_dir, *extra):
-    return [
-        *launch,
-        str(ROOT / "train.py"),
-        "--train_data_dir",
-        str(tokens),
-        "--model_config",
-        str(config),
-        "--vqvae",
-        TINY_PIPELINE,
-        "--output_dir",
-        str(output_dir),
-        "--train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-2",
-        "--seed",
-        "0",
-        "--mixed_precision",
-        "no",
-        "--logging_steps",
-        "1",
-        "--dropout",
-        "0.1",
-        *map(str, ARGS),
-        *map(str, extra),
-    ]
+    """test_training_distributed's launch of train.py with `launch` and the shared ARGS of this module."""
+    return launch_command(tokens, config, output_dir, *ARGS, *extra, launch=launch)
 
 
 def run(command, timeout=240):

@@ -35,6 +35,7 @@ from arpg_hf.training_utils import BadStepGuard, TrainingStopped
 from .conftest import tiny_config
 from .fault_injection import half_written_files, kill_runs, random_kills
 from .test_training import TINY_PIPELINE, train_script, write_tokens
+from .test_training import train_argv as argv
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 steps, a checkpoint every 2 (kept: all), EMA and dropout: every state file a resume reads.
@@ -78,35 +79,6 @@ DAMAGES = {
         "model.safetensors does not match its recorded sha256",
     ),
 }
-
-
-def argv(tokens, config, output_dir, *extra) -> list[str]:
-    """The command line of test_training's `train_args` (for `train_script.cli`)."""
-    return [
-        "--train_data_dir",
-        str(tokens),
-        "--model_config",
-        str(config),
-        "--vqvae",
-        TINY_PIPELINE,
-        "--output_dir",
-        str(output_dir),
-        "--train_batch_size",
-        "2",
-        "--seed",
-        "3",
-        "--mixed_precision",
-        "no",
-        "--learning_rate",
-        "3e-3",
-        "--lr_scheduler",
-        "cosine",
-        "--lr_warmup_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        *map(str, extra),
-    ]
 
 
 def max_difference(a: Path, b: Path) -> float:
