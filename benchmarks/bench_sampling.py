@@ -29,6 +29,8 @@ import torch
 
 from arpg_hf import ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
 from arpg_hf.cpu_gemm import CPU_GEMMS, use_cpu_gemm
+from arpg_hf.modeling_arpg import ARPGCrossAttentionLayer, ARPGSelfAttentionLayer
+from arpg_hf.quantization import QUANTIZATIONS, quantize_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,11 +52,19 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--cpu-gemm",
-        default="default",
+        default="auto",
         choices=CPU_GEMMS,
-        help="arpg_hf.cpu_gemm.use_cpu_gemm(...), float32 on CPU: plain nn.Linear (default), BLAS on "
-        "fused transposed weights, "
-        "oneDNN on the weights as stored, or oneDNN on a pre-packed second copy",
+        help="arpg_hf.use_cpu_gemm(...): auto (what ARPGPipeline.from_pretrained applies: oneDNN pre-packed weights "
+        "for float32 on a CPU-only machine), plain nn.Linear (default), BLAS on fused transposed weights, oneDNN on "
+        "the weights as stored, or oneDNN on pre-packed weights",
+    )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=["none"],
+        choices=QUANTIZATIONS,
+        help="pipe.transformer.quantize(...) of the float32 decoder; the model is then built layer by layer, each "
+        "layer quantized as it is built, so that the float32 weights are never all in memory",
     )
     parser.add_argument(
         "--cpu-packed-weights",
@@ -176,6 +186,34 @@ def build_pipeline(preset: str, dtype: torch.dtype, device: torch.device, seed: 
     return pipe
 
 
+def build_quantized_pipeline(preset: str, method: str, device: torch.device, seed: int) -> ARPGPipeline:
+    """The preset's decoder with random weights, quantized with `method` as `transformer.quantize(method)` would: a
+    shell (embeddings, head, norms, the shared key/value projection; its one layer per pass dropped) gets the preset's layers one at a
+    time, each quantized as soon as it is built, so that the float32 weights are never all in memory. The tokenizer
+    is on the meta device (token generation only)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = ARPGForImageGeneration(
+            ARPGConfig.from_preset(preset, num_self_attention_layers=1, num_cross_attention_layers=1)
+        ).eval()
+        torch.nn.init.normal_(transformer.lm_head.weight, std=transformer.config.initializer_range)
+        config = transformer.config  # (the object the model and its layers share), to the preset's layer counts
+        config.num_self_attention_layers = ARPGConfig.from_preset(preset).num_self_attention_layers
+        config.num_cross_attention_layers = ARPGConfig.from_preset(preset).num_cross_attention_layers
+        transformer.model.self_layers, transformer.model.cross_layers = torch.nn.ModuleList(), torch.nn.ModuleList()
+        for index in range(config.num_self_attention_layers):
+            transformer.model.self_layers.append(quantize_linears(ARPGSelfAttentionLayer(config, index), method))
+        for _ in range(config.num_cross_attention_layers):
+            transformer.model.cross_layers.append(quantize_linears(ARPGCrossAttentionLayer(config), method))
+        quantize_linears(transformer, method)  # the shared key/value projection
+    use_cpu_gemm(transformer, "auto")  # the float32 head
+    with torch.device("meta"):
+        vqvae = ARPGVQModel(in_channels=3, out_channels=3).eval()
+    pipe = ARPGPipeline(transformer=transformer.eval(), vqvae=vqvae, scheduler=ARPGScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def time_call(function, device, warmup, repeats):
     for _ in range(warmup):
         function()
@@ -190,7 +228,7 @@ def time_call(function, device, warmup, repeats):
     return statistics.median(times), peak_memory_mb(device)
 
 
-def measure(pipe, args, batch_size, steps, dtype_name, order, device):
+def measure(pipe, args, batch_size, steps, dtype_name, order, device, quantization="none"):
     config = pipe.transformer.config
     num_tokens = config.num_image_tokens
     labels = torch.arange(batch_size) % config.num_classes
@@ -229,12 +267,25 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device):
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         attn_implementation=pipe.transformer.config._attn_implementation,
         cpu_gemm=args.cpu_gemm,
-        cpu_packed_weights=args.cpu_gemm == "onednn-packed",
+        cpu_layout=layout_name(pipe.transformer),
+        quantization=quantization,
         compile_mode=args.compile_mode if args.compile else None,
         compile_buckets=args.compile_buckets if args.compile else None,
         compile_key_block=args.compile_key_block if args.compile else None,
         generator_device=args.generator_device,
     )
+
+
+def weights_name(record: dict) -> str:
+    """The quantization, or else the CPU layout asked for, e.g. "int8" or "auto"."""
+    quantization = record.get("quantization", "none")
+    return quantization if quantization != "none" else f"{record.get('cpu_gemm')}"
+
+
+def layout_name(transformer) -> str:
+    """The kinds of the decoder's linear layers, e.g. "PackedOneDNNLinear" or "Int8DynamicLinear+PackedOneDNNLinear"."""
+    kinds = {type(module).__name__ for module in transformer.modules() if hasattr(module, "in_features")}
+    return "+".join(sorted(kinds))
 
 
 def print_profile(function, device, rows: int) -> None:
@@ -383,7 +434,7 @@ def measure_vq(pipe, args, batch_size, device):
 
 def markdown_table(records):
     header = (
-        "| preset | order | batch | steps | dtype | device | compiled | tokens: s / batch | tokens: img / s "
+        "| preset | order | batch | steps | dtype | weights | device | compiled | tokens: s / batch | tokens: img / s "
         "| peak MB | VQ decode: s / batch | VQ decode: img / s | GEMMs alone: s / batch (share) "
         "| arithmetic bound: s / batch (share) |"
     )
@@ -397,7 +448,7 @@ def markdown_table(records):
         limit = f"{limit:.3f} ({100 * r['share_of_arithmetic_bound']:.0f} %)" if limit else "-"
         lines.append(
             f"| {r['preset']} | {r['order']} | {r['batch_size']} | {r['num_inference_steps']} | {r['dtype']} "
-            f"| {r['device']} | {r['compiled']} | {r['seconds_per_batch']:.3f} | {r['images_per_second']:.3f} "
+            f"| {weights_name(r)} | {r['device']} | {r['compiled']} | {r['seconds_per_batch']:.3f} | {r['images_per_second']:.3f} "
             f"| {r['peak_memory_mb']:.0f} | {vq} | {bound} | {limit} |"
         )
     return "\n".join(lines)
@@ -409,10 +460,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
-    for dtype_name in args.dtype:
-        pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=not args.no_vq)
-        if args.cpu_gemm != "default":
+    runs = [(dtype_name, "none") for dtype_name in args.dtype if "none" in args.quantization]
+    runs += [("float32", method) for method in args.quantization if method != "none"]
+    for dtype_name, quantization in runs:
+        if quantization == "none":
+            pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=not args.no_vq)
             use_cpu_gemm(pipe.transformer, args.cpu_gemm)
+        else:
+            pipe = build_quantized_pipeline(args.preset, quantization, device, args.seed)
         pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(
@@ -425,7 +480,7 @@ def main(argv=None):
             first = len(records)
             orders = ["random"] * len(args.num_inference_steps) + (["raster"] if args.raster else [])
             for order, steps in zip(orders, [*args.num_inference_steps, None]):
-                record = measure(pipe, args, batch_size, steps, dtype_name, order, device)
+                record = measure(pipe, args, batch_size, steps, dtype_name, order, device, quantization)
                 if args.gemm_bound:
                     bound = gemm_only_seconds(pipe, args, batch_size, record["num_inference_steps"], order, device)
                     record.update(
@@ -435,7 +490,7 @@ def main(argv=None):
                     record.update(arithmetic_bound(pipe, record, device, peaks))
                 records.append(record)
             # VQ decoding last: its large activations would stay in the process and inflate the RSS of token generation.
-            vq = {} if args.no_vq else measure_vq(pipe, args, batch_size, device)
+            vq = {} if args.no_vq or quantization != "none" else measure_vq(pipe, args, batch_size, device)
             for record in records[first:]:
                 record.update(vq)
                 print(markdown_table([record]).splitlines()[-1], flush=True)

@@ -61,6 +61,13 @@ def parse_args(argv=None):
     parser.add_argument(
         "--guidance_schedule", choices=("constant", "linear"), default=None, help="Override the scheduler's."
     )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=[],
+        choices=("int8", "int8-weight-only", "int4-weight-only"),
+        help="Also measure the decoder quantized so (pipe.transformer.quantize), every setting next to float32.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -209,12 +216,14 @@ def settings_to_run(args, recommended_steps: int, recommended_guidance: float) -
 
 def markdown_table(results: list[dict]) -> str:
     lines = [
-        "| steps | guidance | class consistency | FD ratio | near-copies | images/s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| weights | steps | guidance | class consistency | FD ratio | near-copies | images/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
+        weights = "float32" if r["quantization"] == "none" else r["quantization"]
         lines.append(
-            f"| {r['steps']} | {r['guidance_scale']:g} | {100 * r['class_consistency']:.1f} % | {r['fd_ratio']:.2f} | "
+            f"| {weights} | {r['steps']} | {r['guidance_scale']:g} | {100 * r['class_consistency']:.1f} % | "
+            f"{r['fd_ratio']:.2f} | "
             f"{100 * r['near_copy_share']:.1f} % | {r['images_per_second']:.0f} |"
         )
     return "\n".join(lines)
@@ -254,17 +263,29 @@ def main(args):
     }
     print(json.dumps({"independent_tokens_baseline": reference["independent_tokens_baseline"]}, indent=2))
     results = []
-    for steps, guidance in settings_to_run(args, steps_default, guidance_default):
-        images, labels, seconds = generate(pipeline, args.num_per_class, steps, guidance, args.seed, args.batch_size)
-        entry = {
-            "steps": steps,
-            "guidance_scale": guidance,
-            **measure(pixels_from_images(images), labels, seconds, classifier, train, test, reference),
-        }
-        results.append(entry)
-        print(json.dumps(entry))
-        if (steps, guidance) == (steps_default, guidance_default):
-            save_grid(images, labels, args.grid_columns, args.grid or os.path.join(args.output_dir, "digits_grid.png"))
+    for quantization in ["none", *args.quantization]:
+        if quantization != "none":
+            pipeline = load_pipeline(
+                args.model, token_schedule=args.token_schedule, guidance_schedule=args.guidance_schedule
+            )
+            pipeline.transformer.quantize(quantization)
+        for steps, guidance in settings_to_run(args, steps_default, guidance_default):
+            images, labels, seconds = generate(
+                pipeline, args.num_per_class, steps, guidance, args.seed, args.batch_size
+            )
+            entry = {
+                "quantization": quantization,
+                "steps": steps,
+                "guidance_scale": guidance,
+                **measure(pixels_from_images(images), labels, seconds, classifier, train, test, reference),
+            }
+            results.append(entry)
+            print(json.dumps(entry))
+            if (steps, guidance) == (steps_default, guidance_default) and quantization == "none":
+                grid = args.grid or os.path.join(args.output_dir, "digits_grid.png")
+                save_grid(images, labels, args.grid_columns, grid)
+    quantized = [r for r in results if r["quantization"] != "none"]
+    results = [r for r in results if r["quantization"] == "none"]
     default = next(r for r in results if (r["steps"], r["guidance_scale"]) == (steps_default, guidance_default))
     at_16 = next((r for r in results if (r["steps"], r["guidance_scale"]) == (16, guidance_default)), default)
     wall_time = time.perf_counter() - start
@@ -276,6 +297,15 @@ def main(args):
         ),
         "wall_time_s < 600": wall_time < TARGETS["wall_time_s"],
     }
+    for entry in quantized:  # next to float32 at the same setting: within 1 point and 10 %
+        base = next(
+            r for r in results if (r["steps"], r["guidance_scale"]) == (entry["steps"], entry["guidance_scale"])
+        )
+        name = f"{entry['quantization']} at {entry['steps']} steps, guidance {entry['guidance_scale']:g}"
+        targets[f"{name}: class consistency within 1 point of float32"] = (
+            abs(entry["class_consistency"] - base["class_consistency"]) <= 0.01
+        )
+        targets[f"{name}: FD ratio within 10 % of float32"] = abs(entry["fd_ratio"] / base["fd_ratio"] - 1) <= 0.10
     report = {
         "model": args.model or "bundled (arpg_hf.load_bundled_pipeline)",
         "num_per_class": args.num_per_class,
@@ -290,6 +320,7 @@ def main(args):
         "reference": reference,
         "tokenizer": tokenizer,
         "results": results,
+        "quantized_results": quantized,
         "targets_met": targets,
         "wall_time_s": wall_time,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
@@ -297,7 +328,7 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "quality_digits.json"), "w") as file:
         json.dump(report, file, indent=2)
-    print(markdown_table(results))
+    print(markdown_table(results + quantized))
     print(json.dumps({"targets_met": targets, "wall_time_s": round(wall_time, 1)}, indent=2))
     return report
 

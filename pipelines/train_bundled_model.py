@@ -235,7 +235,7 @@ def package(args) -> None:
 
     source = os.path.join(args.work_dir, "arpg")
     print(f"packaging {source}")
-    pipeline = ARPGPipeline.from_pretrained(source, dtype=torch.float32)
+    pipeline = ARPGPipeline.from_pretrained(source, dtype=torch.float32, cpu_gemm="default")
     pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **RECOMMENDED)
     staging = PACKAGE_DIR + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,7 @@ SAVE_LOOP = """
 import sys, torch
 from arpg_hf import ARPGPipeline
 first = ARPGPipeline.from_pretrained(sys.argv[1])
-second = ARPGPipeline.from_pretrained(sys.argv[1])
+second = ARPGPipeline.from_pretrained(sys.argv[1], cpu_gemm="default")  # every weight a parameter, to change them
 with torch.no_grad():
     for parameter in list(second.transformer.parameters()) + list(second.vqvae.parameters()):
         parameter.add_(1.0)

@@ -170,6 +170,21 @@ def test_cpu_gemm_lays_out_the_weights_and_gives_the_same_images(first_run, mode
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(first_run))
 
 
+def test_quantization_flag_quantizes_the_decoder_and_writes_the_images(first_run, model_dir, tmp_path):
+    from arpg_hf.cli import QUANTIZATIONS, build_parser, prepare_pipeline
+    from arpg_hf.quantization import QUANTIZATIONS as LIBRARY_QUANTIZATIONS
+    from arpg_hf.quantization import Int8DynamicLinear
+
+    assert QUANTIZATIONS == LIBRARY_QUANTIZATIONS
+    args = build_parser().parse_args(
+        ["generate", "--model", str(model_dir), "--class-labels", "1", "--device", "cpu", "--quantization", "int8"]
+    )
+    qkv = prepare_pipeline(args).transformer.model.self_layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Int8DynamicLinear)
+    assert generate(model_dir, tmp_path, "--quantization", "int8") == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(first_run))
+
+
 def test_model_cpu_offload_gives_the_same_images_with_hooks_on_the_models(first_run, model_dir, tmp_path):
     from arpg_hf.cli import build_parser, prepare_pipeline
 

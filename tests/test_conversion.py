@@ -22,6 +22,7 @@ from arpg_hf.conversion import (
     main,
     resolve_checkpoint,
 )
+from arpg_hf.cpu_gemm import accelerator_available, onednn_available, packed_weights
 from arpg_hf.model_card import PUBLISHED_RESULTS, create_model_card, recommended_sampling
 
 from .conftest import read_json
@@ -83,10 +84,21 @@ def converted_pipeline(converted_dir):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def converted_pipelines(converted_pipeline, converted_dir):
+    """The folder loaded as by default (on a CPU-only machine with oneDNN: packed weights) and with plain weights."""
+    plain = ARPGPipeline.from_pretrained(converted_dir, cpu_gemm="default")
+    plain.set_progress_bar_config(disable=True)
+    return {"auto": converted_pipeline, "default": plain}
+
+
+@pytest.mark.parametrize("layout", ["auto", "default"])
 @pytest.mark.parametrize("case", CASES, ids=[case["key"] for case in CASES])
-def test_converted_folder_reproduces_reference_tokens(converted_pipeline, parity_dir, case):
+def test_converted_folder_reproduces_reference_tokens(converted_pipelines, parity_dir, case, layout):
     generate = load_file(parity_dir / "generate.safetensors")
-    pipe = converted_pipeline
+    pipe = converted_pipelines[layout]
+    packs = layout == "auto" and onednn_available() and not accelerator_available()
+    assert bool(packed_weights(pipe.transformer)) == packs
     pipe.scheduler = ARPGScheduler.from_config(
         pipe.scheduler.config, token_schedule=case["sample_schedule"], guidance_schedule=case["cfg_schedule"]
     )

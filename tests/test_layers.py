@@ -29,6 +29,7 @@ LAYERS = {
     "cache_arpg": CORE,
     "fused_projections": CORE,
     "cpu_gemm": CORE,
+    "quantization": CORE,
     "modeling_arpg": CORE,
     "compiled_decoding": CORE,
     "memory": CORE,

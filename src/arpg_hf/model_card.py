@@ -389,7 +389,8 @@ def card_for_pipeline(pipeline, repo_id: str | None = None) -> ModelCard:
     readme = os.path.join(source, "README.md")
     if source and os.path.isfile(readme):
         return ModelCard.load(readme)
+    from .cpu_gemm import packed_weights  # (imports torch)
+
     transformer = pipeline.transformer
-    return create_model_card(
-        transformer.config, pipeline.scheduler.config, repo_id=repo_id, num_parameters=transformer.num_parameters()
-    )
+    count = transformer.num_parameters() + sum(weight.numel() for weight in packed_weights(transformer))
+    return create_model_card(transformer.config, pipeline.scheduler.config, repo_id=repo_id, num_parameters=count)

@@ -416,6 +416,14 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
             if isinstance(module, FusedProjections):
                 module.unfuse_projections()
 
+    def quantize(self, method: str = "int8") -> None:
+        """Quantizes the decoder blocks' linear layers in place for inference: "int8" (int8 weights and dynamic int8
+        activations), "int8-weight-only" or "int4-weight-only"; the head, embeddings, norms and RoPE stay float32.
+        On the CPU torch's own kernels, elsewhere torchao (see `arpg_hf.quantization`)."""
+        from .quantization import quantize_decoder
+
+        quantize_decoder(self, method)
+
     def allocate_cache(
         self, batch_size: int, max_length: int | None = None, dtype=None, device=None, key_block: int | None = None
     ) -> ARPGStaticCache:

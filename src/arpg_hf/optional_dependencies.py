@@ -4,6 +4,7 @@
     metrics    datasets, evaluate         `load_metric` and the `evaluate` module scripts
     demo       gradio                     the Gradio demo (space/demo, app.py)
     digits     scikit-learn               the digits data set of the bundled model (`arpg_hf.digits`)
+    quantization torchao                  `quantization_config=TorchAoConfig(...)`, `quantize()` off the CPU
     all        everything above
 
 Code that needs one of them imports it through [`require`], which names the package and the extra when it is missing.

@@ -9,13 +9,14 @@ import tempfile
 from typing import Any, Callable, Mapping
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, PipelineQuantizationConfig
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 
 from .atomic_io import carry_over, staged_folder
 from .configuration_arpg import ARPGConfig
+from .cpu_gemm import packed_weights, use_cpu_gemm
 from .labels import build_label2id, get_label_ids, imagenet_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
 from .modeling_arpg import ARPGForImageGeneration
@@ -270,6 +271,24 @@ class ARPGPipelineMixin:
             )
         return cls(transformer=transformer, vqvae=vqvae, scheduler=scheduler or ARPGScheduler())
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, cpu_gemm: str = "auto", **kwargs):
+        """`DiffusionPipeline.from_pretrained`, then the transformer's fastest exact layout where it was loaded:
+        [`~arpg_hf.use_cpu_gemm`] with `cpu_gemm` ("auto": float32 on the CPU of a machine without an accelerator gets
+        oneDNN's pre-packed weights in place of the dense ones; otherwise nothing changes). Pass `cpu_gemm="default"`
+        for plain `nn.Linear` weights (e.g. to train the loaded model).
+
+        `quantization_config` may be diffusers' `PipelineQuantizationConfig` or one model's quantization config (e.g.
+        transformers' `TorchAoConfig`), which then quantizes the transformer. On CPUs
+        `pipe.transformer.quantize("int8")` is faster (see `arpg_hf.quantization`).
+        """
+        config = kwargs.get("quantization_config")
+        if config is not None and not isinstance(config, PipelineQuantizationConfig):
+            kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"transformer": config})
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        use_cpu_gemm(pipeline.transformer, cpu_gemm)
+        return pipeline
+
     # ----------------------------------------------------------------------------------------- saved folders
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -376,6 +395,9 @@ class ARPGPipelineMixin:
             **compile_kwargs: for `torch.compile`, e.g. `mode="reduce-overhead"` (CUDA graphs) or `backend=...`.
         """
         from .compiled_decoding import CompiledDecoder
+
+        if packed_weights(self.transformer):  # torch.compile lays out dense weights itself
+            use_cpu_gemm(self.transformer, "default")
 
         self._compiled_decoder = CompiledDecoder(
             self.transformer, buckets=buckets, key_block=key_block, **compile_kwargs
