@@ -63,8 +63,8 @@ def parse_args(argv=None):
         nargs="+",
         default=["none"],
         choices=QUANTIZATIONS,
-        help="pipe.transformer.quantize(...) of the float32 decoder; the model is then built layer by layer, each "
-        "layer quantized as it is built, so that the float32 weights are never all in memory",
+        help="pipe.transformer.quantize(...): on the CPU of the float32 decoder, built layer by layer, each layer "
+        "quantized as it is built, so that the float32 weights are never all in memory; elsewhere torchao's, in --dtype",
     )
     parser.add_argument(
         "--cpu-packed-weights",
@@ -460,14 +460,20 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
+    quantized_dtypes = ["float32"] if device.type == "cpu" else args.dtype  # (on the CPU quantize() takes float32)
     runs = [(dtype_name, "none") for dtype_name in args.dtype if "none" in args.quantization]
-    runs += [("float32", method) for method in args.quantization if method != "none"]
+    runs += [
+        (dtype_name, method) for method in args.quantization if method != "none" for dtype_name in quantized_dtypes
+    ]
     for dtype_name, quantization in runs:
         if quantization == "none":
             pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=not args.no_vq)
             use_cpu_gemm(pipe.transformer, args.cpu_gemm)
-        else:
+        elif device.type == "cpu":
             pipe = build_quantized_pipeline(args.preset, quantization, device, args.seed)
+        else:  # torchao's configurations, through the same method
+            pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=False)
+            pipe.transformer.quantize(quantization)
         pipe.transformer.set_attn_implementation(args.attn_implementation)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(

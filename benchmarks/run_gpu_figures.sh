@@ -7,13 +7,14 @@
 #   4. ARPG-L with compiled decoding (torch.compile, mode reduce-overhead: CUDA graphs), 64 steps;
 #   5. the same with the matmul + softmax attention (--attn-implementation eager) instead of SDPA under a slot mask,
 #      64 and 32 steps; with attention reading only the filled part of the cache in blocks of 64 slots
-#      (--compile-key-block 64), with either attention; and with a CUDA generator (no host round trips).
+#      (--compile-key-block 64), with either attention; and with a CUDA generator (no host round trips);
+#   6. ARPG-L quantized with torchao (quantize("int8"), quantize("int8-weight-only")) beside bf16, 64 steps.
 # Each part writes OUT_DIR/<part>.json and runs under its own time limit, so a slow part cannot hide the others.
 # Parts 1-4 took about 6 minutes on an H200; all of them together need about 15, more than one device call allows, so
 # name parts after OUT_DIR to run only those:
 #
 #     bash benchmarks/run_gpu_figures.sh OUT_DIR [check check_matmul_key_block L XL XXL L_compiled L_compiled_matmul
-#         L_compiled_key_block L_compiled_matmul_key_block L_compiled_cuda_generator]
+#         L_compiled_key_block L_compiled_matmul_key_block L_compiled_cuda_generator L_quantized]
 set -u
 out=${1:-gpu-figures}
 shift $(( $# > 0 ? 1 : 0 ))
@@ -50,5 +51,7 @@ part L_compiled_key_block 240 benchmarks/bench_sampling.py --preset ARPG-L "${co
 part L_compiled_matmul_key_block 240 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
     32 --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --compile-key-block 64 \
     --attn-implementation eager
+part L_quantized 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
+    --dtype bfloat16 --no-vq --quantization none int8 int8-weight-only
 part L_compiled_cuda_generator 200 benchmarks/bench_sampling.py --preset ARPG-L "${common[@]}" --num-inference-steps 64 \
     --dtype bfloat16 --no-vq --compile --compile-mode reduce-overhead --compile-buckets 8 32 --generator-device cuda
