@@ -112,6 +112,12 @@ def test_packed_weights_save_load_move_and_refuse_training(saved_folder, plain, 
     model.eval()
 
 
+def test_cpu_gemm_none_leaves_the_model_as_loaded(saved_folder):
+    model = load(saved_folder, cpu_gemm=None).transformer
+    attention = model.model.self_layers[0].self_attn
+    assert attention.qkv_proj is None and type(attention.q_proj) is nn.Linear and not packed_weights(model)
+
+
 def test_compiled_decoding_unpacks_first(saved_folder):
     pipe = load(saved_folder)
     pipe.enable_compiled_decoding()

@@ -272,11 +272,11 @@ class ARPGPipelineMixin:
         return cls(transformer=transformer, vqvae=vqvae, scheduler=scheduler or ARPGScheduler())
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, cpu_gemm: str = "auto", **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, cpu_gemm: str | None = "auto", **kwargs):
         """`DiffusionPipeline.from_pretrained`, then the transformer's fastest exact layout where it was loaded:
         [`~arpg_hf.use_cpu_gemm`] with `cpu_gemm` ("auto": float32 on the CPU of a machine without an accelerator gets
-        oneDNN's pre-packed weights in place of the dense ones; otherwise nothing changes). Pass `cpu_gemm="default"`
-        for plain `nn.Linear` weights (e.g. to train the loaded model).
+        oneDNN's pre-packed weights in place of the dense ones; otherwise nothing changes). `cpu_gemm="default"` gives
+        plain, trainable `nn.Linear` weights (projections fused); `None` leaves the model exactly as loaded.
 
         `quantization_config` may be diffusers' `PipelineQuantizationConfig` or one model's quantization config (e.g.
         transformers' `TorchAoConfig`), which then quantizes the transformer. On CPUs
@@ -286,7 +286,8 @@ class ARPGPipelineMixin:
         if config is not None and not isinstance(config, PipelineQuantizationConfig):
             kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"transformer": config})
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        use_cpu_gemm(pipeline.transformer, cpu_gemm)
+        if cpu_gemm is not None:
+            use_cpu_gemm(pipeline.transformer, cpu_gemm)
         return pipeline
 
     # ----------------------------------------------------------------------------------------- saved folders
