@@ -113,8 +113,10 @@ def test_non_finite_or_absurd_guidance_is_a_value_error(pipe, guidance):
 
 
 def test_guidance_that_overflows_the_logits_is_a_value_error(pipe):
-    with pytest.raises(ValueError, match="overflows the float32 logits at step 0"):
-        pipe([1], guidance_scale=3e38, num_inference_steps=2)
+    # Which step overflows first depends on the positions drawn and on the last bits of the logits (the GEMM kernel):
+    # the message names it, whichever it is.
+    with pytest.raises(ValueError, match=r"overflows the float32 logits at step [01] \(scale"):
+        pipe([1], guidance_scale=3e38, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
 
 
 def test_cli_refuses_absurd_jobs_in_one_line_without_creating_anything(tmp_path):
