@@ -197,9 +197,10 @@ def build_quantized_pipeline(preset: str, method: str, device: torch.device, see
             ARPGConfig.from_preset(preset, num_self_attention_layers=1, num_cross_attention_layers=1)
         ).eval()
         torch.nn.init.normal_(transformer.lm_head.weight, std=transformer.config.initializer_range)
-        config = transformer.config  # (the object the model and its layers share), to the preset's layer counts
-        config.num_self_attention_layers = ARPGConfig.from_preset(preset).num_self_attention_layers
-        config.num_cross_attention_layers = ARPGConfig.from_preset(preset).num_cross_attention_layers
+        config, preset_config = transformer.config, ARPGConfig.from_preset(preset)
+        # the config object the model and its layers share, to the preset's layer counts
+        config.num_self_attention_layers = preset_config.num_self_attention_layers
+        config.num_cross_attention_layers = preset_config.num_cross_attention_layers
         transformer.model.self_layers, transformer.model.cross_layers = torch.nn.ModuleList(), torch.nn.ModuleList()
         for index in range(config.num_self_attention_layers):
             transformer.model.self_layers.append(quantize_linears(ARPGSelfAttentionLayer(config, index), method))

@@ -164,8 +164,8 @@ def tiny_run_inputs(tmp_path_factory):
     return tokens, config_dir / "config.json"
 
 
-def train_argv(tokens, config, output_dir, *extra) -> list[str]:
-    """The command line of a tiny training run (train.py's arguments)."""
+def tiny_setup_argv(tokens, config, output_dir) -> list[str]:
+    """train.py's arguments that every tiny run shares: its tokens, model config, tokenizer, output and batch size."""
     return [
         "--train_data_dir",
         str(tokens),
@@ -177,6 +177,13 @@ def train_argv(tokens, config, output_dir, *extra) -> list[str]:
         str(output_dir),
         "--train_batch_size",
         "2",
+    ]
+
+
+def train_argv(tokens, config, output_dir, *extra) -> list[str]:
+    """The command line of a tiny training run (train.py's arguments)."""
+    return [
+        *tiny_setup_argv(tokens, config, output_dir),
         "--seed",
         "3",
         "--mixed_precision",

@@ -16,7 +16,7 @@ from arpg_hf import ARPGPipeline
 from arpg_hf.training_checkpoints import list_checkpoints
 
 from .conftest import TWO_PROCESS_LAUNCH, tiny_config
-from .test_training import TINY_PIPELINE, write_tokens
+from .test_training import tiny_setup_argv, write_tokens
 
 pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): multi-process training launches
 
@@ -29,16 +29,7 @@ def launch_command(tokens, config, output_dir, *extra, launch=LAUNCH):
     return [
         *launch,
         str(ROOT / "train.py"),
-        "--train_data_dir",
-        str(tokens),
-        "--model_config",
-        str(config),
-        "--vqvae",
-        TINY_PIPELINE,
-        "--output_dir",
-        str(output_dir),
-        "--train_batch_size",
-        "2",
+        *tiny_setup_argv(tokens, config, output_dir),
         "--learning_rate",
         "1e-2",
         "--seed",

@@ -38,10 +38,12 @@ def onednn_available() -> bool:
     )
 
 
-def _onednn_applies(weight: torch.Tensor, hidden_states: torch.Tensor) -> bool:
+def _onednn_applies(hidden_states: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether oneDNN's float32 CPU kernel can run on `hidden_states` (and `weight`; None: a packed weight, which is
+    float32 on the CPU)."""
+    tensors = (hidden_states,) if weight is None else (hidden_states, weight)
     return (
-        hidden_states.dtype == torch.float32 == weight.dtype
-        and hidden_states.device.type == "cpu" == weight.device.type
+        all(tensor.dtype == torch.float32 and tensor.device.type == "cpu" for tensor in tensors)
         and not torch.compiler.is_compiling()
     )
 
@@ -50,7 +52,7 @@ class OneDNNLinear(nn.Linear):
     """`nn.Linear` (bias-free) whose float32 CPU inference runs oneDNN's linear kernel on the weight as stored."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _onednn_applies(self.weight, hidden_states) or (torch.is_grad_enabled() and self.weight.requires_grad):
+        if not _onednn_applies(hidden_states, self.weight) or (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.linear(hidden_states, self.weight)
         return torch.ops.mkldnn._linear_pointwise(hidden_states.contiguous(), self.weight, None, "none", [], "")
 
@@ -89,7 +91,7 @@ class PackedOneDNNLinear(nn.Linear):
                 "This layer's weight is packed for CPU inference (the default layout of ARPGPipeline.from_pretrained) "
                 "and cannot be trained. Call arpg_hf.use_cpu_gemm(model, 'default') before training."
             )
-        if not _onednn_applies(hidden_states, hidden_states):
+        if not _onednn_applies(hidden_states):
             return F.linear(hidden_states, self.weight.to(hidden_states))
         return torch.ops.mkldnn._linear_pointwise(hidden_states.contiguous(), self.packed_weight, None, "none", [], "")
 
@@ -126,8 +128,12 @@ class PackedOneDNNLinear(nn.Linear):
             probe = fn(torch.empty(0))
             if probe.device.type == "cpu" and probe.dtype == torch.float32:
                 return self  # nothing to convert
-            self.weight = nn.Parameter(self._buffers.pop("packed_weight").to_dense())
+            self.unpack()
         return super()._apply(fn, recurse)
+
+    def unpack(self) -> None:
+        """Turns the packed weight back into a dense `weight` parameter (then this is a plain linear layer)."""
+        self.weight = nn.Parameter(self._buffers.pop("packed_weight").to_dense())
 
 
 def packed_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -149,7 +155,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
     """A bias-free linear layer of this module's kinds with an ordinary float weight (not quantized)."""
     if type(module) not in (nn.Linear, OneDNNLinear, PackedOneDNNLinear) or module.bias is not None:
         return False
-    return isinstance(module, PackedOneDNNLinear) and module.is_packed or type(module.weight.data) is torch.Tensor
+    return (isinstance(module, PackedOneDNNLinear) and module.is_packed) or type(module.weight.data) is torch.Tensor
 
 
 def auto_cpu_gemm(model: nn.Module) -> str | None:
@@ -188,7 +194,7 @@ def use_cpu_gemm(model: nn.Module, gemm: str = "auto") -> None:
         )
     for module in model.modules():  # fusing reads the weights: unpack first, one module at a time
         if isinstance(module, PackedOneDNNLinear) and module.is_packed:
-            module.weight = nn.Parameter(module._buffers.pop("packed_weight").to_dense())
+            module.unpack()
     model.fuse_projections()
     kind = {"onednn": OneDNNLinear, "onednn-packed": PackedOneDNNLinear}.get(gemm, nn.Linear)
     if not onednn_available():

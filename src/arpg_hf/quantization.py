@@ -63,13 +63,18 @@ class QuantizedLinear(nn.Module):
         )
 
 
+def int8_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales, one per output channel (row) of `weight`: its largest magnitude / 127."""
+    return (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+
+
 class Int8DynamicLinear(QuantizedLinear):
     """int8 weights per output channel, activations quantized at each call; fbgemm's dynamic quantized linear."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
         weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).double()
+        scales = int8_scales(weight).double()
         with warnings.catch_warnings():  # torch marks its quantized tensor types as deprecated (see module docstring)
             warnings.simplefilter("ignore")
             quantized = torch.quantize_per_channel(
@@ -87,7 +92,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
         weight = linear.weight.detach().float()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        scales = int8_scales(weight)
         self.register_buffer("qweight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), False)
         self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
 
