@@ -64,6 +64,7 @@ from arpg_hf.training_utils import (
     check_world_size,
     describe_distributed,
     enable_fsdp_on_cpu,
+    exit_process,
     exit_with_launcher,
     local_parameters,
     scale_learning_rate,
@@ -909,4 +910,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())
