@@ -37,12 +37,11 @@ from arpg_hf.atomic_io import write_atomically
 from arpg_hf.memory import InsufficientMemoryError, check_memory, training_memory
 from arpg_hf.optional_dependencies import require
 from arpg_hf.token_dataset import (
-    ShuffledBatchSampler,
     check_token_dataset,
     class_names_of,
-    collate_token_batch,
     load_token_dataset,
     load_vq_model,
+    token_dataloader,
 )
 from arpg_hf.training_checkpoints import (
     STAGING_PREFIX,
@@ -398,19 +397,14 @@ def training_plan(args, num_samples: int, num_processes: int) -> dict:
 
 
 def make_dataloader(dataset, args, accelerator, start_micro_step: int, num_micro_steps: int):
-    sampler = ShuffledBatchSampler(
-        len(dataset),
+    return token_dataloader(
+        dataset,
         args.train_batch_size,
         accelerator.num_processes,
         accelerator.process_index,
         seed=args.seed,
         start_batch=start_micro_step,
         num_batches=num_micro_steps,
-    )
-    return torch.utils.data.DataLoader(
-        dataset.with_format("numpy", columns=["codes", "label"]),
-        batch_sampler=sampler,
-        collate_fn=collate_token_batch,
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )

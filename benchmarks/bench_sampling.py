@@ -27,7 +27,15 @@ import time
 
 import torch
 
-from arpg_hf import ARPGConfig, ARPGForImageGeneration, ARPGPipeline, ARPGScheduler, ARPGVQModel
+from arpg_hf import (
+    ARPGConfig,
+    ARPGControlAdapter,
+    ARPGControlPipeline,
+    ARPGForImageGeneration,
+    ARPGPipeline,
+    ARPGScheduler,
+    ARPGVQModel,
+)
 from arpg_hf.cpu_gemm import CPU_GEMMS, use_cpu_gemm
 from arpg_hf.modeling_arpg import ARPGCrossAttentionLayer, ARPGSelfAttentionLayer
 from arpg_hf.quantization import QUANTIZATIONS, quantize_linears
@@ -127,6 +135,12 @@ def parse_args(argv=None):
         default=0,
         metavar="ROWS",
         help="after timing, profile one call and print the ROWS most expensive operators/kernels",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="sample through ARPGControlPipeline with a random-weight edges adapter (default size) and a random "
+        "edge map: the cost of control (records gain control=True)",
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -237,10 +251,17 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device, quantizati
     steps = num_tokens if order == "raster" else steps
     pipe.scheduler = ARPGScheduler.from_config(pipe.scheduler.config, token_schedule=args.token_schedule)
 
+    control = {}
+    if isinstance(pipe, ARPGControlPipeline):  # a random edge map of the canvas
+        side = config.grid_height * pipe.vqvae.downsample_factor
+        edges = torch.rand(1, 1, side, side, generator=torch.Generator().manual_seed(args.seed)) < 0.1
+        control = dict(control_image=edges.float())
+
     def generate():
         generator = torch.Generator(device=args.generator_device).manual_seed(args.seed)
         return pipe(
             labels,
+            **control,
             num_inference_steps=steps,
             guidance_scale=args.guidance_scale,
             generator=generator,
@@ -270,6 +291,7 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device, quantizati
         cpu_gemm=args.cpu_gemm,
         cpu_layout=layout_name(pipe.transformer),
         quantization=quantization,
+        control=bool(control),
         compile_mode=args.compile_mode if args.compile else None,
         compile_buckets=args.compile_buckets if args.compile else None,
         compile_key_block=args.compile_key_block if args.compile else None,
@@ -277,10 +299,21 @@ def measure(pipe, args, batch_size, steps, dtype_name, order, device, quantizati
     )
 
 
+def with_random_control(pipe, seed: int) -> ARPGControlPipeline:
+    """`pipe` as a control pipeline with an edges adapter of the default size and random weights."""
+    torch.manual_seed(seed)
+    transformer = pipe.transformer
+    adapter = ARPGControlAdapter(output_size=transformer.config.hidden_size, patch_size=pipe.vqvae.downsample_factor)
+    torch.nn.init.normal_(adapter.proj_out.weight, std=0.02)
+    adapter = adapter.to(device=transformer.device, dtype=transformer.dtype).eval()
+    return ARPGControlPipeline(transformer=transformer, vqvae=pipe.vqvae, scheduler=pipe.scheduler, controlnet=adapter)
+
+
 def weights_name(record: dict) -> str:
     """The quantization, or else the CPU layout asked for, e.g. "int8" or "auto"."""
     quantization = record.get("quantization", "none")
-    return quantization if quantization != "none" else f"{record.get('cpu_gemm')}"
+    name = quantization if quantization != "none" else f"{record.get('cpu_gemm')}"
+    return name + (" + control" if record.get("control") else "")
 
 
 def layout_name(transformer) -> str:
@@ -476,6 +509,8 @@ def main(argv=None):
             pipe = build_pipeline(args.preset, DTYPES[dtype_name], device, args.seed, vq=False)
             pipe.transformer.quantize(quantization)
         pipe.transformer.set_attn_implementation(args.attn_implementation)
+        if args.control:
+            pipe = with_random_control(pipe, args.seed)
         if args.compile:  # bucketed static shapes; warm-up calls compile every shape the timed calls use
             pipe.enable_compiled_decoding(
                 buckets=args.compile_buckets,

@@ -10,6 +10,8 @@ becomes one row `{"codes": (n_crops, tokens), "label": class}`: a centre crop an
 LlamaGen's ten crops with `--ten_crop`, no flip with `--no_flip` (evaluation). Work is cut into shards of
 `--shard_size` images spread over the processes; a finished shard is never redone, so rerunning the same command
 resumes an interrupted job. `--verify` decodes a few stored codes back to images (TOKENS/verify.png).
+With `--control_type edges` every view also gets its condition map (Canny edges, `arpg_hf.canny_edges`) in a
+`control` column `(n_crops, resolution, resolution)` uint8, for ControlARPG fine-tuning (`train_control.py`).
 
 An image that cannot be read (truncated, empty, not an image) stops the job with one line naming its path and row;
 with `--skip_bad_images` it is left out instead, and TOKENS/skipped_images.json lists every skipped image with the
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from arpg_hf.atomic_io import remove_stale_staging, write_atomically, write_text_atomically
+from arpg_hf.control_conditions import compute_control_image
 from arpg_hf.optional_dependencies import require
 from arpg_hf.token_dataset import (
     DATA_SUBDIR,
@@ -87,6 +90,12 @@ def parse_args(argv=None):
     parser.add_argument("--shard_size", type=int, default=10000, help="Images per output shard (unit of resumption).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no", help="Encoder dtype.")
+    parser.add_argument(
+        "--control_type",
+        choices=("edges",),
+        default=None,
+        help="Also store each view's condition map (edges: Canny) for ControlARPG fine-tuning.",
+    )
     parser.add_argument("--verify", action="store_true", help="Decode stored codes of --output_dir to verify.png.")
     parser.add_argument("--num_verify", type=int, default=8, help="Rows decoded by --verify.")
     parser.add_argument(
@@ -222,6 +231,8 @@ def encode_shard(
         images, batch_size=args.batch_size, num_workers=args.dataloader_num_workers, collate_fn=collate_views
     )
     all_codes, all_labels, skipped = [np.zeros((0, n_crops, num_tokens), np.int64)], [np.zeros(0, np.int64)], []
+    resolution = images.augment["resolution"]
+    all_controls = [np.zeros((0, n_crops, resolution, resolution), np.uint8)]
     for views, labels, bad in loader:  # views: (b, n_crops, 3, R, R)
         if bad and not args.skip_bad_images:
             raise UnreadableImageError(bad_image_message(bad[0], args))
@@ -232,15 +243,27 @@ def encode_shard(
             indices = vqvae.encode(pixels).indices  # (b * n_crops, h, w)
             all_codes.append(indices.reshape(batch, n_crops, -1).cpu().numpy())  # (b, n_crops, h * w)
             all_labels.append(labels.numpy())
+            if args.control_type is not None:
+                all_controls.append(control_maps(views, args.control_type))
         progress.update(len(labels) + len(bad))
-    return np.concatenate(all_codes), np.concatenate(all_labels), skipped
+    controls = np.concatenate(all_controls) if args.control_type is not None else None
+    return np.concatenate(all_codes), np.concatenate(all_labels), controls, skipped
 
 
-def write_shard(codes, labels, features, path: str) -> None:
+def control_maps(views: torch.Tensor, control_type: str) -> np.ndarray:
+    """Views `(b, n_crops, 3, R, R)` in [-1, 1] -> their condition maps `(b, n_crops, R, R)` uint8."""
+    pixels = ((views.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 1, 3, 4, 2).numpy() * 255).round().astype(np.uint8)
+    maps = [[np.asarray(compute_control_image(view, control_type)) for view in image] for image in pixels]
+    return np.asarray(maps, dtype=np.uint8)
+
+
+def write_shard(codes, labels, features, path: str, controls=None) -> None:
     """Writes one parquet shard atomically (a hidden temporary sibling, then rename)."""
     datasets = require("datasets", "training", "pipelines/tokenize_dataset.py")
 
     columns = {"codes": codes.astype(features["codes"].dtype), "label": labels}
+    if controls is not None:
+        columns["control"] = controls
     rows = datasets.Dataset.from_dict(columns, features=features)
     write_atomically(path, rows.to_parquet)
 
@@ -285,7 +308,8 @@ def tokenize(args) -> None:
         dataset, names = load_image_dataset(args)
     flip = not args.no_flip
     n_crops, grid = num_views(args.ten_crop, flip), args.resolution // factor
-    features = token_features(n_crops, grid * grid, names, vqvae.config.num_vq_embeddings)
+    control_size = args.resolution if args.control_type is not None else None
+    features = token_features(n_crops, grid * grid, names, vqvae.config.num_vq_embeddings, control_size)
     num_shards = math.ceil(len(dataset) / args.shard_size)
     check_shard_count(
         args.output_dir,
@@ -316,11 +340,11 @@ def tokenize(args) -> None:
             record = skipped_record_path(args.output_dir, shard, num_shards)
             if os.path.isfile(record):  # left by a run killed before it wrote this shard: the shard is redone
                 os.remove(record)
-            codes, labels, skipped = encode_shard(vqvae, images, args, progress, n_crops, grid * grid)
+            codes, labels, controls, skipped = encode_shard(vqvae, images, args, progress, n_crops, grid * grid)
             if skipped:  # the record first: a shard that exists always has its record
                 os.makedirs(os.path.dirname(record), exist_ok=True)
                 write_text_atomically(record, json.dumps({"shard": shard, "images": skipped}, indent=1))
-            write_shard(codes, labels, features, shard_path(args.output_dir, shard, num_shards))
+            write_shard(codes, labels, features, shard_path(args.output_dir, shard, num_shards), controls)
     finally:
         progress.close()  # before any error message, which then has a line of its own
     accelerator.wait_for_everyone()
@@ -352,6 +376,7 @@ def tokenize(args) -> None:
             vqvae=source,
             augmentation=augmentation_name(args.ten_crop, flip),
             num_samples=num_samples,
+            extra={} if args.control_type is None else {"control_type": args.control_type},
         )
         info.save(args.output_dir)
         if skipped:

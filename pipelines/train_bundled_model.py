@@ -13,6 +13,11 @@ Stages (each reads the previous one's output under --work_dir; the trained artef
   package    the trained pipeline folder -> src/arpg_hf/bundled/digits-pipeline, with the recommended sampling
              settings in its scheduler config and a model card (with the benchmark's figures once they exist)
   benchmark  benchmarks/quality_digits.py on the packaged folder (JSON in WORK/benchmark, grid in docs/images)
+  control_tokenize   the train images -> token dataset with Canny edge maps (tokenize_dataset.py --control_type edges)
+  control_train      an edge-map control adapter and the packaged model fine-tuned with it (train_control.py
+                     --train_base), 6,000 steps
+  control_package    WORK/control -> src/arpg_hf/bundled/digits-edges-pipeline (float16), with a model card
+  control_benchmark  benchmarks/quality_control_digits.py on the bundled digits-edges model (figure in docs/images)
 """
 
 from __future__ import annotations
@@ -28,7 +33,20 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIR = os.path.join(REPO, "src", "arpg_hf", "bundled", "digits-pipeline")
 GRID_PATH = os.path.join(REPO, "docs", "images", "digits_grid.png")
-STAGES = ("prepare", "tokenizer", "tokenize", "train", "package", "benchmark")
+CONTROL_PACKAGE_DIR = os.path.join(REPO, "src", "arpg_hf", "bundled", "digits-edges-pipeline")
+CONTROL_FIGURE_PATH = os.path.join(REPO, "docs", "images", "control_digits.png")
+STAGES = (
+    "prepare",
+    "tokenizer",
+    "tokenize",
+    "train",
+    "package",
+    "benchmark",
+    "control_tokenize",
+    "control_train",
+    "control_package",
+    "control_benchmark",
+)
 
 # The decoder: 4 + 4 layers, width 128, 4 heads of 32, SwiGLU 352, no dropout (the model underfits 1,438 images: train
 # and held-out NLL agree); vocabulary, grid and classes follow the tokenizer. Absolute position embeddings: with RoPE
@@ -48,6 +66,8 @@ ARPG_CONFIG = dict(
     ffn_dropout=0.0,
     absolute_position_embeddings=True,
 )
+# Sampling settings of the digits-edges pipeline (chosen with quality_control_digits.py's --guidance_scale runs).
+CONTROL_RECOMMENDED = dict(recommended_guidance_scale=1.0, recommended_num_inference_steps=16)
 # Sampling settings written into the packaged scheduler config (chosen with the benchmark's guidance sweep).
 RECOMMENDED = dict(
     token_schedule="arccos",
@@ -74,7 +94,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work_dir", default="/tmp/digits-work")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES) + ["package"])
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES) + ["package", "control_package"])
     parser.add_argument(
         "--threads",
         type=int,
@@ -83,6 +103,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--tokenizer_steps", type=int, default=600)
     parser.add_argument("--train_steps", type=int, default=4000)
+    parser.add_argument("--control_steps", type=int, default=6000)
     return parser.parse_args(argv)
 
 
@@ -205,6 +226,66 @@ def stage_commands(args) -> dict[str, list[list[str]]]:
                 "latest",
             ]
         ],
+        "control_tokenize": [
+            [
+                sys.executable,
+                "pipelines/tokenize_dataset.py",
+                "--image_dir",
+                f"{work}/images/train",
+                "--vqvae",
+                PACKAGE_DIR,
+                "--output_dir",
+                f"{work}/control_tokens",
+                "--resolution",
+                "32",
+                "--no_flip",
+                "--control_type",
+                "edges",
+            ]
+        ],
+        "control_train": [
+            ACCELERATE
+            + [
+                "train_control.py",
+                "--base_model",
+                PACKAGE_DIR,
+                "--train_data_dir",
+                f"{work}/control_tokens",
+                "--control_type",
+                "edges",
+                "--output_dir",
+                f"{work}/control",
+                "--train_base",
+                "--block_channels",
+                "96",
+                "--num_blocks",
+                "3",
+                "--max_train_steps",
+                str(args.control_steps),
+                "--learning_rate",
+                "2e-3",
+                "--base_learning_rate",
+                "2e-4",
+                "--checkpointing_steps",
+                "1000",
+                "--logging_steps",
+                "500",
+                "--seed",
+                "0",
+                "--resume_from_checkpoint",
+                "latest",
+            ]
+        ],
+        "control_benchmark": [
+            [
+                sys.executable,
+                "benchmarks/quality_control_digits.py",
+                "--output_dir",
+                f"{work}/control_benchmark",
+                "--figure",
+                CONTROL_FIGURE_PATH,
+            ]
+        ],
         "benchmark": [
             [
                 sys.executable,
@@ -256,6 +337,104 @@ def package(args) -> None:
     os.replace(staging, PACKAGE_DIR)
     size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(PACKAGE_DIR) for name in names)
     print(f"packaged {PACKAGE_DIR} ({size / 1e6:.2f} MB)")
+
+
+def package_control(args) -> None:
+    """Copies WORK/control (an ARPGControlPipeline) into the package, weights in float16 (to fit the package's 5 MB
+    budget for it; loaded as float32), with the recommended sampling settings and a model card."""
+    import torch
+
+    from arpg_hf import ARPGControlPipeline, ARPGScheduler
+
+    source = os.path.join(args.work_dir, "control")
+    print(f"packaging {source}")
+    pipeline = ARPGControlPipeline.from_pretrained(source, dtype=torch.float32, cpu_gemm="default")
+    pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **CONTROL_RECOMMENDED)
+    pipeline.to(torch.float16)
+    staging = CONTROL_PACKAGE_DIR + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    config_path = os.path.join(staging, "controlnet", "config.json")
+    with open(config_path) as file:
+        config = json.load(file)
+    config.pop("_name_or_path", None)  # the folder it was loaded from, on this machine
+    with open(config_path, "w") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+        file.write("\n")
+    with open(os.path.join(source, "training_summary.json")) as file:
+        summary = json.load(file)
+    card = CONTROL_CARD.format(
+        steps=summary["steps"],
+        batch=summary["global_batch_size"],
+        loss=summary["final_loss"],
+        parameters=sum(p.numel() for p in pipeline.controlnet.parameters()),
+        guidance=CONTROL_RECOMMENDED["recommended_guidance_scale"],
+        results=control_results(args.work_dir),
+    )
+    with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as file:
+        file.write(card)
+    shutil.rmtree(CONTROL_PACKAGE_DIR, ignore_errors=True)
+    os.replace(staging, CONTROL_PACKAGE_DIR)
+    size = sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(CONTROL_PACKAGE_DIR) for name in names
+    )
+    print(f"packaged {CONTROL_PACKAGE_DIR} ({size / 1e6:.2f} MB)")
+
+
+CONTROL_CARD = """---
+library_name: diffusers
+license: mit
+tags:
+- arpg
+- arpg-hf
+- controlnet
+- digits
+---
+
+# ARPG digits edges (bundled with arpg-hf)
+
+ControlARPG on the bundled digits model: a Canny edge map (white on black, 32x32; `arpg_hf.canny_edges`) and a class
+give a digit that follows the edges. An `ARPGControlAdapter` ({parameters:,} parameters) turns the map into one query
+embedding per token; the decoder is the bundled digits model fine-tuned with it. Weights are stored in float16 (to fit
+the package) and load as float32: `arpg_hf.load_bundled_pipeline("digits-edges")`. The recommended guidance scale is
+{guidance:g}: the control already pins the digit down, and stronger guidance (which drops the control and the class in
+its second half) makes samples follow the edges less.
+
+Trained with `train_control.py --train_base` ({steps} steps, global batch {batch}, final loss {loss:.4f}) on the edge
+maps of the digits' fixed train split; recipe: `python pipelines/train_bundled_model.py --stages control_tokenize
+control_train control_package control_benchmark control_package`.
+
+{results}
+"""
+
+
+def control_results(work: str) -> str:
+    path = os.path.join(work, "control_benchmark", "quality_control_digits.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as file:
+        report = json.load(file)
+    tolerances = report["tolerances_px"]
+    lines = [
+        f"Measured with `python benchmarks/quality_control_digits.py` on {report['num_samples']} samples (the edge maps "
+        f"of the held-out digits), {report['steps']} steps, guidance {report['guidance_scale']:g}. Edge F1 / IoU of "
+        "the sample's Canny edges against the condition, with 0, 1 or 2 px of slack; pixel correlation with the "
+        "source digit; class consistency by an independent classifier; FD ratio against the held-out digits.",
+        "",
+        "| images | " + " | ".join(f"edge F1 / IoU, {t} px" for t in tolerances) + " | pixel correlation | "
+        "class consistency | FD ratio |",
+        "| --- |" + " ---: |" * (len(tolerances) + 3),
+    ]
+    for name, row in report["rows"].items():
+        edges = " | ".join(
+            f"{row['edges_by_tolerance'][str(t)]['edge_f1']:.3f} / {row['edges_by_tolerance'][str(t)]['edge_iou']:.3f}"
+            for t in tolerances
+        )
+        lines.append(
+            f"| {name} | {edges} | {row['pixel_correlation']:.3f} | {100 * row['class_consistency']:.1f} % | "
+            f"{row['fd_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def training_summary(work: str) -> dict:
@@ -332,6 +511,9 @@ def main(args):
                 json.dump(ARPG_CONFIG, file, indent=2)
         if stage == "package":
             package(args)
+            continue
+        if stage == "control_package":
+            package_control(args)
             continue
         for command in commands[stage]:
             run(command, args.threads)

@@ -151,6 +151,7 @@ def test_space_folder_is_self_contained(tmp_path):
     settings = dict(line.split(": ", 1) for line in front_matter.strip().splitlines())
     assert settings["sdk"] == "gradio" and settings["app_file"] == "app.py" and (folder / "app.py").is_file()
     assert (folder / "arpg_hf" / "bundled" / "digits-pipeline" / "model_index.json").is_file()
+    assert (folder / "arpg_hf" / "bundled" / "digits-edges-pipeline" / "model_index.json").is_file()  # Control tab
     assert (folder / "arpg_hf" / "metrics" / "evaluate_modules" / "fid" / "fid.py").is_file()
     found = subprocess.run(
         [sys.executable, "-c", "import arpg_hf; print(arpg_hf.__file__)"],

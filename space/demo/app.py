@@ -1,4 +1,5 @@
-"""The Gradio app: class-conditional generation with a live view of the random decoding order, and inpainting.
+"""The Gradio app: class-conditional generation with a live view of the random decoding order, inpainting, and
+controlled generation (draw a stroke, get a digit that follows it: the Control tab, when a control adapter is loaded).
 
     python app.py --host 127.0.0.1 --port 7860              # the bundled digits model, offline
     python app.py --model path/to/arpg-l --device cuda      # a converted ImageNet folder (or a Hub id)
@@ -64,8 +65,8 @@ def _user_errors(function):
     return run
 
 
-def _sampling_controls(model: DemoModel, prefix: str) -> tuple:
-    steps, guidance = model.recommended
+def _sampling_controls(model: DemoModel, prefix: str, recommended: tuple[int, float] | None = None) -> tuple:
+    steps, guidance = recommended or model.recommended
     num_tokens = model.grid_size[0] * model.grid_size[1]
     class_picker = gr.Dropdown(
         model.class_choices,
@@ -207,6 +208,58 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
     )
 
 
+def _control_tab(model: DemoModel) -> None:
+    gr.Markdown(
+        "Draw a stroke: its edges become the condition (ControlARPG), and the model draws a digit of the chosen "
+        "class that follows them."
+    )
+    size = model.image_size[0] * model.scale
+    with gr.Row():
+        with gr.Column():
+            sketch = gr.Sketchpad(
+                type="pil",
+                canvas_size=(size, size),
+                label="Your stroke (dark on white)",
+                elem_id="control-sketch",
+                brush=gr.Brush(colors=["#000000"], default_size=max(8, size // 8)),
+            )
+            recommended = model.control_pipe.default_sampling_settings(
+                None, None, model.grid_size[0] * model.grid_size[1]
+            )
+            class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "control-", recommended)
+            button = gr.Button("Generate", variant="primary", elem_id="control-button")
+        with gr.Column():
+            condition = gr.Image(label="Condition (edges of the stroke)", type="pil", format="png", interactive=False)
+            live = gr.Image(label="Decoding, live", type="pil", format="png", interactive=False, elem_id="control-live")
+            result = gr.Image(
+                label="Result (model resolution)",
+                type="pil",
+                format="png",
+                interactive=False,
+                elem_id="control-result",
+                height=300,
+            )
+
+    def run(sketch_value, class_index, steps_, guidance_, schedule_, seed_):
+        drawing = (sketch_value or {}).get("composite")
+        for edges, live_image, _, images in model.stream_control(
+            drawing, class_index, steps_, guidance_, seed_, schedule_
+        ):
+            yield (
+                _display(edges, model.scale),
+                live_image if live_image is not None else gr.skip(),
+                images[0] if images else gr.skip(),
+            )
+
+    button.click(
+        _user_errors(run),
+        [sketch, class_picker, steps, guidance, schedule, seed],
+        [condition, live, result],
+        api_name="control",
+        concurrency_id="model",
+    )
+
+
 def _api(model: DemoModel) -> None:
     """`/generate`: (class label index, steps, guidance scale, seed) -> one image at the model's resolution."""
     steps, guidance = model.recommended
@@ -230,9 +283,9 @@ def _api(model: DemoModel) -> None:
     trigger.click(generate, inputs, output, api_name="generate", concurrency_id="model")
 
 
-def build_demo(pipe) -> gr.Blocks:
-    """The Gradio Blocks of the demo for an [`ARPGPipeline`]."""
-    model = DemoModel(pipe)
+def build_demo(pipe, control_pipe=None) -> gr.Blocks:
+    """The Gradio Blocks of the demo for an [`ARPGPipeline`]; with an [`ARPGControlPipeline`], a Control tab too."""
+    model = DemoModel(pipe, control_pipe)
     start_image = _display(model.generate(0, *model.recommended, 0), model.scale)
     with gr.Blocks(title="ARPG: randomized parallel decoding", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -241,6 +294,9 @@ def build_demo(pipe) -> gr.Blocks:
             _generate_tab(model, last_images)
         with gr.Tab("Inpaint", elem_id="inpaint-tab"):
             _inpaint_tab(model, start_image, last_images)
+        if model.control_pipe is not None:
+            with gr.Tab("Control", elem_id="control-tab"):
+                _control_tab(model)
         _api(model)
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -251,6 +307,12 @@ def parse_args(argv=None):
     parser.add_argument("--host", default=None, help="Default: $GRADIO_SERVER_NAME or 127.0.0.1 (0.0.0.0 on Spaces).")
     parser.add_argument("--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT or 7860.")
     parser.add_argument("--model", default=None, help="Pipeline folder or Hub id (default: the bundled digits model).")
+    parser.add_argument(
+        "--control-model",
+        default=None,
+        help="ARPGControlPipeline folder for a Control tab (default: the bundled digits-edges model with the bundled "
+        "model).",
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--dtype",
@@ -265,6 +327,7 @@ def main(argv=None) -> int:
     """Starts the demo; returns the exit status (1 with a one-line message for a bad --model and the like)."""
     import torch
 
+    from arpg_hf.pipeline_arpg_control import ARPGControlPipeline
     from arpg_hf.pipeline_loading import load_pipeline
     from arpg_hf.user_errors import run_guarded
 
@@ -272,7 +335,11 @@ def main(argv=None) -> int:
 
     def serve():
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        demo = build_demo(load_pipeline(args.model, device, args.dtype))
+        pipe = load_pipeline(args.model, device, args.dtype)
+        control_pipe = None
+        if args.control_model is not None or args.model is None:  # the bundled digits-edges model by default
+            control_pipe = load_pipeline(args.control_model, device, args.dtype, pipeline_class=ARPGControlPipeline)
+        demo = build_demo(pipe, control_pipe)
         demo.launch(
             server_name=args.host,
             server_port=args.port,

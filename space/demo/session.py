@@ -1,4 +1,5 @@
-"""What the demo does with the model, without Gradio: generation (whole or streamed step by step) and inpainting.
+"""What the demo does with the model, without Gradio: generation (whole or streamed step by step), inpainting, and
+controlled generation (a drawn stroke's edges as the condition, when a control adapter is loaded).
 
 One `DemoModel` serves every request; the app runs its calls one at a time (one Gradio concurrency group), because
 the pipelines' schedulers keep per-call state.
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from arpg_hf.control_conditions import canny_edges
 from arpg_hf.editing_utils import token_mask_from_pixel_mask
 from arpg_hf.pipeline_arpg import check_guidance_scale
 from arpg_hf.pipeline_arpg_inpaint import ARPGInpaintPipeline
@@ -48,12 +50,17 @@ def _check_integer(value, low: int, high: int, name: str) -> None:
 
 
 class DemoModel:
-    """The demo's model calls. `pipe` is an [`ARPGPipeline`]; the inpainting pipeline shares its components."""
+    """The demo's model calls. `pipe` is an [`ARPGPipeline`]; the inpainting pipeline shares its components.
+    `control_pipe`, an [`ARPGControlPipeline`] for the same images and classes (e.g. the bundled digits-edges model),
+    serves the Control tab."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, control_pipe=None):
         self.pipe = pipe
         self.inpaint_pipe = ARPGInpaintPipeline(**pipe.components)
         self.inpaint_pipe.set_progress_bar_config(disable=True)
+        self.control_pipe = control_pipe
+        if control_pipe is not None:
+            control_pipe.set_progress_bar_config(disable=True)
         self.pipe.set_progress_bar_config(disable=True)
         self.schedulers = {
             name: ARPGScheduler.from_config(pipe.scheduler.config, token_schedule=name) for name in TOKEN_SCHEDULES
@@ -208,3 +215,41 @@ class DemoModel:
         yield mask, None, None, None
         for live, order, images in self._stream(self.inpaint_pipe, call, steps, kept):
             yield mask, live, order, images
+
+    # ------------------------------------------------------------------------------------------ control
+    def control_condition(self, drawing) -> Image.Image:
+        """The condition of a drawing (dark strokes on a light or transparent background, any size): the Canny edges
+        of it at the model's resolution, white on black."""
+        if drawing is None:
+            raise ValueError("Draw a stroke first (dark on white), then press Generate.")
+        picture = drawing
+        if picture.mode in ("RGBA", "LA", "P"):  # transparent background: the strokes over white paper
+            paper = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+            picture = Image.alpha_composite(paper, picture.convert("RGBA"))
+        height, width = self.image_size
+        grey = picture.convert("L").resize((width, height), Image.BILINEAR)
+        if np.asarray(grey).min() > 200:
+            raise ValueError("The drawing is empty: draw a stroke (dark on white), then press Generate.")
+        return canny_edges(grey)
+
+    def stream_control(self, drawing, class_index, steps, guidance_scale, seed, token_schedule) -> Iterator:
+        """Like `stream_generation`, for one image that follows the edges of `drawing`; the condition comes first."""
+        if self.control_pipe is None:
+            raise ValueError("This demo has no control model; start it with --control-model (or the bundled model).")
+        class_index, steps, guidance_scale, seed, token_schedule, _ = self.check(
+            class_index, steps, guidance_scale, seed, token_schedule
+        )
+        condition = self.control_condition(drawing)
+        self.control_pipe.scheduler = ARPGScheduler.from_config(
+            self.control_pipe.scheduler.config, token_schedule=token_schedule
+        )
+        call = dict(
+            class_labels=[class_index],
+            control_image=condition,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=self._generators(seed, 1),
+        )
+        yield condition, None, None, None
+        for live, order, images in self._stream(self.control_pipe, call, steps):
+            yield condition, live, order, images

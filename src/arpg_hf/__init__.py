@@ -21,6 +21,9 @@ _EXPORTS = {
     "vq_model": ["ARPGVQModel", "ARPGVQEncoderOutput", "llamagen_vq_config"],
     "pipeline_arpg": ["ARPGPipeline"],
     "pipeline_arpg_inpaint": ["ARPGInpaintPipeline"],
+    "pipeline_arpg_control": ["ARPGControlPipeline"],
+    "control_adapter": ["ARPGControlAdapter"],
+    "control_conditions": ["canny_edges", "compute_control_image", "depth_to_control_image"],
     "editing_utils": [
         "OutpaintCanvas",
         "make_lattice_mask",
@@ -56,6 +59,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bundled import bundled_pipeline_path, load_bundled_pipeline
     from .cache_arpg import ARPGStaticCache
     from .configuration_arpg import ARPG_PRESETS, ARPGConfig
+    from .control_adapter import ARPGControlAdapter
+    from .control_conditions import canny_edges, compute_control_image, depth_to_control_image
     from .conversion.arpg import arpg_config_from_reference, load_reference_arpg
     from .cpu_gemm import use_cpu_gemm
     from .editing_recipes import expand_resolution
@@ -70,6 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .metrics.loading import load_metric
     from .modeling_arpg import ARPGForImageGeneration, ARPGImageGenerationOutput, ARPGModel, ARPGPreTrainedModel
     from .pipeline_arpg import ARPGPipeline
+    from .pipeline_arpg_control import ARPGControlPipeline
     from .pipeline_arpg_inpaint import ARPGInpaintPipeline
     from .scheduling_arpg import ARPGScheduler, ARPGSchedulerOutput
     from .token_dataset import (

@@ -67,7 +67,8 @@ def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload, pipeline_class)
+    controlnet = getattr(args, "controlnet", None)
+    pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload, pipeline_class, controlnet)
     pipeline.set_progress_bar_config(disable=args.quiet)
     if args.token_schedule or args.guidance_schedule:
         from .scheduling_arpg import ARPGScheduler
@@ -189,11 +190,26 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> list[str]:
-    """Generates one PNG per (class, repeat) and optionally a grid; returns the written paths."""
-    pipeline = prepare_pipeline(args)
+    """Generates one PNG per (class, repeat) and optionally a grid; returns the written paths. With
+    `--control-image`, every image follows that condition map (an ARPGControlPipeline)."""
+    control = {}
+    if args.control_image is not None:
+        from .pipeline_arpg_control import ARPGControlPipeline
+
+        control = dict(
+            control_image=_open_image(args.control_image, "--control-image"),  # before loading the model
+            controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        )
+        pipeline = prepare_pipeline(args, ARPGControlPipeline)
+    else:
+        if args.controlnet is not None:
+            raise ValueError("--controlnet needs --control-image (the condition map to follow).")
+        pipeline = prepare_pipeline(args)
 
     def make_images(labels, generators, negatives):
-        return pipeline(labels, generator=generators, negative_class_labels=negatives, **sampling_kwargs(args)).images
+        return pipeline(
+            labels, generator=generators, negative_class_labels=negatives, **control, **sampling_kwargs(args)
+        ).images
 
     config, factor = pipeline.transformer.config, pipeline.vqvae.downsample_factor
     return write_images(pipeline, args, make_images, (config.grid_height * factor, config.grid_width * factor))
@@ -348,6 +364,29 @@ def add_generate_arguments(
     return parser
 
 
+def add_control_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    control = parser.add_argument_group("control (ControlARPG)")
+    control.add_argument(
+        "--control-image",
+        metavar="PNG",
+        help="condition map every image follows: white edges on black (arpg_hf.canny_edges of a picture, or a "
+        "drawing's outline); without --model, the bundled digits-edges model",
+    )
+    control.add_argument(
+        "--controlnet",
+        metavar="DIR",
+        help="control adapter folder for --model (default: the model folder's own controlnet/)",
+    )
+    control.add_argument(
+        "--controlnet-conditioning-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="strength of the control: 1 as trained, 0 none",
+    )
+    return parser
+
+
 def _check_generate_args(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir)
     for name in ("num_images_per_class", "batch_size"):
@@ -470,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arpg-hf", description="ARPG image generation on the Hugging Face stack.")
     parser.add_argument("--version", action="version", version=f"arpg-hf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_arguments(commands.add_parser("generate", help="generate class-conditional images (PNG files)"))
+    add_control_arguments(
+        add_generate_arguments(commands.add_parser("generate", help="generate class-conditional images (PNG files)"))
+    )
     add_inpaint_arguments(
         commands.add_parser("inpaint", help="regenerate the masked part of an image, or outpaint it, for given classes")
     )

@@ -79,12 +79,15 @@ class CompiledDecoder:
         attention_ends=None,
         grid_size=None,
         position_mode: str = "extrapolate",
+        position_conditions=None,
     ) -> torch.FloatTensor:
         kwargs = dict(
             past_key_values=past_key_values,
             grid_size=None if grid_size is None else tuple(grid_size),
             position_mode=position_mode,
         )
+        if position_conditions is not None:  # per canvas position: the padded queries repeat a real position
+            kwargs["position_conditions"] = position_conditions
         if attention_ends is not None:  # the causal prefill: once per call, eager
             return self.transformer(
                 input_ids,

@@ -202,7 +202,8 @@ def use_cpu_gemm(model: nn.Module, gemm: str = "auto") -> None:
     parents = [module for module in model.modules() if not isinstance(module, nn.Linear)]
     for parent in parents:  # (no list of the linear layers: each old weight is freed once replaced)
         for name in [name for name, child in parent.named_children() if isinstance(child, nn.Linear)]:
-            setattr(parent, name, _relaid(getattr(parent, name), kind, transposed=gemm == "blas"))
+            linear = getattr(parent, name)
+            setattr(parent, name, _relaid(linear, kind, transposed=gemm == "blas").train(linear.training))
 
 
 def _relaid(linear: nn.Linear, kind: type, transposed: bool) -> nn.Linear:

@@ -37,7 +37,7 @@ class FusedProjections:
             fused = nn.Linear(weight.shape[1], len(parts) * weight.shape[0], bias=False, device="meta")
             with torch.no_grad():
                 fused.weight = nn.Parameter(torch.cat([part.weight for part in parts]), weight.requires_grad)
-            setattr(self, fused_name, fused)
+            setattr(self, fused_name, fused.train(parts[0].training))  # a new module keeps the model's mode
             for name in names:
                 setattr(self, name, None)
 
@@ -50,7 +50,7 @@ class FusedProjections:
                 for name, weight in zip(names, fused.weight.chunk(len(names))):
                     part = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
                     part.weight = nn.Parameter(weight.clone(), fused.weight.requires_grad)
-                    setattr(self, name, part)
+                    setattr(self, name, part.train(fused.training))
             setattr(self, fused_name, None)
 
 

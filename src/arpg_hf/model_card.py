@@ -393,4 +393,30 @@ def card_for_pipeline(pipeline, repo_id: str | None = None) -> ModelCard:
 
     transformer = pipeline.transformer
     count = transformer.num_parameters() + sum(weight.numel() for weight in packed_weights(transformer))
-    return create_model_card(transformer.config, pipeline.scheduler.config, repo_id=repo_id, num_parameters=count)
+    card = create_model_card(transformer.config, pipeline.scheduler.config, repo_id=repo_id, num_parameters=count)
+    adapter = getattr(pipeline, "controlnet", None)
+    if adapter is not None:  # an ARPGControlPipeline: say how to give the condition
+        name = repo_id or "path/to/this/folder"
+        card.content += CONTROL_SECTION.format(
+            control_type=adapter.config.control_type,
+            parameters=sum(parameter.numel() for parameter in adapter.parameters()),
+            name=name,
+        )
+    return card
+
+
+CONTROL_SECTION = """
+## Control (ControlARPG)
+
+This folder also holds `controlnet/`, an `ARPGControlAdapter` ({parameters:,} parameters) for `{control_type}` condition
+maps: images follow the map as well as the class. Load it with `ARPGControlPipeline`:
+
+```python
+import torch
+from arpg_hf import ARPGControlPipeline, canny_edges
+
+pipe = ARPGControlPipeline.from_pretrained("{name}")
+control_image = canny_edges(picture)  # edges: white on black, any size
+images = pipe([0], control_image=control_image, generator=torch.Generator().manual_seed(0)).images
+```
+"""

@@ -256,6 +256,7 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
         attention_ends: tuple[torch.LongTensor, torch.LongTensor] | None = None,
         grid_size: tuple[int, int] | None = None,
         position_mode: str = "extrapolate",
+        position_conditions: torch.FloatTensor | None = None,
     ) -> ARPGModelOutput:
         r"""
         Args:
@@ -268,6 +269,10 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
                 below `attention_ends[0][j]`, query i those below `attention_ends[1][i]` (a `(1,)` end serves all). Default: causal without a
                 cache (input j and query j see inputs 0..j); with one, the inputs form one step and see every slot.
             grid_size (`tuple[int, int]`, *optional*), position_mode (`str`): see [`ARPGRotaryEmbedding2D`].
+            position_conditions (`torch.FloatTensor` of shape `(batch, num_positions, hidden_size)`, *optional*): one
+                embedding per raster position of the canvas (a control adapter's output, see
+                [`ARPGControlAdapter`]): the query that predicts position p starts from the [MASK] embedding plus
+                `position_conditions[:, p]`. None: every query starts from the [MASK] embedding alone.
         """
         cache = past_key_values
         if cache_position is None:
@@ -281,6 +286,9 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
 
         hidden_states = self.embed_tokens(input_ids)  # (B, N, D)
         queries = self.embed_tokens(torch.full_like(query_position_ids, self.config.mask_token_id))  # (B, M, D)
+        if position_conditions is not None:
+            rows, cols = grid_size or (self.config.grid_height, self.config.grid_width)
+            queries = queries + query_conditions(position_conditions, query_position_ids, rows * cols).to(queries.dtype)
         if self.position_embeddings is not None:
             trained = (self.config.grid_height, self.config.grid_width)
             for ids, states in ((input_position_ids, hidden_states), (query_position_ids, queries)):
@@ -296,6 +304,19 @@ class ARPGModel(ARPGPreTrainedModel, FusedProjections):
         for layer in self.cross_layers:
             queries = layer(queries, query_rotary, key, value, query_mask, is_causal)
         return ARPGModelOutput(last_hidden_state=self.norm(queries), past_key_values=cache)
+
+
+def query_conditions(position_conditions: torch.Tensor, query_position_ids: torch.LongTensor, num_positions: int):
+    """The rows of `position_conditions` (B, P, D) at the queries' positions (B, M): (B, M, D). ValueError unless
+    they hold one row per position of the canvas (`num_positions`) for every image."""
+    expected = (query_position_ids.shape[0], num_positions)
+    if position_conditions.ndim != 3 or tuple(position_conditions.shape[:2]) != expected:
+        raise ValueError(
+            f"position_conditions must be (batch, num_positions, hidden_size) = ({expected[0]}, {expected[1]}, ...) for "
+            f"this canvas, got {tuple(position_conditions.shape)}; compute them on the canvas being generated."
+        )
+    index = query_position_ids.to(position_conditions.device)[..., None].expand(-1, -1, position_conditions.shape[-1])
+    return position_conditions.gather(1, index)
 
 
 def attention_masks(attention_ends, num_keys: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -357,8 +378,9 @@ class ARPGForImageGeneration(ARPGPreTrainedModel):
         A decoding step, without `class_labels`: `input_ids` are embedding ids (see
         [`~ARPGForImageGeneration.class_token_ids`]), and `**step` holds the other arguments of
         [`ARPGModel.forward`] by name (`input_position_ids`, `query_position_ids`, `past_key_values`,
-        `cache_position`, `attention_ends`, `grid_size`, `position_mode`); `labels` `(batch, num_queries)`, when
-        given, are the queries' targets.
+        `cache_position`, `attention_ends`, `grid_size`, `position_mode`, `position_conditions`); `labels`
+        `(batch, num_queries)`, when given, are the queries' targets. Teacher forcing takes `position_conditions`
+        `(batch, seq, hidden_size)` too (raster order: the queries are at every position).
 
         Returns:
             [`ARPGImageGenerationOutput`]: `loss` (when there are targets), `logits` `(batch, num_queries, vocab_size)`

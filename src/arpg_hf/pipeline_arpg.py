@@ -537,6 +537,8 @@ class ARPGPipelineMixin:
         grid_size=None,
         position_mode="extrapolate",
         negative_class_labels=None,
+        position_conditions=None,
+        guidance_position_conditions=None,
     ) -> torch.LongTensor:
         """The decoding loop: returns token ids (B, num_tokens) in raster order. `set_timesteps` must have run over
         the number of tokens to generate, `orders.shape[1]`.
@@ -553,6 +555,10 @@ class ARPGPipelineMixin:
             position_mode (`str`, *optional*, defaults to `"extrapolate"`): see [`ARPGRotaryEmbedding2D`].
             negative_class_labels (`torch.LongTensor` of shape `(B,)`, *optional*): the class of the guidance's second
                 half; None: the null class (plain classifier-free guidance).
+            position_conditions (`torch.FloatTensor` of shape `(B, L, D)`, *optional*): per-position query
+                embeddings of the conditional half (a control adapter's output, see [`ARPGModel.forward`]).
+            guidance_position_conditions (`torch.FloatTensor` of shape `(B, L, D)`, *optional*): those of the
+                guidance's second half; None: none (its queries are the plain [MASK] embedding).
         """
         tokens = torch.full_like(orders, -1) if known_tokens is None else known_tokens.clone()  # (B, L), -1 = to do
         scheduler, compiled = self.scheduler, self._compiled_decoder
@@ -563,6 +569,10 @@ class ARPGPipelineMixin:
             class_labels, orders, known_tokens, negative_class_labels
         )  # (2B, 1 + K) each
         step_kwargs = dict(grid_size=grid_size, position_mode=position_mode)
+        if position_conditions is not None:
+            second_half = guidance_position_conditions
+            second_half = torch.zeros_like(position_conditions) if second_half is None else second_half
+            step_kwargs["position_conditions"] = torch.cat([position_conditions, second_half])  # (2B, L, D)
         step_index = 0
         with self.progress_bar(total=scheduler.num_inference_steps) as progress_bar:
             while step_index < scheduler.num_inference_steps:
@@ -603,9 +613,11 @@ class ARPGPipelineMixin:
         attention_ends=None,
         grid_size=None,
         position_mode="extrapolate",
+        position_conditions=None,
     ) -> torch.FloatTensor:
         """One decoding step through the transformer's forward (compiled when enabled): float32 logits (2B, n, V)."""
         step = self._compiled_decoder or (lambda *args, **kwargs: self.transformer(*args, **kwargs).logits)
+        conditions = {} if position_conditions is None else {"position_conditions": position_conditions}
         return step(
             input_ids,
             input_position_ids=input_position_ids,
@@ -614,6 +626,7 @@ class ARPGPipelineMixin:
             attention_ends=attention_ends,
             grid_size=grid_size,
             position_mode=position_mode,
+            **conditions,
         ).float()
 
     def prefill_inputs(
@@ -641,6 +654,24 @@ class ARPGPipelineMixin:
         inputs = torch.cat([inputs, known_ids.repeat(2, 1)], dim=1)  # (2B, 1 + K)
         input_positions = torch.cat([input_positions, known_positions.repeat(2, 1)], dim=1)  # (2B, 1 + K)
         return inputs, input_positions
+
+    def finish_call(self, tokens, grid_size, output_type: str, return_dict: bool, paste_back_onto=None):
+        """The end of a call: the token ids (B, L) for `"latent"`, else the decoded images in `output_type`; offload
+        hooks freed; an `ImagePipelineOutput` or a tuple. `paste_back_onto` = (pixels (B, 3, H, W) in [-1, 1],
+        pixel_mask (B, H, W)) puts the unmasked pixels of the input over the decoded images (editing)."""
+        if output_type == "latent":
+            images = tokens
+        else:
+            decoded = self.decode_tokens(tokens, grid_size).float()  # (B, 3, H, W), nominal range [-1, 1]
+            if paste_back_onto is not None:
+                pixels, pixel_mask = paste_back_onto
+                keep = ~pixel_mask[:, None].to(decoded.device)  # (B, 1, H, W)
+                decoded = torch.where(keep, pixels.to(decoded.device), decoded)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
 
     def decode_tokens(self, tokens: torch.LongTensor, grid_size: tuple[int, int] | None = None) -> torch.FloatTensor:
         """Decodes raster-order token ids (B, rows * cols) on the grid `grid_size` (default: the trained grid) to
@@ -805,12 +836,4 @@ class ARPGPipeline(ARPGPipelineMixin, DiffusionPipeline):
             position_mode=position_mode,
             negative_class_labels=negative_labels,
         )
-        if output_type == "latent":
-            images = tokens
-        else:
-            decoded = self.decode_tokens(tokens, grid_size)  # (B, 3, H, W), nominal range [-1, 1]
-            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return self.finish_call(tokens, grid_size, output_type, return_dict)

@@ -42,61 +42,15 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
-    r"""
-    Zero-shot editing with ARPG: inpainting, outpainting (inpainting of a larger canvas, see
-    [`~arpg_hf.make_outpaint_canvas`]), class-conditional editing (a class label other than the image's) and canvases
-    of any size whose sides are multiples of the VQ downsample factor.
+class ARPGEditingMixin:
+    """What the editing pipelines share (inpainting, and control with a mask): reading the canvas and the mask, VQ
+    encoding, and decoding the masked tokens. Call `_set_up_editing(vqvae)` in `__init__`."""
 
-    The image is VQ-encoded. A token is regenerated when the mask covers more than `mask_coverage_threshold` of its
-    pixel patch (by default: any of its pixels); every other token is kept exactly as the encoder produced it. The
-    first decoding step feeds the class token, then the kept tokens at their positions in raster order, causally (each
-    sees the class and the kept tokens before it: a prefix of a training order); the regenerated positions are then
-    decoded in a random order with the scheduler's token schedule computed over their count.
-
-    Same components and decoding as [`ARPGPipeline`] (both are [`ARPGPipelineMixin`] plus `DiffusionPipeline`):
-    `ARPGInpaintPipeline(**pipe.components)` and `from_pretrained` on an [`ARPGPipeline`] folder both work.
-
-    Args:
-        transformer ([`ARPGForImageGeneration`]): the token generator.
-        vqvae ([`ARPGVQModel`]): the tokenizer that encodes the image and decodes the result.
-        scheduler ([`ARPGScheduler`]): decoding order, tokens per step, guidance per step and sampling.
-    """
-
-    def __init__(self, transformer: ARPGForImageGeneration, vqvae: ARPGVQModel, scheduler: ARPGScheduler):
-        super().__init__(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
+    def _set_up_editing(self, vqvae: ARPGVQModel) -> None:
         self.input_processor = VaeImageProcessor(
             vae_scale_factor=vqvae.downsample_factor, do_resize=False, do_normalize=True, do_convert_rgb=True
         )
         self.mask_processor = mask_processor(vqvae.downsample_factor)  # grayscale, binarised at 0.5
-
-    # -------------------------------------------------------------------------------------------- inputs
-    def check_inputs(
-        self,
-        class_labels,
-        num_inference_steps,
-        guidance_scale,
-        output_type,
-        temperature,
-        top_k,
-        top_p,
-        callback_on_step_end_tensor_inputs,
-        position_mode="extrapolate",
-        mask_coverage_threshold=0.0,
-    ):
-        if not is_int(num_inference_steps) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
-        check_coverage_threshold(mask_coverage_threshold)
-        self.check_sampling_inputs(
-            class_labels,
-            guidance_scale,
-            output_type,
-            temperature,
-            top_k,
-            top_p,
-            callback_on_step_end_tensor_inputs,
-            position_mode,
-        )
 
     def preprocess_image(self, image: PipelineImageInput) -> torch.FloatTensor:
         """Images as diffusers takes them (PIL; numpy `(H, W[, C])` / `(B, H, W, C)` and torch `(C, H, W)` /
@@ -174,13 +128,16 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
         grid_size,
         sampling: dict,
         negative_labels=None,
+        position_conditions=None,
+        guidance_position_conditions=None,
         **decode_kwargs,
     ) -> torch.LongTensor:
         """Regenerates the masked tokens of `encoded` (B, L); returns all tokens (B, L), raster order.
 
         Images whose masks leave the same number of tokens to generate are decoded together; the others one group
         after another, each with the schedule computed over its own count (steps capped at that count). Images with
-        nothing to generate return their encoded tokens without a model call.
+        nothing to generate return their encoded tokens without a model call. `position_conditions` and
+        `guidance_position_conditions` (B, L, D) are those of [`~ARPGPipelineMixin.generate_tokens`], per image.
         """
         tokens, counts = encoded.clone(), token_mask.sum(dim=1).tolist()
         capped = False
@@ -203,6 +160,10 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
                 known_tokens=known,
                 grid_size=grid_size,
                 negative_class_labels=None if negative_labels is None else negative_labels[rows],
+                position_conditions=None if position_conditions is None else position_conditions[rows],
+                guidance_position_conditions=(
+                    None if guidance_position_conditions is None else guidance_position_conditions[rows]
+                ),
                 **sampling,
                 **decode_kwargs,
             )
@@ -212,6 +173,60 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
                 "used one token per step where fewer tokens remain."
             )
         return tokens
+
+
+class ARPGInpaintPipeline(ARPGEditingMixin, ARPGPipelineMixin, DiffusionPipeline):
+    r"""
+    Zero-shot editing with ARPG: inpainting, outpainting (inpainting of a larger canvas, see
+    [`~arpg_hf.make_outpaint_canvas`]), class-conditional editing (a class label other than the image's) and canvases
+    of any size whose sides are multiples of the VQ downsample factor.
+
+    The image is VQ-encoded. A token is regenerated when the mask covers more than `mask_coverage_threshold` of its
+    pixel patch (by default: any of its pixels); every other token is kept exactly as the encoder produced it. The
+    first decoding step feeds the class token, then the kept tokens at their positions in raster order, causally (each
+    sees the class and the kept tokens before it: a prefix of a training order); the regenerated positions are then
+    decoded in a random order with the scheduler's token schedule computed over their count.
+
+    Same components and decoding as [`ARPGPipeline`] (both are [`ARPGPipelineMixin`] plus `DiffusionPipeline`):
+    `ARPGInpaintPipeline(**pipe.components)` and `from_pretrained` on an [`ARPGPipeline`] folder both work.
+
+    Args:
+        transformer ([`ARPGForImageGeneration`]): the token generator.
+        vqvae ([`ARPGVQModel`]): the tokenizer that encodes the image and decodes the result.
+        scheduler ([`ARPGScheduler`]): decoding order, tokens per step, guidance per step and sampling.
+    """
+
+    def __init__(self, transformer: ARPGForImageGeneration, vqvae: ARPGVQModel, scheduler: ARPGScheduler):
+        super().__init__(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
+        self._set_up_editing(vqvae)
+
+    # -------------------------------------------------------------------------------------------- inputs
+    def check_inputs(
+        self,
+        class_labels,
+        num_inference_steps,
+        guidance_scale,
+        output_type,
+        temperature,
+        top_k,
+        top_p,
+        callback_on_step_end_tensor_inputs,
+        position_mode="extrapolate",
+        mask_coverage_threshold=0.0,
+    ):
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
+        check_coverage_threshold(mask_coverage_threshold)
+        self.check_sampling_inputs(
+            class_labels,
+            guidance_scale,
+            output_type,
+            temperature,
+            top_k,
+            top_p,
+            callback_on_step_end_tensor_inputs,
+            position_mode,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -335,18 +350,8 @@ class ARPGInpaintPipeline(ARPGPipelineMixin, DiffusionPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             position_mode=position_mode,
         )
-        if output_type == "latent":
-            images = tokens
-        else:
-            decoded = self.decode_tokens(tokens, grid_size).float()  # (B, 3, H, W), nominal range [-1, 1]
-            if paste_back:
-                keep = ~pixel_mask[:, None].to(decoded.device)  # (B, 1, H, W)
-                decoded = torch.where(keep, pixels.to(decoded.device), decoded)
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        paste = (pixels, pixel_mask) if paste_back else None
+        return self.finish_call(tokens, grid_size, output_type, return_dict, paste_back_onto=paste)
 
 
 def _as_float_image(image):

@@ -101,17 +101,21 @@ def unique_class_names(class_names: Sequence[str]) -> list[str]:
     return [f"{name} ({i})" if counts[name] > 1 else name for i, name in enumerate(class_names)]
 
 
-def token_features(n_crops: int, num_tokens: int, class_names: Sequence[str], codebook_size: int):
+def token_features(
+    n_crops: int, num_tokens: int, class_names: Sequence[str], codebook_size: int, control_size: int | None = None
+):
     """The `datasets.Features` of a token dataset: codes `(n_crops, num_tokens)` and a `ClassLabel` (names made
-    distinct with [`unique_class_names`])."""
+    distinct with [`unique_class_names`]); with `control_size`, a `control` column of condition maps
+    `(n_crops, control_size, control_size)` uint8 (ControlARPG)."""
     datasets = require("datasets", "training", "arpg_hf.token_dataset.token_features")
 
-    return datasets.Features(
-        {
-            "codes": datasets.Array2D((n_crops, num_tokens), codes_dtype(codebook_size)),
-            "label": datasets.ClassLabel(names=unique_class_names(class_names)),
-        }
-    )
+    features = {
+        "codes": datasets.Array2D((n_crops, num_tokens), codes_dtype(codebook_size)),
+        "label": datasets.ClassLabel(names=unique_class_names(class_names)),
+    }
+    if control_size is not None:
+        features["control"] = datasets.Array3D((n_crops, control_size, control_size), "uint8")
+    return datasets.Features(features)
 
 
 def shard_path(output_dir: str | os.PathLike, index: int, total: int) -> str:
@@ -520,11 +524,15 @@ def _stack_codes(codes, offset, num_tokens, source) -> np.ndarray:
 
 
 def collate_token_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Rows of `{"codes", "label"}` -> `{"codes": LongTensor (B, n_crops, L), "labels": LongTensor (B,)}`."""
+    """Rows of `{"codes", "label"}` -> `{"codes": LongTensor (B, n_crops, L), "labels": LongTensor (B,)}`, plus
+    `"controls": ByteTensor (B, n_crops, H, W)` when the rows carry condition maps."""
     codes = [torch.as_tensor(np.asarray(row["codes"]), dtype=torch.long) for row in rows]
     codes = torch.stack([c.reshape(-1, c.shape[-1]) for c in codes])  # (B, n_crops, L)
     labels = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)  # (B,)
-    return {"codes": codes, "labels": labels}
+    batch = {"codes": codes, "labels": labels}
+    if rows and "control" in rows[0]:
+        batch["controls"] = torch.stack([torch.as_tensor(np.asarray(row["control"], dtype=np.uint8)) for row in rows])
+    return batch
 
 
 class ShuffledBatchSampler:
@@ -579,3 +587,29 @@ class ShuffledBatchSampler:
         if self.num_batches is None:
             raise TypeError("An endless ShuffledBatchSampler has no length; pass num_batches.")
         return self.num_batches
+
+
+def token_dataloader(
+    dataset,
+    batch_size: int,
+    num_processes: int = 1,
+    process_index: int = 0,
+    seed: int = 0,
+    start_batch: int = 0,
+    num_batches: int | None = None,
+    columns: Sequence[str] = ("codes", "label"),
+    num_workers: int = 0,
+    pin_memory: bool = False,
+):
+    """A `DataLoader` of this process's micro-batches ([`ShuffledBatchSampler`]) of `dataset`'s `columns`, collated by
+    [`collate_token_batch`]: what training reads (`columns` adds "control" for ControlARPG)."""
+    sampler = ShuffledBatchSampler(
+        len(dataset), batch_size, num_processes, process_index, seed, start_batch, num_batches
+    )
+    return torch.utils.data.DataLoader(
+        dataset.with_format("numpy", columns=list(columns)),
+        batch_sampler=sampler,
+        collate_fn=collate_token_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )

@@ -193,9 +193,15 @@ def select_crops(codes: torch.Tensor, generator: torch.Generator | None = None) 
         raise ValueError(
             f"codes must be (batch, n_crops, num_tokens) or (batch, num_tokens), got {tuple(codes.shape)}."
         )
+    return codes[torch.arange(codes.shape[0], device=codes.device), crop_choice(codes, generator)]  # (B, L)
+
+
+def crop_choice(codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
+    """The view [`select_crops`] picks for every image of `codes` (batch, n_crops, num_tokens): `(batch,)` on the
+    codes' device (use it to pick the same view of data stored beside the codes, e.g. condition maps)."""
     batch_size, n_crops, _ = codes.shape
     choice = torch.randint(n_crops, (batch_size,), generator=generator, device=generator.device if generator else None)
-    return codes[torch.arange(batch_size, device=codes.device), choice.to(codes.device)]  # (B, L)
+    return choice.to(codes.device)
 
 
 def arpg_loss(
