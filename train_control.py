@@ -6,9 +6,10 @@
     accelerate launch train_control.py --base_model BASE --train_data_dir tokens --control_type edges \
         --output_dir control-run
 
-BASE is a pipeline folder (or Hub id) of a trained ARPG model. The adapter ([`ARPGControlAdapter`]) turns each
-stored condition map into one embedding per token position, added to the [MASK] query of that position; the loss is
-the ARPG objective (random order, teacher forcing) with those queries. The decoder stays frozen unless
+BASE is a pipeline folder (or Hub id) of a trained ARPG model, or a local control pipeline folder, whose adapter (and,
+with `--train_base`, decoder) is then trained further. The adapter ([`ARPGControlAdapter`]) turns each stored
+condition map into one embedding per token position, added to the [MASK] query of that position; the loss is the ARPG
+objective (random order, teacher forcing) with those queries. The decoder stays frozen unless
 `--train_base`. Class dropout (the model's `class_dropout_prob`) and control dropout (`--control_dropout_prob`) are
 drawn independently, so the model sees every combination guidance uses.
 
@@ -202,20 +203,31 @@ def main(args):
             f"train_control.py runs on one process or with DDP, not {accelerator.distributed_type.value}; launch "
             "without FSDP / DeepSpeed (the adapter is small)."
         )
-    base = ARPGPipeline.from_pretrained(args.base_model, cpu_gemm=None)
+    controlnet = None
+    if os.path.isdir(os.path.join(args.base_model, "controlnet")):  # a control pipeline: train it further
+        base = ARPGControlPipeline.from_pretrained(args.base_model, cpu_gemm=None, dtype=torch.float32)
+        controlnet = base.controlnet
+        if controlnet.config.control_type != args.control_type:
+            raise ValueError(
+                f"{args.base_model} follows '{controlnet.config.control_type}' maps, not '{args.control_type}'; pass "
+                f"--control_type {controlnet.config.control_type}."
+            )
+    else:
+        base = ARPGPipeline.from_pretrained(args.base_model, cpu_gemm=None)
     transformer, vqvae, scheduler = base.transformer, base.vqvae, base.scheduler
     dataset = load_data(args, accelerator, transformer.config, vqvae)
     choice = choose_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     set_seed(args.seed)
-    controlnet = ARPGControlAdapter(
-        output_size=transformer.config.hidden_size,
-        patch_size=vqvae.downsample_factor,
-        block_channels=args.block_channels,
-        num_blocks=args.num_blocks,
-        control_type=args.control_type,
-    )
+    if controlnet is None:
+        controlnet = ARPGControlAdapter(
+            output_size=transformer.config.hidden_size,
+            patch_size=vqvae.downsample_factor,
+            block_channels=args.block_channels,
+            num_blocks=args.num_blocks,
+            control_type=args.control_type,
+        )
     transformer.requires_grad_(args.train_base)
     model = ControlTrainingModel(transformer, controlnet, args.control_dropout_prob)
     trainable = nn.ModuleList([controlnet] + ([transformer] if args.train_base else []))

@@ -56,10 +56,10 @@ def test_tokenization_stores_each_views_edge_map(digits_tokens):
     assert np.array_equal(batch["controls"][0, 0].numpy(), expected)
 
 
-def run_training(tokens, output, steps, *extra):
+def run_training(tokens, output, steps, *extra, base_model=None):
     argv = [
         "--base_model",
-        bundled_pipeline_path(),
+        str(base_model or bundled_pipeline_path()),
         "--train_data_dir",
         str(tokens),
         "--output_dir",
@@ -101,6 +101,15 @@ def test_training_writes_a_control_pipeline_and_resumes(digits_tokens, tmp_path)
     full = load_file(tmp_path / "full" / "controlnet" / "diffusion_pytorch_model.safetensors")
     split = load_file(tmp_path / "split" / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert max((full[name] - split[name]).abs().max().item() for name in full) <= 1e-6
+
+    # a control pipeline as the base: its adapter (here with the decoder) is trained further
+    run_training(tokens, tmp_path / "more", 2, "--train_base", "--block_channels", "32", base_model=tmp_path / "full")
+    more = ARPGControlPipeline.from_pretrained(tmp_path / "more")
+    assert more.controlnet.config.block_channels == 16  # the adapter it started from, not a new one
+    further = load_file(tmp_path / "more" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert max((further[name] - full[name]).abs().max().item() for name in full) > 0
+    tuned = load_file(tmp_path / "more" / "transformer" / "model.safetensors")
+    assert any(not torch.equal(tuned[name], saved[name]) for name in saved)  # --train_base moved the decoder
 
 
 def test_training_data_without_condition_maps_is_refused(tmp_path):
