@@ -152,6 +152,9 @@ def test_control_image_formats_and_errors(control, edges):
         latents(control, control_image=edges[0], controlnet_conditioning_scale=float("nan"))
     with pytest.raises(ValueError, match="Pass image and mask_image together"):
         latents(control, control_image=edges[0], image=edges[0])
+    bare = ARPGControlPipeline(**dict(control.components, controlnet=None))
+    with pytest.raises(ValueError, match="has no controlnet: pass one"):
+        latents(bare, control_image=edges[0])
 
 
 def test_inpainting_under_control_keeps_the_unmasked_tokens(control, base, edges):

@@ -102,6 +102,11 @@ class ARPGControlPipeline(ARPGEditingMixin, ARPGPipelineMixin, DiffusionPipeline
                 f"{controlnet_conditioning_scale!r}."
             )
         adapter, config = self.controlnet, self.transformer.config
+        if adapter is None:
+            raise ValueError(
+                "This ARPGControlPipeline has no controlnet: pass one, e.g. ARPGControlPipeline.from_pretrained(base, "
+                "controlnet=ARPGControlAdapter.from_pretrained(adapter_folder))."
+            )
         if (
             adapter.config.output_size != config.hidden_size
             or adapter.config.patch_size != self.vqvae.downsample_factor
