@@ -252,9 +252,7 @@ def main(args):
         f"{sum(p.numel() for p in trainable.parameters()):,} trainable parameters "
         f"({'adapter and decoder' if args.train_base else 'adapter'})"
     )
-    model.train()
-    if not args.train_base:
-        accelerator.unwrap_model(model).transformer.train()  # class dropout draws in train mode; no weights move
+    model.train()  # the decoder too, frozen or not: class dropout draws in train mode
     window, window_steps, last_loss, start = 0.0, 0, None, time.perf_counter()
     step = start_step
     for batch in make_dataloader(dataset, args, accelerator, start_step):

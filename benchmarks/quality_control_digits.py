@@ -173,22 +173,15 @@ def load_control_pipeline(model: str | None):
     return pipeline
 
 
-def generate(pipeline, labels, controls, seeds, scale, args, steps, guidance) -> tuple[np.ndarray, float]:
-    """Images (n, H, W, 3) in [0, 1] and the wall time; `scale` 0 is the base model (no control)."""
+def generate(pipeline, labels, seeds, batch_size: int, controls=None, **call) -> tuple[np.ndarray, float]:
+    """Images (n, H, W, 3) in [0, 1] and the wall time: `pipeline(labels, ...)` in batches, image i drawing from a
+    generator seeded `seeds[i]`, with `controls[i]` as its `control_image` when given, and the arguments `call`."""
     images, start = [], time.perf_counter()
-    for offset in range(0, len(labels), args.batch_size):
-        rows = slice(offset, offset + args.batch_size)
-        output = pipeline(
-            labels[rows].tolist(),
-            control_image=controls[rows],
-            controlnet_conditioning_scale=scale,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(int(s)) for s in seeds[rows]],
-            unconditional_control=args.unconditional_control,
-            temperature=args.temperature,
-            output_type="np",
-        )
+    for offset in range(0, len(labels), batch_size):
+        rows = slice(offset, offset + batch_size)
+        control = {} if controls is None else {"control_image": controls[rows]}
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[rows]]
+        output = pipeline(labels[rows].tolist(), generator=generators, output_type="np", **control, **call)
         images.append(output.images)
     return np.concatenate(images), time.perf_counter() - start
 
@@ -246,25 +239,22 @@ def main(args):
     seeds = np.array([args.seed + 1000 * j + i for j in range(repeat) for i in range(len(test))])
     common = dict(classifier=classifier, test=held_out, fd_train_test=fd_train_test, tolerances=args.tolerances)
 
-    generate(pipeline, labels[:8], controls[:8], seeds[:8], 1.0, args, steps, guidance)  # warm-up
-    controlled, controlled_seconds = generate(pipeline, labels, controls, seeds, 1.0, args, steps, guidance)
-    unconditioned, base_seconds = generate(pipeline, labels, controls, seeds, 0.0, args, steps, guidance)
+    settings = dict(
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        unconditional_control=args.unconditional_control,
+        temperature=args.temperature,
+    )
+    generate(pipeline, labels[:8], seeds[:8], args.batch_size, controls[:8], **settings)  # warm-up
+    controlled, controlled_seconds = generate(pipeline, labels, seeds, args.batch_size, controls, **settings)
+    unconditioned, base_seconds = generate(
+        pipeline, labels, seeds, args.batch_size, controls, controlnet_conditioning_scale=0.0, **settings
+    )
     sources = np.stack([np.asarray(image, dtype=np.float64) / 255.0 for image in source_images])  # (n, 32, 32, 3)
     base_rows = {}
     if args.base_model is not None or args.model is None:
         base = load_pipeline(args.base_model)  # quality_digits' loader: the bundled digits model by default
-        start_base = time.perf_counter()
-        base_images = np.concatenate(
-            [
-                base(
-                    labels[rows].tolist(),
-                    generator=[torch.Generator().manual_seed(int(s)) for s in seeds[rows]],
-                    output_type="np",
-                ).images
-                for rows in (slice(i, i + args.batch_size) for i in range(0, len(labels), args.batch_size))
-            ]
-        )
-        seconds = time.perf_counter() - start_base
+        base_images, seconds = generate(base, labels, seeds, args.batch_size)  # its own recommended settings
         base_rows["base model, its own settings (floor)"] = measure(
             base_images, conditions, source_pixels, labels, seconds=seconds, **common
         )

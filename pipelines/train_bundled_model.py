@@ -333,10 +333,15 @@ def package(args) -> None:
     )
     card.content = card.content.replace("## Usage", benchmark_section(args.work_dir) + "## Usage", 1)
     card.save(os.path.join(staging, "README.md"))
-    shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
-    os.replace(staging, PACKAGE_DIR)
-    size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(PACKAGE_DIR) for name in names)
-    print(f"packaged {PACKAGE_DIR} ({size / 1e6:.2f} MB)")
+    replace_package_folder(staging, PACKAGE_DIR)
+
+
+def replace_package_folder(staging: str, target: str) -> None:
+    """Puts the finished `staging` folder in place of the packaged `target` and prints its size."""
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(target) for name in names)
+    print(f"packaged {target} ({size / 1e6:.2f} MB)")
 
 
 def package_control(args) -> None:
@@ -354,13 +359,6 @@ def package_control(args) -> None:
     staging = CONTROL_PACKAGE_DIR + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
-    config_path = os.path.join(staging, "controlnet", "config.json")
-    with open(config_path) as file:
-        config = json.load(file)
-    config.pop("_name_or_path", None)  # the folder it was loaded from, on this machine
-    with open(config_path, "w") as file:
-        json.dump(config, file, indent=2, sort_keys=True)
-        file.write("\n")
     with open(os.path.join(source, "training_summary.json")) as file:
         summary = json.load(file)
     card = CONTROL_CARD.format(
@@ -373,12 +371,7 @@ def package_control(args) -> None:
     )
     with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as file:
         file.write(card)
-    shutil.rmtree(CONTROL_PACKAGE_DIR, ignore_errors=True)
-    os.replace(staging, CONTROL_PACKAGE_DIR)
-    size = sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(CONTROL_PACKAGE_DIR) for name in names
-    )
-    print(f"packaged {CONTROL_PACKAGE_DIR} ({size / 1e6:.2f} MB)")
+    replace_package_folder(staging, CONTROL_PACKAGE_DIR)
 
 
 CONTROL_CARD = """---
@@ -408,12 +401,19 @@ control_train control_package control_benchmark control_package`.
 """
 
 
-def control_results(work: str) -> str:
-    path = os.path.join(work, "control_benchmark", "quality_control_digits.json")
+def read_report(work: str, folder: str, name: str) -> dict | None:
+    """The JSON a benchmark stage wrote to WORK/folder/name, or None before it ran."""
+    path = os.path.join(work, folder, name)
     if not os.path.isfile(path):
-        return ""
+        return None
     with open(path) as file:
-        report = json.load(file)
+        return json.load(file)
+
+
+def control_results(work: str) -> str:
+    report = read_report(work, "control_benchmark", "quality_control_digits.json")
+    if report is None:
+        return ""
     tolerances = report["tolerances_px"]
     lines = [
         f"Measured with `python benchmarks/quality_control_digits.py` on {report['num_samples']} samples (the edge maps "
@@ -462,11 +462,9 @@ def training_summary(work: str) -> dict:
 
 def benchmark_section(work: str) -> str:
     """The measured quality table of WORK/benchmark/quality_digits.json as a model-card section ("" before it runs)."""
-    path = os.path.join(work, "benchmark", "quality_digits.json")
-    if not os.path.isfile(path):
+    report = read_report(work, "benchmark", "quality_digits.json")
+    if report is None:
         return ""
-    with open(path) as file:
-        report = json.load(file)
     reference, tokenizer = report["reference"], report["tokenizer"]
     lines = [
         "| steps | guidance | class consistency | FD ratio | near-copies | images/s (CPU) |",

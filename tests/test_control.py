@@ -201,6 +201,8 @@ def test_saved_control_pipeline_loads_every_way(control, base, edges, tmp_path):
     base.save_pretrained(tmp_path / "base")
     control.controlnet.save_pretrained(tmp_path / "adapter")
     adapter = ARPGControlAdapter.from_pretrained(tmp_path / "adapter")
+    adapter.save_pretrained(tmp_path / "adapter-again")  # no record of where it was loaded from
+    assert "_name_or_path" not in (tmp_path / "adapter-again" / "config.json").read_text()
     paired = ARPGControlPipeline.from_pretrained(tmp_path / "base", controlnet=adapter)
     assert torch.equal(latents(paired, control_image=edges[1]), expected)
 

@@ -13,10 +13,14 @@ ControlNet's zero convolutions do), so fine-tuning starts from the base model's 
 
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from .saved_folders import config_json, without_load_path
 
 CONTROL_TYPES = ("edges", "depth")
 
@@ -86,6 +90,10 @@ class ARPGControlAdapter(ModelMixin, ConfigMixin):
         self.proj_out = nn.Conv2d(block_channels, output_size, 1)
         nn.init.zeros_(self.proj_out.weight)  # starts as "no control": the base model's queries
         nn.init.zeros_(self.proj_out.bias)
+
+    def to_json_string(self) -> str:
+        """config.json as saved: without `_name_or_path` (where this adapter was loaded from)."""
+        return config_json(without_load_path(json.loads(super().to_json_string())))
 
     def forward(self, control_image: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
         r"""

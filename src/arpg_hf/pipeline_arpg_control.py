@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 
 from .control_adapter import ARPGControlAdapter
-from .editing_utils import check_coverage_threshold, token_mask_from_pixel_mask
+from .editing_utils import check_coverage_threshold
 from .modeling_arpg import ARPGForImageGeneration
 from .pipeline_arpg import ARPGPipelineMixin, check_num_inference_steps
 from .pipeline_arpg_inpaint import ARPGEditingMixin, _as_float_image
@@ -273,22 +273,16 @@ class ARPGControlPipeline(ARPGEditingMixin, ARPGPipelineMixin, DiffusionPipeline
                 **controls,
             )
         else:
-            token_mask = token_mask_from_pixel_mask(pixel_mask, factor, mask_coverage_threshold).flatten(1).to(device)
-            most_unknown = int(token_mask.sum(dim=1).max())
-            self.check_memory(
-                batch_size, grid_size, num_inference_steps, num_known=num_tokens - most_unknown, encode=True
-            )
-            encoded = self.encode_image(pixels).to(device).expand(batch_size, -1)  # (B, L)
-            pixels = pixels.expand(batch_size, -1, -1, -1)
-            tokens = self.inpaint_tokens(
-                labels.to(device),
-                encoded,
-                token_mask,
+            tokens, pixels = self.edit_canvas(
+                labels,
+                pixels,
+                pixel_mask,
                 orders,
                 num_inference_steps,
                 generator,
                 grid_size,
                 sampling,
+                mask_coverage_threshold,
                 negative_labels=negative_labels,
                 **decoding,
                 **controls,

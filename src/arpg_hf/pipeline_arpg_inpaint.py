@@ -117,6 +117,45 @@ class ARPGEditingMixin:
         permutation = self.prepare_orders(None, batch_size, generator, device, num_tokens=num_unknown)  # (B, U)
         return unknown_positions.to(device).gather(1, permutation)
 
+    def edit_canvas(
+        self,
+        labels,
+        pixels,
+        pixel_mask,
+        orders,
+        num_inference_steps,
+        generator,
+        grid_size,
+        sampling: dict,
+        mask_coverage_threshold: float = 0.0,
+        negative_labels=None,
+        **decode_kwargs,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """Regenerates the masked part of a canvas from [`prepare_canvas`]: checks memory, VQ-encodes the canvas once
+        and decodes the tokens under the mask ([`inpaint_tokens`], which takes `decode_kwargs`). Returns the tokens
+        (B, L), raster order, and the canvas pixels expanded to the batch (B, 3, H, W)."""
+        device, batch_size = self._execution_device, labels.shape[0]
+        factor = self.vqvae.downsample_factor
+        token_mask = token_mask_from_pixel_mask(pixel_mask, factor, mask_coverage_threshold).flatten(1).to(device)
+        most_unknown = int(token_mask.sum(dim=1).max())  # the largest group decoded together
+        self.check_memory(
+            batch_size, grid_size, num_inference_steps, num_known=token_mask.shape[1] - most_unknown, encode=True
+        )
+        encoded = self.encode_image(pixels).to(device).expand(batch_size, -1)  # (B, L)
+        tokens = self.inpaint_tokens(
+            labels.to(device),
+            encoded,
+            token_mask,
+            orders,
+            num_inference_steps,
+            generator,
+            grid_size,
+            sampling,
+            negative_labels=negative_labels,
+            **decode_kwargs,
+        )
+        return tokens, pixels.expand(batch_size, -1, -1, -1)
+
     def inpaint_tokens(
         self,
         labels,
@@ -327,24 +366,17 @@ class ARPGInpaintPipeline(ARPGEditingMixin, ARPGPipelineMixin, DiffusionPipeline
         grid_size = canvas_grid_size(pixels.shape[-2], pixels.shape[-1], factor)
         device = self._execution_device
         negative_labels = self.prepare_negative_class_labels(negative_class_labels, labels.shape[0], device)
-        batch_size = labels.shape[0]
-        token_mask = token_mask_from_pixel_mask(pixel_mask, factor, mask_coverage_threshold).flatten(1).to(device)
-        most_unknown = int(token_mask.sum(dim=1).max())  # the largest group decoded together
-        self.check_memory(
-            batch_size, grid_size, num_inference_steps, num_known=token_mask.shape[1] - most_unknown, encode=True
-        )
-        encoded = self.encode_image(pixels).to(device).expand(batch_size, -1)  # (B, L)
-        pixels = pixels.expand(batch_size, -1, -1, -1)  # (B, 3, H, W)
         sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        tokens = self.inpaint_tokens(
-            labels.to(device),
-            encoded,
-            token_mask,
+        tokens, pixels = self.edit_canvas(
+            labels,
+            pixels,
+            pixel_mask,
             orders,
             num_inference_steps,
             generator,
             grid_size,
             sampling,
+            mask_coverage_threshold,
             negative_labels=negative_labels,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
