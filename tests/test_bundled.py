@@ -1,6 +1,7 @@
 """The bundled digits pipeline: the committed folder loads (saved-format guard), generates, and drives the CLI."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,19 @@ def test_the_committed_folder_is_complete_and_small():
     assert sum(os.path.getsize(os.path.join(folder, name)) for name in names) <= MAX_FOLDER_BYTES
     card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
     assert "sklearn digits" in card and "## Quality" in card
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-edges"])
+def test_shipped_folders_record_no_machine_path(name):
+    """Nothing in a bundled folder names the folder it was trained or saved in (`_name_or_path`, /tmp/..., C:\\)."""
+    folder = bundled_pipeline_path(name)
+    machine_path = re.compile(r"(?<![\w.])/(?:tmp|home|work|root|Users|var|private|mnt|opt)/|[A-Za-z]:\\\\")
+    for root, _, files in os.walk(folder):
+        for file_name in files:
+            if file_name.endswith((".json", ".md", ".py", ".txt")):
+                text = open(os.path.join(root, file_name), encoding="utf-8").read()
+                assert "_name_or_path" not in text, (root, file_name)
+                assert not machine_path.search(text), (root, file_name, machine_path.search(text))
 
 
 def test_bundled_pipeline_configuration(pipe):
@@ -141,7 +155,7 @@ def test_cli_generate_without_model_uses_the_bundled_pipeline(tmp_path, capsys):
     with Image.open(tmp_path / "005_5_5.png") as image:
         assert image.size == (32, 32) and image.mode == "RGB"
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (5 * 32, 2 * 32)
+        assert grid.size == (5 * 32 + 6 * 4, 2 * 32 + 3 * 4)  # --grid-columns 5, 4 px apart
     assert (
         main(
             [

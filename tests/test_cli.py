@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,44 @@ def test_generate_images_do_not_depend_on_batching_and_grid(first_run, model_dir
     for name in a:  # same tokens; batched VQ decoding may move a pixel by one level after rounding
         with Image.open(first_run / name) as x, Image.open(tmp_path / name) as y:
             assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1
-    with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (3 * 128, 128)
+    with Image.open(tmp_path / "grid.png") as grid:  # one class per row, 4 px apart
+        assert grid.size == (128 + 2 * 4, 3 * 128 + 4 * 4)
+        pixels = np.asarray(grid)
+        assert (pixels[:4] == 255).all() and (pixels[132:136] == 255).all()  # the gaps are white
+
+
+def test_grid_puts_one_class_per_row_unless_told_the_columns(model_dir, tmp_path):
+    args = ["--class-labels", "1", "2", "3", "--num-images-per-class", "2", "--num-inference-steps", "2", "--grid"]
+    assert main(["generate", "--model", str(model_dir), *args, "--output-dir", str(tmp_path / "a"), "--quiet"]) == 0
+    with Image.open(tmp_path / "a" / "grid.png") as grid:
+        assert grid.size == (2 * 128 + 3 * 4, 3 * 128 + 4 * 4)
+        row_of_class_2 = np.asarray(grid)[4 + 132 : 4 + 132 + 128, 4 : 4 + 128]
+    with Image.open(tmp_path / "a" / "002_2_2.png") as image:  # image 2 = the first of class 2
+        assert np.array_equal(row_of_class_2, np.asarray(image))
+    columns = ["--grid-columns", "6", "--output-dir", str(tmp_path / "b"), "--quiet"]
+    assert main(["generate", "--model", str(model_dir), *args, *columns]) == 0
+    with Image.open(tmp_path / "b" / "grid.png") as grid:
+        assert grid.size == (6 * 128 + 7 * 4, 128 + 2 * 4)
+
+
+def test_a_job_of_several_batches_says_how_long_it_will_take(model_dir, tmp_path, capsys):
+    assert generate(model_dir, tmp_path, "--batch-size", "1") == 0
+    err = capsys.readouterr().err
+    assert "2 images in 2 batches of up to 1." in err
+    assert re.search(r"the first batch took [0-9.]+ s; about [0-9.]+ s for the rest", err)
+
+
+def test_durations_read_as_people_say_them():
+    from arpg_hf.cli import format_duration
+
+    assert [format_duration(s) for s in (0.42, 12.3, 200, 3600 * 2 + 300, 7200, 1800)] == [
+        "0.4 s",
+        "12 s",
+        "3 min 20 s",
+        "2 h 5 min",
+        "2 h",
+        "30 min",
+    ]
 
 
 def test_info_summarizes_a_folder(model_dir, parity_dir, capsys):
@@ -98,10 +135,18 @@ def test_info_summarizes_a_folder(model_dir, parity_dir, capsys):
     "argv, message",
     [
         (["generate", "--model", "MISSING", "--class-labels", "1"], "neither a pipeline folder nor a Hub id"),
-        (["generate", "--model", "{model}", "--class-labels", "10"], "Class labels must lie in [0, 10)"),
-        (["generate", "--model", "{model}"], "Pass at least one class"),
-        (["generate", "--model", "{model}", "--class-names", "no such class"], "no such class"),
+        (["generate", "--model", "{model}", "--class-labels", "10"], "--class-labels must lie in [0, 10)"),
+        (["generate", "--model", "{model}"], "Pass at least one class with --class-labels or --class-names. This"),
+        (["generate", "--model", "{model}"], "classes (id: name): 0: 0, 1: 1, 2: 2,"),
+        (
+            ["generate", "--model", "{model}", "--class-names", "seven"],
+            "--class-names 'seven' is not a class of this model. Valid names: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9.",
+        ),
         (["generate", "--model", "{model}", "--class-labels", "1", "--num-inference-steps", "65"], "[1, 64]"),
+        (["generate", "--model", "{model}", "--class-labels", "1", "--num-inference-steps", "65"], "--num-inference"),
+        (["generate", "--model", "{model}", "--class-labels", "1", "--top-p", "2"], "--top-p must be in (0, 1]"),
+        (["generate", "--model", "{model}", "--class-labels", "1", "--temperature", "-1"], "--temperature must be"),
+        (["generate", "--model", "{model}", "--class-labels", "1", "--grid-columns", "0"], "--grid-columns must be"),
         (["info", "MISSING"], "is not a folder"),
     ],
 )
@@ -110,8 +155,48 @@ def test_user_errors_are_one_line_without_traceback(model_dir, tmp_path, capsys,
         ["--output-dir", str(tmp_path / "o")] if argv[0] == "generate" else []
     )
     assert main(argv) == 1
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bars
-    assert message in last_line and last_line.startswith("arpg-hf: error:")
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err  # no loading progress bars or warnings before it
+    assert message in err and err.startswith("arpg-hf: error:")
+    assert "_" not in err.replace(str(tmp_path), "").replace(str(model_dir), "")  # flags, not Python names
+
+
+def test_errors_name_the_flags_the_user_typed():
+    from arpg_hf.cli import build_parser, with_flag_names
+
+    generate_parser = build_parser().parse_args(["generate"]).command_parser
+    message = "`top_p` must be in (0, 1]; num_inference_steps=70 and negative_class_labels; `temperature` (temperature)"
+    assert with_flag_names(message, generate_parser) == (
+        "--top-p must be in (0, 1]; --num-inference-steps=70 and --negative-class-labels; --temperature (temperature)"
+    )
+
+
+def test_help_and_version_import_neither_torch_nor_the_hugging_face_libraries():
+    code = (
+        "import sys, contextlib, io\n"
+        "from arpg_hf.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['generate', '--help'], ['inpaint', '--help'], ['convert', '--help'],"
+        " ['info', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'numpy', 'PIL') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_convert_choices_agree_with_the_library():
+    from arpg_hf.configuration_arpg import ARPG_PRESETS
+    from arpg_hf.conversion.command import DTYPE_CHOICES, PRESETS
+    from arpg_hf.conversion.convert import DTYPES
+
+    assert PRESETS == tuple(sorted(ARPG_PRESETS)) and DTYPE_CHOICES == tuple(sorted(DTYPES))
+
+
+def test_info_lists_the_classes_of_the_bundled_model_by_default(capsys):
+    assert main(["info", "--classes"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{i}: {i}" for i in range(10)]
 
 
 def test_console_script_runs_and_seed_matters(first_run, model_dir, tmp_path):

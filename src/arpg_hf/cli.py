@@ -8,11 +8,13 @@ one message and exit with status 1, without a traceback; set ARPG_HF_TRACEBACK=1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
+import time
 from typing import Callable, Sequence
 
 from .pipeline_loading import DTYPE_NAMES, default_device, load_pipeline, read_pipeline  # noqa: F401
@@ -28,20 +30,44 @@ def _slug(text: str) -> str:
 
 
 def resolve_class_labels(pipeline, class_labels: Sequence[int], class_names: Sequence[str]) -> list[int]:
+    """The class ids of `--class-labels` then `--class-names`; errors name the flag and the model's classes."""
+    from .labels import MAX_LISTED_NAMES, build_label2id, valid_names_hint
+
     labels = list(class_labels or [])
-    if class_names:
-        labels += pipeline.get_label_ids(list(class_names))
+    label2id = build_label2id(pipeline.id2label)
+    for name in class_names or []:
+        if name not in label2id:
+            hint = valid_names_hint(name, label2id)
+            if len(label2id) > MAX_LISTED_NAMES:  # too many to list: say where to read them all
+                hint += " `arpg-hf info MODEL --classes` lists them."
+            raise ValueError(f"--class-names {name!r} is not a class of this model. {hint}")
+        labels.append(label2id[name])
     if not labels:
-        raise ValueError('Pass at least one class: --class-labels 207 360 and/or --class-names "tabby cat".')
-    _check_class_range(pipeline, labels, "Class labels")
+        raise ValueError(f"Pass at least one class with --class-labels or --class-names. {class_examples(pipeline)}")
+    _check_class_range(pipeline, labels, "--class-labels")
     return labels
+
+
+def class_examples(pipeline) -> str:
+    """A line on the classes of the model in use, for messages: all of them when few, else two examples."""
+    from .labels import MAX_LISTED_NAMES
+
+    id2label = pipeline.id2label
+    if len(id2label) <= MAX_LISTED_NAMES:
+        return "This model's classes (id: name): " + ", ".join(f"{i}: {id2label[i]}" for i in sorted(id2label)) + "."
+    first, second = sorted(id2label)[len(id2label) // 4], sorted(id2label)[len(id2label) // 2]
+    name = id2label[second].split(",")[0].strip()
+    return (
+        f"This model has {len(id2label)} classes, e.g. --class-labels {first} {second} or --class-names {name!r}; "
+        "`arpg-hf info MODEL --classes` lists them."
+    )
 
 
 def _check_class_range(pipeline, labels: Sequence[int], what: str) -> None:
     num_classes = pipeline.transformer.config.num_classes
     bad = [label for label in labels if not 0 <= label < num_classes]
     if bad:
-        raise ValueError(f"{what} must lie in [0, {num_classes}), got {bad}.")
+        raise ValueError(f"{what} must lie in [0, {num_classes}) for this model, got {bad}.")
 
 
 def resolve_negative_class_labels(pipeline, args: argparse.Namespace, num_labels: int) -> list[int] | None:
@@ -61,14 +87,9 @@ def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
     """The pipeline of `--model` (as `pipeline_class` when given) on `--device` / `--dtype`, with the schedule
     overrides and progress bar settings."""
     device = args.device or default_device()
-    if args.quiet:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
     controlnet = getattr(args, "controlnet", None)
-    pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload, pipeline_class, controlnet)
+    with quiet_loading():
+        pipeline = load_pipeline(args.model, device, args.dtype, args.model_cpu_offload, pipeline_class, controlnet)
     pipeline.set_progress_bar_config(disable=args.quiet)
     if args.token_schedule or args.guidance_schedule:
         from .scheduling_arpg import ARPGScheduler
@@ -86,6 +107,39 @@ def prepare_pipeline(args: argparse.Namespace, pipeline_class=None):
 
         use_cpu_gemm(pipeline.transformer, args.cpu_gemm)
     return pipeline
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Loads without diffusers' and transformers' progress bars and warnings: a command prints its own messages (and,
+    on an error, nothing but the message). Sampling keeps its progress bar unless --quiet. torchao's import-time
+    warnings (a CPU machine lacks its CUDA kernels), which transformers triggers where torchao is installed, are
+    silenced too."""
+    import logging
+
+    noisy = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in noisy]
+    for logger in noisy:
+        logger.setLevel(logging.ERROR)
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [
+        (module, module.get_verbosity(), module.is_progress_bar_enabled())
+        for module in (diffusers_logging, transformers_logging)
+    ]
+    for module, _, _ in saved:
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, verbosity, progress_bar in saved:
+            module.set_verbosity(verbosity)
+            if progress_bar:
+                module.enable_progress_bar()
+        for logger, level in zip(noisy, levels):
+            logger.setLevel(level)
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -137,7 +191,6 @@ def write_images(
     first); every PNG appears complete under its name or not at all (`arpg_hf.atomic_io`); labels and seeds are
     computed per batch, so the job size costs no memory."""
     import torch
-    from diffusers.utils import make_image_grid
 
     from .atomic_io import remove_stale_staging, write_atomically
 
@@ -147,7 +200,11 @@ def write_images(
     num_images = len(classes) * repeats
     check_job_size(pipeline, args, num_images, image_size, editing)
     names = pipeline.id2label
+    num_batches = -(-num_images // args.batch_size)
+    if num_batches > 1:
+        print(f"arpg-hf: {num_images} images in {num_batches} batches of up to {args.batch_size}.", file=sys.stderr)
     grid_images, paths = [], []
+    started = time.perf_counter()
     for start in range(0, num_images, args.batch_size):
         indices = range(start, min(start + args.batch_size, num_images))
         batch = [classes[index // repeats] for index in indices]
@@ -165,17 +222,49 @@ def write_images(
             grid_images += [image] if args.grid else []
             paths.append(path)
             print(path)
+        if start == 0 and num_batches > 1:
+            first = time.perf_counter() - started
+            print(
+                f"arpg-hf: the first batch took {format_duration(first)}; about {format_duration(first * (num_batches - 1))}"
+                " for the rest.",
+                file=sys.stderr,
+            )
     if args.grid:
-        columns = args.grid_columns or min(len(grid_images), 8)
-        rows = -(-len(grid_images) // columns)
-        blank = grid_images[0].copy()
-        blank.paste((255, 255, 255), (0, 0, *blank.size))
-        grid = make_image_grid(grid_images + [blank] * (rows * columns - len(grid_images)), rows=rows, cols=columns)
+        grid = image_grid(grid_images, args.grid_columns or repeats)
         path = os.path.join(args.output_dir, "grid.png")
         write_atomically(path, lambda temporary: grid.save(temporary, format="PNG"))
         paths.append(path)
         print(path)
     return paths
+
+
+def image_grid(images: list, columns: int, gap: int | None = None):
+    """The images in rows of `columns` (the last row padded with blanks), `gap` pixels apart (default: 1/32 of an
+    image's width, at least 4) on white. With `columns` = images per class, each row holds one class."""
+    from PIL import Image
+
+    width, height = images[0].size
+    gap = max(4, width // 32) if gap is None else gap
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width + (columns + 1) * gap, rows * height + (rows + 1) * gap), "white")
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid.paste(image.convert("RGB"), (gap + column * (width + gap), gap + row * (height + gap)))
+    return grid
+
+
+def format_duration(seconds: float) -> str:
+    """A rough duration for people: 0.4 s, 12 s, 3 min 20 s, 2 h 5 min."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s" if minutes < 10 and seconds else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -331,8 +420,12 @@ def add_generate_arguments(
     parser.add_argument("--seed", type=int, default=0, help="image i uses a generator seeded seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward batch")
     parser.add_argument("--output-dir", default=default_output_dir, metavar="DIR")
-    parser.add_argument("--grid", action="store_true", help="also write grid.png")
-    parser.add_argument("--grid-columns", type=int, default=None)
+    parser.add_argument(
+        "--grid", action="store_true", help="also write grid.png: one row per class, its images side by side"
+    )
+    parser.add_argument(
+        "--grid-columns", type=int, default=None, metavar="N", help="images per grid row instead of one class per row"
+    )
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument(
         "--dtype",
@@ -392,6 +485,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     for name in ("num_images_per_class", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.grid_columns is not None and args.grid_columns < 1:
+        raise ValueError(f"--grid-columns must be >= 1, got {args.grid_columns}.")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         raise ValueError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}.")
 
@@ -491,13 +586,31 @@ def _format_info(info: dict) -> str:
 
 
 def run_info(args: argparse.Namespace) -> dict:
-    if not os.path.isdir(args.folder):
+    folder = args.folder
+    if folder is None:
+        from .bundled import bundled_pipeline_path
+
+        folder = bundled_pipeline_path("digits")
+    if not os.path.isdir(folder):
         raise FileNotFoundError(
-            f"{args.folder!r} is not a folder; `arpg-hf info` reads a local pipeline folder (download a Hub one with "
+            f"{folder!r} is not a folder; `arpg-hf info` reads a local pipeline folder (download a Hub one with "
             "`hf download OWNER/NAME --local-dir DIR`)."
         )
-    info = folder_info(args.folder)
-    print(json.dumps(info, indent=2, default=str) if args.json else _format_info(info))
+    info = folder_info(folder)
+    if args.classes:
+        from .labels import model_id2label
+
+        config = info["components"]["transformer"].get("config") or {}
+        if "num_classes" not in config:
+            raise ValueError(f"{folder!r} has no transformer/config.json with num_classes; is it an ARPG folder?")
+        classes = model_id2label(config.get("id2label"), config["num_classes"])
+        info["classes"] = classes
+        if not args.json:
+            print("\n".join(f"{class_id}: {name}" for class_id, name in sorted(classes.items())))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    elif not args.classes:
+        print(_format_info(info))
     return info
 
 
@@ -519,25 +632,48 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("convert", help="convert upstream ARPG + VQ checkpoints into a pipeline folder")
     )
     info = commands.add_parser("info", help="summarize a pipeline folder (configs, parameter counts, dtypes)")
-    info.add_argument("folder", metavar="DIR")
+    info.add_argument("folder", metavar="DIR", nargs="?", help="pipeline folder (default: the bundled digits model)")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--classes", action="store_true", help="list the model's classes (id and names), one per line")
+    for command_parser in commands.choices.values():  # errors are worded with the flags of the command that ran
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def run():
-        if args.command in ("generate", "inpaint"):
-            _check_generate_args(args)
-            return run_generate(args) if args.command == "generate" else run_inpaint(args)
-        if args.command == "convert":
-            from .conversion.command import run_convert
+        try:
+            if args.command in ("generate", "inpaint"):
+                _check_generate_args(args)
+                return run_generate(args) if args.command == "generate" else run_inpaint(args)
+            if args.command == "convert":
+                from .conversion.command import run_convert
 
-            return run_convert(args)
-        return run_info(args)
+                return run_convert(args)
+            return run_info(args)
+        except USER_ERRORS as error:
+            if os.environ.get("ARPG_HF_TRACEBACK") or not error.args or not isinstance(error.args[0], str):
+                raise
+            raise type(error)(with_flag_names(error.args[0], args.command_parser)) from error
 
     return run_guarded(run)
+
+
+def with_flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """`message` with the Python parameter names of the library (`top_p`, num_inference_steps=) replaced by the flags
+    of `parser` that set them (--top-p), so that an error names what the user typed. Names with an underscore are
+    replaced wherever they stand as words; one-word names (`temperature`) only in backticks."""
+    for action in parser._actions:
+        flags = [option for option in action.option_strings if option.startswith("--")]
+        if not flags:
+            continue
+        name = re.escape(action.dest)
+        pattern = rf"`{name}`|(?<![\w-]){name}(?![\w-])" if "_" in action.dest else rf"`{name}`"
+        message = re.sub(pattern, flags[0], message)
+    return message
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,7 @@ import difflib
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["IMAGENET_NUM_CLASSES", "build_label2id", "get_label_ids", "imagenet_id2label"]
+__all__ = ["IMAGENET_NUM_CLASSES", "build_label2id", "get_label_ids", "imagenet_id2label", "model_id2label"]
 
 IMAGENET_NUM_CLASSES = 1000
 """Number of ImageNet-1k classes."""
@@ -62,6 +62,18 @@ def imagenet_id2label() -> dict[int, str]:
     returns a fresh dict, so callers may modify it freely.
     """
     return dict(enumerate(_load_imagenet_labels()))
+
+
+def model_id2label(config_id2label: dict | None, num_classes: int) -> dict[int, str]:
+    """The class names of a model from its config's `id2label` and `num_classes`: that mapping when it names every
+    class, ImageNet-1k names for a 1000-class model, the class indices as strings otherwise."""
+    names = {int(k): v for k, v in (config_id2label or {}).items()}
+    is_default = all(name == f"LABEL_{k}" for k, name in names.items())  # transformers' placeholder names
+    if len(names) == num_classes and not is_default:
+        return names
+    if num_classes == IMAGENET_NUM_CLASSES:
+        return imagenet_id2label()
+    return {i: str(i) for i in range(num_classes)}
 
 
 def build_label2id(id2label: dict[int, str]) -> dict[str, int]:
@@ -95,19 +107,28 @@ def get_label_ids(label: str | list[str], label2id: dict[str, int]) -> list[int]
         The class indices, one per name, in input order (a list even for one name).
 
     Raises:
-        ValueError: if a name is unknown; the message lists close matches and tells how
-            to list every valid name.
+        ValueError: if a name is unknown; the message lists the valid names when there are
+            few, else close matches and how to list every valid name.
     """
     labels = [label] if isinstance(label, str) else list(label)
-    ids: list[int] = []
-    for name in labels:
-        if name not in label2id:
-            close = difflib.get_close_matches(name, list(label2id), n=5)
-            hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
-                f"{name!r} is not a known class label.{hint} "
-                "See all valid names with sorted(label2id) "
-                "(e.g. sorted(build_label2id(imagenet_id2label())))."
-            )
-        ids.append(label2id[name])
-    return ids
+    unknown = [name for name in labels if name not in label2id]
+    if unknown:
+        message = f"{unknown[0]!r} is not a known class label. {valid_names_hint(unknown[0], label2id)}"
+        if len(label2id) > MAX_LISTED_NAMES:
+            message += " See all valid names with sorted(label2id) (e.g. sorted(build_label2id(imagenet_id2label())))."
+        raise ValueError(message)
+    return [label2id[name] for name in labels]
+
+
+MAX_LISTED_NAMES = 30
+
+
+def valid_names_hint(name: str, label2id: dict[str, int]) -> str:
+    """What to tell someone who asked for the class `name` that `label2id` lacks: every valid name when there are
+    few (a model of digits: 0-9), else the close matches."""
+    names = list(label2id)
+    if len(names) <= MAX_LISTED_NAMES:
+        return f"Valid names: {', '.join(names)}."
+    close = difflib.get_close_matches(name, names, n=5)
+    matches = f"Did you mean: {', '.join(repr(c) for c in close)}? " if close else ""
+    return f"{matches}The model knows {len(names)} names."

@@ -17,7 +17,7 @@ from diffusers.utils import logging
 from .atomic_io import carry_over, staged_folder
 from .configuration_arpg import ARPGConfig
 from .cpu_gemm import packed_weights, use_cpu_gemm
-from .labels import build_label2id, get_label_ids, imagenet_id2label
+from .labels import build_label2id, get_label_ids, model_id2label
 from .memory import check_memory, generation_memory, vq_decoding_memory
 from .modeling_arpg import ARPGForImageGeneration
 from .random_utils import draw_uniform
@@ -224,14 +224,7 @@ class ARPGPipelineMixin:
     def id2label(self) -> dict[int, str]:
         """Class names: the transformer config's `id2label` when it names every class, ImageNet-1k names for a
         1000-class model, the class indices as strings otherwise."""
-        config = self.transformer.config
-        names = {int(k): v for k, v in (config.id2label or {}).items()}
-        is_default = all(name == f"LABEL_{k}" for k, name in names.items())  # transformers' placeholder names
-        if len(names) == config.num_classes and not is_default:
-            return names
-        if config.num_classes == 1000:
-            return imagenet_id2label()
-        return {i: str(i) for i in range(config.num_classes)}
+        return model_id2label(self.transformer.config.id2label, self.transformer.config.num_classes)
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Maps class names (any comma-separated synonym, e.g. "tabby cat") to class ids."""

@@ -1,22 +1,18 @@
 """The command line of the conversion: the arguments of `arpg-hf convert` and of `conversion/convert_arpg_to_hf.py`,
-and running them (see `arpg_hf.conversion.convert` for the steps)."""
+and running them (see `arpg_hf.conversion.convert` for the steps).
+
+Declaring the arguments imports neither torch nor transformers, so that `--help` answers at once: the choices below
+repeat `ARPG_PRESETS` and `convert.DTYPES` (tests/test_cli.py checks that they agree)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
-from ..model_card import create_model_card
 from ..user_errors import run_guarded
-from .arpg import PRESET_REFERENCE_FIELDS
-from .convert import (
-    DTYPES,
-    check_output_dir,
-    convert_reference_checkpoints,
-    read_json_config,
-    save_pipeline_folder,
-    upload_pipeline_folder,
-)
+
+PRESETS = ("ARPG-L", "ARPG-XL", "ARPG-XXL")
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,7 +32,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--preset",
-        choices=sorted(PRESET_REFERENCE_FIELDS),
+        choices=PRESETS,
         help="published decoder size (default: detected from the checkpoint's width)",
     )
     size.add_argument(
@@ -50,10 +46,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="JSON of the upstream VQ fields (ch, encoder_ch_mult, z_channels, codebook_size, ...); "
         "default: the published VQ-16",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the decoder weights")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype of the decoder weights")
     parser.add_argument(
         "--vq-dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_CHOICES,
         default="float32",
         help="dtype of the tokenizer weights (it decodes in float32 either way)",
     )
@@ -66,6 +62,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_convert(args: argparse.Namespace) -> str:
     """Runs a conversion from parsed arguments; returns the output folder."""
+    from ..model_card import create_model_card
+    from .convert import (
+        check_output_dir,
+        convert_reference_checkpoints,
+        read_json_config,
+        save_pipeline_folder,
+        upload_pipeline_folder,
+    )
+
     check_output_dir(args.output_dir, args.overwrite)
     pipeline, provenance = convert_reference_checkpoints(
         args.arpg_checkpoint,
