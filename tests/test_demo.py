@@ -1,4 +1,9 @@
-"""The demo's model calls and pictures (space/demo: session, rendering) on the bundled digits model, no browser."""
+"""The demo's model calls and pictures (space/demo: session, rendering) on the bundled digits model, and its
+gradio_client API (the app served on a local port, and the examples of space/README.md run against it); no browser."""
+
+import re
+import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,7 +145,6 @@ def test_space_folder_is_self_contained(tmp_path):
     import importlib.util
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("push_space", root / "space" / "push_space.py")
@@ -164,3 +168,224 @@ def test_space_folder_is_self_contained(tmp_path):
     assert Path(found.stdout.strip()).resolve() == (folder / "arpg_hf" / "__init__.py").resolve()
     with pytest.raises(ValueError, match="is not empty"):
         push_space.build_space_folder(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------- the gradio_client API
+README = Path(__file__).resolve().parents[1] / "space" / "README.md"
+IMAGE_SIZE = 32  # the bundled digits model
+# The API a user sees: every endpoint's parameters, named as a user would type them, with the types view_api lists.
+CLASSES = "Literal['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']"
+NEGATIVE_CLASSES = "Literal['-1', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']"
+SAMPLING = {"class_label": CLASSES, "steps": "int", "guidance_scale": "float", "seed": "int"}
+SCHEDULE = {"token_schedule": "Literal['arccos', 'cosine']"}
+EDITOR = "dict(background: filepath | None, layers: list[filepath], composite: filepath | None, id: str | None)"
+PRESETS = "Literal['brush strokes', 'left half', 'right half', 'top half', 'bottom half', 'centre square']"
+EXPECTED_API = {
+    "/generate": SAMPLING,
+    "/generate_live": {**SAMPLING, **SCHEDULE, "num_images": "int", "negative_class_label": NEGATIVE_CLASSES},
+    "/inpaint": {
+        "image": EDITOR,
+        "mask_preset": PRESETS,
+        **SAMPLING,
+        **SCHEDULE,
+        "negative_class_label": NEGATIVE_CLASSES,
+    },
+    "/control": {"drawing": EDITOR, **SAMPLING, **SCHEDULE},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The demo (bundled digits model and its digits-edges control model) served on a free local port."""
+    from space.demo.app import build_demo
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))  # the files it serves
+        demo = build_demo(load_bundled_pipeline(), load_bundled_pipeline("digits-edges"))
+        demo.launch(
+            server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, ssr_mode=False
+        )
+        yield demo.local_url
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def image_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def image_pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def check_result(api_name: str, result) -> None:
+    """What each endpoint returns, for the bundled digits model (as space/README.md describes it)."""
+    if api_name == "/generate":
+        assert image_size(result) == (IMAGE_SIZE, IMAGE_SIZE)
+    elif api_name == "/generate_live":
+        live, order, gallery = result
+        assert image_size(live) == (256, 256) and image_size(order) == (256, 256)
+        assert gallery and all(image_size(item["image"]) == (IMAGE_SIZE, IMAGE_SIZE) for item in gallery)
+        assert all(" · seed " in item["caption"] for item in gallery)
+    elif api_name == "/inpaint":
+        mask, live, order, inpainted = result
+        assert image_size(mask) == (256, 256) and image_size(inpainted) == (IMAGE_SIZE, IMAGE_SIZE)
+    else:
+        condition, live, image = result
+        assert api_name == "/control" and image_size(condition) == (256, 256)
+        assert image_size(image) == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_api_lists_clean_parameter_names_and_types(client):
+    info = client.view_api(return_format="dict", print_info=False)
+    assert not info["unnamed_endpoints"]  # every endpoint has an api_name; the UI-only events are not listed
+    listed = {
+        api_name: {p["parameter_name"]: p["python_type"]["type"] for p in endpoint["parameters"]}
+        for api_name, endpoint in info["named_endpoints"].items()
+    }
+    assert listed == EXPECTED_API  # names and their order, and types
+    for api_name, endpoint in info["named_endpoints"].items():
+        assert endpoint["description"], api_name
+        for name in listed[api_name]:
+            assert name.isidentifier() and not name.startswith("_") and not name.endswith("_") and "__" not in name
+        for returned in endpoint["returns"]:
+            name = returned["label"].lower()
+            assert "=" not in name and "  " not in name, (api_name, name)  # readable return names too
+        for parameter in endpoint["parameters"]:  # a listed choice is of the listed JSON type, and so is the default
+            if "enum" in parameter["type"]:
+                assert parameter["type"]["type"] == "string", parameter
+                assert all(isinstance(value, str) for value in parameter["type"]["enum"]), parameter
+                assert parameter["parameter_default"] in parameter["type"]["enum"], parameter
+
+
+def test_every_endpoint_takes_its_listed_choices_and_defaults(client, tmp_path):
+    """Each endpoint called with the last listed value of every choice parameter and the listed default of the rest."""
+    from gradio_client import handle_file
+
+    stroke = Image.new("RGB", (64, 64), "white")
+    stroke.paste((0, 0, 0), (8, 28, 56, 36))
+    stroke.save(tmp_path / "stroke.png")
+    required = {"drawing": {"background": None, "layers": [], "composite": handle_file(str(tmp_path / "stroke.png"))}}
+    info = client.view_api(return_format="dict", print_info=False)
+    for api_name, endpoint in info["named_endpoints"].items():
+        arguments = {}
+        for parameter in endpoint["parameters"]:
+            name = parameter["parameter_name"]
+            if "enum" in parameter["type"]:
+                arguments[name] = parameter["type"]["enum"][-1]  # e.g. class_label '9', mask_preset 'centre square'
+            elif not parameter["parameter_has_default"]:
+                arguments[name] = required[name]
+        check_result(api_name, client.predict(**arguments, api_name=api_name))
+
+
+def readme_examples() -> list[str]:
+    """The ```python blocks of space/README.md that call the API."""
+    blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [block for block in blocks if "api_name=" in block]
+
+
+def test_readme_has_one_example_per_endpoint_and_each_runs(client, app_url, tmp_path, monkeypatch):
+    examples = readme_examples()
+    documented = [re.findall(r'api_name="(/\w+)"', example)[-1] for example in examples]
+    assert sorted(documented) == sorted(EXPECTED_API)  # one example per endpoint, each ending in its own call
+    monkeypatch.chdir(tmp_path)  # files the examples write (the stroke of /control)
+    for api_name, example in zip(documented, examples):
+        assert re.search(r'^client = Client\("[\w-]+/[\w-]+"\)$', example, flags=re.M), example  # a Space id
+        code = re.sub(r'Client\("[\w-]+/[\w-]+"\)', "Client(APP_URL, verbose=False, download_files=DOWNLOADS)", example)
+        namespace = {"APP_URL": app_url, "DOWNLOADS": str(tmp_path)}
+        exec(compile(code, f"space/README.md example of {api_name}", "exec"), namespace)  # noqa: S102
+        check_result(api_name, namespace["result"])
+
+
+def test_every_endpoint_takes_the_types_it_lists(client, tmp_path):
+    from gradio_client import handle_file
+
+    # /generate: the class as listed ('8'), or the int; the same seed gives the same image
+    as_string = client.predict(class_label="8", steps=4, guidance_scale=2.0, seed=3, api_name="/generate")
+    as_int = client.predict(class_label=8, steps=4, guidance_scale=2, seed=3, api_name="/generate")
+    positional = client.predict("8", 4, 2.0, 3, api_name="/generate")
+    assert image_size(as_string) == (IMAGE_SIZE, IMAGE_SIZE)
+    assert np.array_equal(image_pixels(as_string), image_pixels(as_int))
+    assert np.array_equal(image_pixels(as_string), image_pixels(positional))
+
+    # /generate_live: every listed choice kind, image 1 is /generate's image of the same settings
+    live, order, gallery = client.predict(
+        class_label="8",
+        steps=4,
+        guidance_scale=2.0,
+        seed=3,
+        token_schedule="arccos",
+        num_images=2,
+        negative_class_label="-1",
+        api_name="/generate_live",
+    )
+    check_result("/generate_live", (live, order, gallery))
+    assert [item["caption"] for item in gallery] == ["8 · seed 3", "8 · seed 4"]
+    assert np.array_equal(image_pixels(gallery[0]["image"]), image_pixels(as_string))
+    _, _, away = client.predict("8", 4, 2.0, 3, "cosine", 1, "1", api_name="/generate_live")
+    assert len(away) == 1 and image_size(away[0]["image"]) == (IMAGE_SIZE, IMAGE_SIZE)
+
+    # /inpaint: the mask painted (a layer with mask_preset 'brush strokes') or a preset
+    layer = np.zeros((256, 256, 4), dtype=np.uint8)
+    layer[:, 128:, 3] = 255  # the right half, painted on an 8x enlarged canvas
+    Image.fromarray(layer).save(tmp_path / "mask.png")
+    for preset, layers in (("brush strokes", [handle_file(str(tmp_path / "mask.png"))]), ("right half", [])):
+        mask, live, order, inpainted = client.predict(
+            image={"background": handle_file(as_string), "layers": layers, "composite": None},
+            mask_preset=preset,
+            class_label="5",
+            steps=4,
+            guidance_scale=2.0,
+            seed=0,
+            token_schedule="cosine",
+            negative_class_label="8",
+            api_name="/inpaint",
+        )
+        check_result("/inpaint", (mask, live, order, inpainted))
+        white = image_pixels(mask)[..., 0] > 127
+        assert white[:, 128:].all() and not white[:, :128].any(), preset
+
+    # /control: the drawing as the composite (as the page sends it) or as the background
+    stroke = Image.new("RGB", (64, 64), "white")
+    stroke.paste((0, 0, 0), (28, 8, 36, 56))
+    stroke.save(tmp_path / "stroke.png")
+    for drawing in (
+        {"composite": handle_file(str(tmp_path / "stroke.png"))},
+        {"background": handle_file(str(tmp_path / "stroke.png"))},
+    ):
+        result = client.predict({"layers": [], **drawing}, "1", 4, 1.0, 0, "arccos", api_name="/control")
+        check_result("/control", result)
+
+
+def test_api_errors_name_the_accepted_values(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(
+        AppError, match=r"The class label must be one of '0', '1', \.\.\., '9' \(a string, or the int\), got '10'"
+    ):
+        client.predict(class_label="10", api_name="/generate")
+    with pytest.raises(AppError, match=r"The class label must be one of .*got 'eight'"):
+        client.predict(class_label="eight", api_name="/generate")
+    with pytest.raises(AppError, match=r"The class label must be one of .*got 3\.0"):
+        client.predict(class_label=3.0, api_name="/generate")  # not an int: an error, not class 3
+    # The tabs' dropdowns take exactly the listed strings, and say so.
+    with pytest.raises(AppError, match=r"Value: 8 is not in the list of choices: \['0', '1', '2'"):
+        client.predict(class_label=8, num_images=1, steps=2, api_name="/generate_live")
+    with pytest.raises(AppError, match=r"Value: 10 is not in the list of choices: \['-1', '0'"):
+        client.predict(negative_class_label="10", num_images=1, steps=2, api_name="/generate_live")
+    with pytest.raises(AppError, match="Draw a stroke first"):
+        client.predict(drawing={"layers": []}, api_name="/control")

@@ -5,8 +5,11 @@ controlled generation (draw a stroke, get a digit that follows it: the Control t
     python app.py --model path/to/arpg-l --device cuda      # a converted ImageNet folder (or a Hub id)
 
 The app never reaches the network by itself: Gradio analytics are off, no share link, system fonts only.
-API: `gradio_client.Client(url).predict(class_label, steps, guidance_scale, seed, api_name="/generate")` returns the
-path of a PNG at the model's resolution.
+
+API (gradio_client; examples in space/README.md): `/generate` (one image), `/generate_live` (the Generate tab, streamed),
+`/inpaint` and `/control` (those tabs). The parameters are named as a user would type them (`class_label`, `steps`,
+`guidance_scale`, `seed`, `token_schedule`, ...) and take what `Client.view_api()` lists: a class label is the class index
+as a string ('8'), as Gradio lists a dropdown's values (`/generate` also takes the int, as it always has).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from typing import NamedTuple
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
@@ -65,44 +69,74 @@ def _user_errors(function):
     return run
 
 
-def _sampling_controls(model: DemoModel, prefix: str, recommended: tuple[int, float] | None = None) -> tuple:
+def _class_picker(model: DemoModel, none_label: str | None = None, **kwargs) -> gr.Dropdown:
+    """A dropdown of the model's classes whose values are the class indices as strings ('0', '1', ...): Gradio's API
+    lists a dropdown's values as strings (`Literal['0', '1', ...]` in `Client.view_api()`) whatever their Python type,
+    so that a client passes what is listed. The functions take `int(value)`. With `none_label`, a first choice '-1'
+    (no class) of that label."""
+    choices = [(label, str(index)) for label, index in model.class_choices]
+    if none_label is not None:
+        choices.insert(0, (none_label, "-1"))
+    return gr.Dropdown(choices, value=choices[0][1], filterable=True, **kwargs)
+
+
+def _class_index(value, model: DemoModel) -> int:
+    """`/generate`'s class label: the listed string ('8'), or the int (which it took before the API listed strings)."""
+    values = [str(index) for _, index in model.class_choices]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value not in values:
+        shown = (
+            [repr(v) for v in values]
+            if len(values) <= 3
+            else [repr(values[0]), repr(values[1]), "...", repr(values[-1])]
+        )
+        raise ValueError(f"The class label must be one of {', '.join(shown)} (a string, or the int), got {value!r}.")
+    return int(value)
+
+
+class SamplingControls(NamedTuple):
+    """The settings every tab has, in the order of the API's parameters (the page shows the token schedule before the
+    seed)."""
+
+    class_label: gr.Dropdown
+    steps: gr.Slider
+    guidance_scale: gr.Slider
+    seed: gr.Number
+    token_schedule: gr.Radio
+
+
+def _sampling_controls(
+    model: DemoModel, prefix: str, recommended: tuple[int, float] | None = None, **class_picker_kwargs
+) -> SamplingControls:
     steps, guidance = recommended or model.recommended
     num_tokens = model.grid_size[0] * model.grid_size[1]
-    class_picker = gr.Dropdown(
-        model.class_choices,
-        value=model.class_choices[0][1],
-        label="Class",
-        filterable=True,
-        elem_id=f"{prefix}class-picker",
-    )
-    steps = gr.Slider(1, num_tokens, value=steps, step=1, label="Steps", elem_id=f"{prefix}steps")
+    class_label = _class_picker(model, label="Class", elem_id=f"{prefix}class-picker", **class_picker_kwargs)
+    # precision=0: the API lists (and the function gets) an int
+    steps = gr.Slider(1, num_tokens, value=steps, step=1, precision=0, label="Steps", elem_id=f"{prefix}steps")
     guidance = gr.Slider(0, GUIDANCE_MAX, value=guidance, step=0.5, label="Guidance scale")
-    schedule = gr.Radio(
+    token_schedule = gr.Radio(
         list(TOKEN_SCHEDULES),
         value=model.default_token_schedule,
         label="Token schedule (how many tokens each step decodes)",
     )
     seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}seed")
-    return class_picker, steps, guidance, schedule, seed
+    return SamplingControls(class_label, steps, guidance, seed, token_schedule)
 
 
 def _negative_class_picker(model: DemoModel, prefix: str, label: str) -> gr.Dropdown:
-    """The class of the guidance's second half (`negative_class_labels`); -1: the null class (plain guidance)."""
-    return gr.Dropdown(
-        [("nothing (plain guidance)", -1)] + model.class_choices,
-        value=-1,
-        filterable=True,
-        label=label,
-        elem_id=f"{prefix}negative-class",
-    )
+    """The class of the guidance's second half (`negative_class_labels`); '-1': the null class (plain guidance)."""
+    return _class_picker(model, none_label="nothing (plain guidance)", label=label, elem_id=f"{prefix}negative-class")
 
 
 def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
     with gr.Row():
         with gr.Column():
-            class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "")
+            controls = _sampling_controls(model, "")
             negative_picker = _negative_class_picker(model, "", "Guide away from (optional)")
-            num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images (seeds seed, seed + 1, ...)")
+            num_images = gr.Slider(
+                1, MAX_IMAGES, value=4, step=1, precision=0, label="Images (seeds seed, seed + 1, ...)"
+            )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column():
             live = gr.Image(
@@ -120,23 +154,25 @@ def _generate_tab(model: DemoModel, last_images: gr.State) -> None:
         interactive=False,
     )
 
-    def run(class_index, steps_, guidance_, schedule_, seed_, count, negative_index):
+    def generate_live(class_label, steps, guidance_scale, seed, token_schedule, num_images, negative_class_label):
+        class_label = int(class_label)  # the dropdowns' values: '0', '1', ...
         for live_image, order_image, images in model.stream_generation(
-            class_index, steps_, guidance_, seed_, schedule_, count, negative_index
+            class_label, steps, guidance_scale, seed, token_schedule, num_images, int(negative_class_label)
         ):
             if images is None:
                 yield live_image, gr.skip(), gr.skip(), gr.skip()
             else:
-                names = model.pipe.id2label
-                name = names[int(class_index)]
-                captions = [(image, f"{name} · seed {int(seed_) + i}") for i, image in enumerate(images)]
+                name = model.pipe.id2label[class_label]
+                captions = [(image, f"{name} · seed {seed + i}") for i, image in enumerate(images)]
                 yield live_image, order_image, captions, images
 
     button.click(
-        _user_errors(run),
-        [class_picker, steps, guidance, schedule, seed, num_images, negative_picker],
+        _user_errors(generate_live),
+        [*controls, num_images, negative_picker],
         [live, order, gallery, last_images],
         api_name="generate_live",
+        api_description="The Generate tab: num_images images (seeds seed, seed + 1, ...), streamed step by step. "
+        "Returns (live view of image 1, decoding order map, gallery of the images at the model's resolution).",
         concurrency_id="model",
     )
 
@@ -156,15 +192,15 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
             )
             use_generated = gr.Button("Use the generated image", elem_id="use-generated")
             preset = gr.Radio(list(MASK_PRESETS), value=MASK_PRESETS[0], label="Mask", elem_id="mask-preset")
-            class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "inpaint-")
+            controls = _sampling_controls(model, "inpaint-")
             negative_picker = _negative_class_picker(
                 model, "inpaint-", "Guide away from (e.g. the class the image shows, when editing it into another)"
             )
             button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-button")
         with gr.Column():
-            mask_view = gr.Image(label="Mask (white = regenerate)", type="pil", format="png", interactive=False)
+            mask_view = gr.Image(label="Mask (white: regenerate)", type="pil", format="png", interactive=False)
             live = gr.Image(label="Decoding, live", type="pil", format="png", interactive=False, elem_id="inpaint-live")
-            order = gr.Image(label="Decoding order map (grey = kept)", type="pil", format="png", interactive=False)
+            order = gr.Image(label="Decoding order map (grey: kept)", type="pil", format="png", interactive=False)
             result = gr.Image(
                 label="Result (model resolution)",
                 type="pil",
@@ -174,20 +210,22 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
                 height=300,
             )
 
-    def run(editor_value, preset_, class_index, steps_, guidance_, schedule_, seed_, negative_index):
-        editor_value, shown_mask = editor_value or {}, False
+    def inpaint(image, mask_preset, class_label, steps, guidance_scale, seed, token_schedule, negative_class_label):
+        image, shown_mask = image or {}, False
         for mask, live_image, order_image, images in model.stream_inpainting(
-            editor_value.get("background"),
-            editor_value.get("layers"),
-            preset_,
-            class_index,
-            steps_,
-            guidance_,
-            seed_,
-            schedule_,
-            negative_index,
+            image.get("background"),
+            image.get("layers"),
+            mask_preset,
+            int(class_label),
+            steps,
+            guidance_scale,
+            seed,
+            token_schedule,
+            int(negative_class_label),
         ):
-            mask_update, shown_mask = (gr.skip() if shown_mask else _display(mask, model.scale)), True
+            # The mask on the first frame, and again on the last: a client's `predict` returns the last frame only.
+            mask_update = gr.skip() if shown_mask and not images else _display(mask, model.scale)
+            shown_mask = True
             live_update = live_image if live_image is not None else gr.skip()
             order_update = order_image if order_image is not None else gr.skip()
             yield mask_update, live_update, order_update, images[0] if images else gr.skip()
@@ -198,12 +236,15 @@ def _inpaint_tab(model: DemoModel, start_image: Image.Image, last_images: gr.Sta
         image = _display(images[0], model.scale)
         return {"background": image, "layers": [], "composite": image}
 
-    use_generated.click(take_generated, [last_images], [editor], api_visibility="private")
+    use_generated.click(take_generated, [last_images], [editor], api_visibility="private")  # UI only
     button.click(
-        _user_errors(run),
-        [editor, preset, class_picker, steps, guidance, schedule, seed, negative_picker],
+        _user_errors(inpaint),
+        [editor, preset, *controls, negative_picker],
         [mask_view, live, order, result],
         api_name="inpaint",
+        api_description="The Inpaint tab: regenerates the masked part of image['background'] (mask_preset, or the "
+        "painted pixels of image['layers'] with mask_preset 'brush strokes'). Returns (mask, live view, decoding "
+        "order map, inpainted image at the model's resolution).",
         concurrency_id="model",
     )
 
@@ -226,7 +267,7 @@ def _control_tab(model: DemoModel) -> None:
             recommended = model.control_pipe.default_sampling_settings(
                 None, None, model.grid_size[0] * model.grid_size[1]
             )
-            class_picker, steps, guidance, schedule, seed = _sampling_controls(model, "control-", recommended)
+            controls = _sampling_controls(model, "control-", recommended)
             button = gr.Button("Generate", variant="primary", elem_id="control-button")
         with gr.Column():
             condition = gr.Image(label="Condition (edges of the stroke)", type="pil", format="png", interactive=False)
@@ -240,10 +281,11 @@ def _control_tab(model: DemoModel) -> None:
                 height=300,
             )
 
-    def run(sketch_value, class_index, steps_, guidance_, schedule_, seed_):
-        drawing = (sketch_value or {}).get("composite")
+    def control(drawing, class_label, steps, guidance_scale, seed, token_schedule):
+        drawing = drawing or {}
+        picture = drawing.get("composite") or drawing.get("background")  # the page sends the composite
         for edges, live_image, _, images in model.stream_control(
-            drawing, class_index, steps_, guidance_, seed_, schedule_
+            picture, int(class_label), steps, guidance_scale, seed, token_schedule
         ):
             yield (
                 _display(edges, model.scale),
@@ -252,35 +294,39 @@ def _control_tab(model: DemoModel) -> None:
             )
 
     button.click(
-        _user_errors(run),
-        [sketch, class_picker, steps, guidance, schedule, seed],
+        _user_errors(control),
+        [sketch, *controls],
         [condition, live, result],
         api_name="control",
+        api_description="The Control tab: an image of the class that follows the edges of drawing['composite'] (or "
+        "drawing['background']): dark strokes on white, any size. Returns (condition, live view, image at the model's "
+        "resolution).",
         concurrency_id="model",
     )
 
 
 def _api(model: DemoModel) -> None:
-    """`/generate`: (class label index, steps, guidance scale, seed) -> one image at the model's resolution."""
-    steps, guidance = model.recommended
-    with gr.Group(visible=False):
-        # No rounding (precision): a non-integer class, step count or seed is an error, not another value.
-        inputs = [
-            gr.Number(0, label="class_label"),
-            gr.Number(steps, label="steps"),
-            gr.Number(guidance, label="guidance_scale"),
-            gr.Number(0, label="seed"),
-        ]
+    """`/generate`: (class_label, steps, guidance_scale, seed) -> one image at the model's resolution."""
+    with gr.Group(visible=False):  # the same kinds of inputs as the tabs' (the same listed types), not shown
+        # allow_custom_value: `_class_index` checks the class label, so that the int works too (no page shows it)
+        controls = _sampling_controls(model, "api-", allow_custom_value=True)
         output = gr.Image(type="pil", format="png", label="image")
         trigger = gr.Button("generate")
 
-    def generate(class_label: int, steps: int, guidance_scale: float, seed: int) -> Image.Image:
+    def generate(class_label, steps, guidance_scale, seed):
         try:
-            return model.generate(class_label, steps, guidance_scale, seed)
+            return model.generate(_class_index(class_label, model), steps, guidance_scale, seed)
         except ValueError as error:
             raise gr.Error(str(error)) from error
 
-    trigger.click(generate, inputs, output, api_name="generate", concurrency_id="model")
+    trigger.click(
+        generate,
+        [controls.class_label, controls.steps, controls.guidance_scale, controls.seed],
+        output,
+        api_name="generate",
+        api_description="One image of the class at the model's resolution (the default token schedule).",
+        concurrency_id="model",
+    )
 
 
 def build_demo(pipe, control_pipe=None) -> gr.Blocks:
