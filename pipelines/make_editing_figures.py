@@ -1,12 +1,12 @@
-"""Makes the pictures of the README's editing section from a pipeline folder (the bundled model, or any other).
+"""Makes the pictures of docs/editing.md from a pipeline folder (the bundled model, or any other).
 
-    python docs_drafts/make_editing_figures.py --model path/to/pipeline --class-a 3 --class-b 8 --output-dir figures
+    python pipelines/make_editing_figures.py --model path/to/pipeline --class-a 3 --class-b 8 --output-dir figures
 
 Writes source.png (a generated image), mask.png, inpaint.png (the masked box regenerated with the same class),
 edit.png (the same box with another class), outpaint.png (the canvas widened to four times its width),
 expand.png (resolution expansion x2), wide_extrapolate.png / wide_interpolate.png (generation on a canvas twice the
 trained width, both position modes), editing.png (source, mask, inpaint, edit, expand side by side) and
-larger_canvas.png (the two wide images), as captioned in the README.
+larger_canvas.png (the two wide images), as captioned in docs/editing.md.
 """
 
 import argparse

@@ -124,7 +124,7 @@ def test_cli_refuses_absurd_jobs_in_one_line_without_creating_anything(tmp_path)
     cases = [
         (["--batch-size", "100000", "--class-labels", "1"], "needs about .* Lower --batch-size"),
         (["--num-images-per-class", "10000000000", "--class-labels", "1"], "can take up to .* free on the disk"),
-        (["--guidance-scale", "nan", "--class-labels", "1"], "guidance_scale must be a number >= 0"),
+        (["--guidance-scale", "nan", "--class-labels", "1"], "--guidance-scale must be a number >= 0"),
         (["--num-inference-steps", "1000", "--class-labels", "1"], r"\[1, 64\]"),
         (["--top-p", "2", "--class-labels", "1"], r"\(0, 1\]"),
     ]

@@ -4,7 +4,7 @@ and its ControlARPG fine-tune that follows edge maps (`bundled/digits-edges-pipe
 It ships inside the package (`arpg_hf/bundled/digits-pipeline`, a regular pipeline folder with a model card), so
 `arpg-hf generate` and `load_bundled_pipeline()` work offline on a fresh install. Images are 32x32 RGB (dark ink on
 white), 8x8 tokens of a 32-code tokenizer, classes "0".."9". How it was trained, and how good it is:
-the folder's README.md, `pipelines/train_bundled_model.sh` and `benchmarks/quality_digits.py`.
+the folder's README.md, `pipelines/train_bundled_model.py`, docs/bundled_model.md and `benchmarks/quality_digits.py`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Architecture and weights are those of pytorch-fid / torch-fidelity (`pt_inception-2015-12-05-6726825d.pth`, converted
 from TensorFlow; Apache-2.0), whose parameter names this module keeps so that the same state dict loads unchanged.
 The network is written here rather than imported because both libraries import torchvision, which this project cannot
-install beside its torch (see the README's Evaluation section). Input handling follows the TF graph (and
+install beside its torch (see docs/evaluation.md). Input handling follows the TF graph (and
 torch-fidelity): uint8 images, TF1 bilinear resize (align_corners=False, no half-pixel centres) to 299x299, then
 (x - 128) / 128.
 
