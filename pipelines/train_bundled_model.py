@@ -16,7 +16,10 @@ Stages (each reads the previous one's output under --work_dir; the trained artef
   control_tokenize   the train images -> token dataset with Canny edge maps (tokenize_dataset.py --control_type edges)
   control_train      an edge-map control adapter and the packaged model fine-tuned with it (train_control.py
                      --train_base), 6,000 steps
-  control_package    WORK/control -> src/arpg_hf/bundled/digits-edges-pipeline (float16), with a model card
+  control_decoder    the tokenizer's decoder trained further (train_tokenizer.py --finetune_decoder: encoder and
+                     codebook frozen, so the tokens do not change), 4,000 steps: sharper edges for the control model
+  control_package    WORK/control, with WORK/control_vq as its tokenizer, -> src/arpg_hf/bundled/digits-edges-pipeline
+                     (float16), with a model card
   control_benchmark  benchmarks/quality_control_digits.py on the bundled digits-edges model (figure in docs/images)
 """
 
@@ -44,6 +47,7 @@ STAGES = (
     "benchmark",
     "control_tokenize",
     "control_train",
+    "control_decoder",
     "control_package",
     "control_benchmark",
 )
@@ -104,6 +108,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer_steps", type=int, default=600)
     parser.add_argument("--train_steps", type=int, default=4000)
     parser.add_argument("--control_steps", type=int, default=6000)
+    parser.add_argument("--control_decoder_steps", type=int, default=4000)
     return parser.parse_args(argv)
 
 
@@ -117,6 +122,20 @@ def run(command: list[str], threads: int, **env) -> None:
         **env,
     }
     subprocess.run(command, check=True, cwd=REPO, env=environment)
+
+
+def run_flags(checkpointing_steps: int, logging_steps: int) -> list[str]:
+    """The run options that the training stages share: checkpoints, logs, seed 0, resuming an interrupted stage."""
+    return [
+        "--checkpointing_steps",
+        str(checkpointing_steps),
+        "--logging_steps",
+        str(logging_steps),
+        "--seed",
+        "0",
+        "--resume_from_checkpoint",
+        "latest",
+    ]
 
 
 def stage_commands(args) -> dict[str, list[list[str]]]:
@@ -266,15 +285,31 @@ def stage_commands(args) -> dict[str, list[list[str]]]:
                 "2e-3",
                 "--base_learning_rate",
                 "2e-4",
-                "--checkpointing_steps",
-                "1000",
-                "--logging_steps",
-                "500",
-                "--seed",
-                "0",
-                "--resume_from_checkpoint",
-                "latest",
             ]
+            + run_flags(checkpointing_steps=1000, logging_steps=500)
+        ],
+        "control_decoder": [
+            ACCELERATE
+            + [
+                "pipelines/train_tokenizer.py",
+                "--finetune_decoder",
+                os.path.join(PACKAGE_DIR, "vqvae"),
+                "--image_dir",
+                f"{work}/images/train",
+                "--eval_image_dir",
+                f"{work}/images/test",
+                "--output_dir",
+                f"{work}/control_vq",
+                "--resolution",
+                "32",
+                "--train_batch_size",
+                "64",
+                "--max_train_steps",
+                str(args.control_decoder_steps),
+                "--learning_rate",
+                "1e-3",
+            ]
+            + run_flags(checkpointing_steps=1000, logging_steps=500)
         ],
         "control_benchmark": [
             [
@@ -349,11 +384,15 @@ def package_control(args) -> None:
     budget for it; loaded as float32), with the recommended sampling settings and a model card."""
     import torch
 
-    from arpg_hf import ARPGControlPipeline, ARPGScheduler
+    from arpg_hf import ARPGControlPipeline, ARPGScheduler, ARPGVQModel
 
     source = os.path.join(args.work_dir, "control")
     print(f"packaging {source}")
     pipeline = ARPGControlPipeline.from_pretrained(source, dtype=torch.float32, cpu_gemm="default")
+    decoder = os.path.join(args.work_dir, "control_vq")
+    if os.path.isfile(os.path.join(decoder, "config.json")):  # the control_decoder stage ran
+        pipeline.vqvae = ARPGVQModel.from_pretrained(decoder, torch_dtype=torch.float32)
+        print(f"with the tokenizer of {decoder}")
     pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **CONTROL_RECOMMENDED)
     pipeline.to(torch.float16)
     staging = CONTROL_PACKAGE_DIR + ".tmp"
@@ -388,14 +427,16 @@ tags:
 
 ControlARPG on the bundled digits model: a Canny edge map (white on black, 32x32; `arpg_hf.canny_edges`) and a class
 give a digit that follows the edges. An `ARPGControlAdapter` ({parameters:,} parameters) turns the map into one query
-embedding per token; the decoder is the bundled digits model fine-tuned with it. Weights are stored in float16 (to fit
-the package) and load as float32: `arpg_hf.load_bundled_pipeline("digits-edges")`. The recommended guidance scale is
-{guidance:g}: the control already pins the digit down, and stronger guidance (which drops the control and the class in
-its second half) makes samples follow the edges less.
+embedding per token; the decoder is the bundled digits model fine-tuned with it, and the tokenizer is the digits
+tokenizer with its decoder trained further (`train_tokenizer.py --finetune_decoder`: the same encoder and codebook,
+so the same tokens, drawn with sharper edges). Weights are stored in float16 (to fit the package) and load as
+float32: `arpg_hf.load_bundled_pipeline("digits-edges")`. The recommended guidance scale is {guidance:g}: the control
+already pins the digit down, and stronger guidance (which drops the control and the class in its second half) makes
+samples follow the edges less.
 
 Trained with `train_control.py --train_base` ({steps} steps, global batch {batch}, final loss {loss:.4f}) on the edge
 maps of the digits' fixed train split; recipe: `python pipelines/train_bundled_model.py --stages control_tokenize
-control_train control_package control_benchmark control_package`.
+control_train control_decoder control_package control_benchmark control_package`.
 
 {results}
 """

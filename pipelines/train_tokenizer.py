@@ -10,6 +10,10 @@ Objective: reconstruction (MSE or L1) + codebook + commitment (beta 0.25) losses
 (resized / centre-cropped to `--resolution`): meant for small datasets. Checkpoints (`checkpoint-N`, accelerate
 state) every `--checkpointing_steps`; `--resume_from_checkpoint latest` continues a run. The tokenizer is saved with
 `save_pretrained` into `--output_dir`, which `pipelines/tokenize_dataset.py --vqvae` and `train.py --vqvae` read.
+
+`--finetune_decoder TOKENIZER` trains further only the decoder side (post_quant_conv and decoder) of a saved
+tokenizer, on the reconstruction loss alone: its encoder and codebook stay frozen, so every image gets the same tokens
+and every token means the same, and models trained on its tokens keep working with the sharper decoder.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from PIL import Image
@@ -33,6 +38,7 @@ from arpg_hf.vq_model import ARPGVQModel, llamagen_vq_config
 from arpg_hf.vq_training import (
     DEFAULT_COMMITMENT_BETA,
     RECONSTRUCTION_LOSSES,
+    VQLossOutput,
     codebook_perplexity,
     codebook_usage,
     init_codebook_from_latents,
@@ -55,6 +61,12 @@ def parse_args(argv=None):
     data.add_argument("--resolution", type=int, default=32)
     model = parser.add_argument_group("model (ARPGVQModel config; --vq_config overrides all)")
     model.add_argument("--vq_config", default=None, help="A config.json of ARPGVQModel.")
+    model.add_argument(
+        "--finetune_decoder",
+        default=None,
+        metavar="TOKENIZER",
+        help="A saved ARPGVQModel folder whose decoder is trained further (encoder and codebook frozen: same tokens).",
+    )
     model.add_argument("--base_channels", type=int, default=32)
     model.add_argument("--channel_multipliers", type=int, nargs="+", default=[1, 2, 2])
     model.add_argument("--layers_per_block", type=int, default=1)
@@ -121,6 +133,12 @@ def load_images(directory: str, resolution: int) -> torch.Tensor:
 
 
 def build_model(args) -> ARPGVQModel:
+    if args.finetune_decoder:
+        vq = ARPGVQModel.from_pretrained(args.finetune_decoder, torch_dtype=torch.float32)
+        trainable = set(decoder_parameters(vq))
+        for parameter in vq.parameters():
+            parameter.requires_grad_(parameter in trainable)
+        return vq
     if args.vq_config:
         return ARPGVQModel.from_config(ARPGVQModel.load_config(args.vq_config))
     return ARPGVQModel(
@@ -135,6 +153,11 @@ def build_model(args) -> ARPGVQModel:
             attention=not args.no_attention,
         )
     )
+
+
+def decoder_parameters(vq: ARPGVQModel) -> list[torch.nn.Parameter]:
+    """What `--finetune_decoder` trains: everything after the codebook."""
+    return [*vq.post_quant_conv.parameters(), *vq.decoder.parameters()]
 
 
 def batch_rows(step: int, num_images: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -214,11 +237,32 @@ def evaluate(vq: ARPGVQModel, images: torch.Tensor, batch_size: int = 256) -> di
     }
 
 
+def decoder_training_loss(vq: ARPGVQModel, images: torch.Tensor, reconstruction: str) -> VQLossOutput:
+    """The reconstruction loss of the decoder alone, from the frozen encoder's codes (`--finetune_decoder`)."""
+    with torch.no_grad():
+        encoded = vq.encode(images)
+    decoded = vq.decode(encoded.latents).sample
+    loss = (F.mse_loss if reconstruction == "mse" else F.l1_loss)(decoded, images.to(decoded.dtype))
+    zero = loss.new_zeros(())
+    return VQLossOutput(
+        loss=loss,
+        reconstruction_loss=loss,
+        codebook_loss=zero,
+        commitment_loss=zero,
+        reconstruction=decoded,
+        indices=encoded.indices,
+        latents=normalized_latents(vq, encoded.pre_quant_latents),
+    )
+
+
 def train_step(accelerator, vq, optimizer, images, args, usage) -> dict:
-    out = vq_training_loss(vq, images, beta=args.commitment_beta, reconstruction=args.reconstruction_loss)
+    if args.finetune_decoder:
+        out = decoder_training_loss(accelerator.unwrap_model(vq), images, args.reconstruction_loss)
+    else:
+        out = vq_training_loss(vq, images, beta=args.commitment_beta, reconstruction=args.reconstruction_loss)
     accelerator.backward(out.loss)
     if args.max_grad_norm:
-        accelerator.clip_grad_norm_(vq.parameters(), args.max_grad_norm)
+        accelerator.clip_grad_norm_([p for p in vq.parameters() if p.requires_grad], args.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     usage += codebook_usage(out.indices.detach().cpu(), usage.numel())
@@ -240,13 +284,17 @@ def main(args):
     images = load_images(args.image_dir, args.resolution)
     logger.info(f"{len(images)} training images of {args.resolution}x{args.resolution} from {args.image_dir}")
     vq = build_model(args)
-    register_codebook_normalization(vq)  # free rows for the optimizer, seen normalised by the model
+    if not args.finetune_decoder:
+        register_codebook_normalization(vq)  # free rows for the optimizer, seen normalised by the model
     vq.train()
     logger.info(
         f"ARPGVQModel with {sum(p.numel() for p in vq.parameters()):,} parameters, downsample {vq.downsample_factor}"
     )
     optimizer = torch.optim.AdamW(
-        vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.adam_weight_decay
+        [p for p in vq.parameters() if p.requires_grad],
+        lr=args.learning_rate,
+        betas=(0.9, 0.99),
+        weight_decay=args.adam_weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.lr_warmup_steps, args.max_train_steps)
@@ -255,7 +303,7 @@ def main(args):
     model = accelerator.unwrap_model(vq)
     start = resume_step(accelerator, args)
     generator = torch.Generator().manual_seed(args.seed)
-    if start == 0:  # data-dependent codebook initialisation from the first batch's latents
+    if start == 0 and not args.finetune_decoder:  # data-dependent codebook initialisation from the first batch
         with torch.no_grad():
             first = images[batch_rows(0, len(images), args.train_batch_size, args.seed)].to(accelerator.device)
             init_codebook_from_latents(
@@ -271,7 +319,7 @@ def main(args):
         metrics = train_step(accelerator, vq, optimizer, batch, args, usage)
         scheduler.step()
         window.append(metrics["loss"])
-        restart_allowed = step < args.dead_code_restart_until * args.max_train_steps
+        restart_allowed = step < args.dead_code_restart_until * args.max_train_steps and not args.finetune_decoder
         if args.dead_code_window and (step + 1) % args.dead_code_window == 0:
             restarted = restart_dead_codes(model, usage, metrics["latents"], generator) if restart_allowed else 0
             metrics["codes_used"], metrics["restarted"] = int((usage > 0).sum()), restarted
@@ -297,7 +345,8 @@ def main(args):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        remove_codebook_normalization(model)  # the folder stores the normalised rows
+        if not args.finetune_decoder:
+            remove_codebook_normalization(model)  # the folder stores the normalised rows
         model.eval().save_pretrained(args.output_dir)
         summary = {"train": evaluate(model, images), "history": history}
         if args.eval_image_dir:

@@ -151,3 +151,57 @@ def test_psnr():
     images = torch.zeros(2, 3, 4, 4)
     error = torch.full_like(images, 0.1)  # 0.05 on the [0, 1] scale: MSE 0.0025
     torch.testing.assert_close(psnr(images + error, images), torch.full((2,), 10 * math.log10(400)))
+
+
+def test_finetune_decoder_trains_the_decoder_alone_and_keeps_every_token(tmp_path):
+    """`pipelines/train_tokenizer.py --finetune_decoder`: encoder and codebook frozen (the same tokens for every image),
+    the decoder moves and reconstructs its training images better."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from arpg_hf import bundled_pipeline_path
+    from arpg_hf.digits import render_digits
+    from arpg_hf.token_dataset import images_to_tensor
+
+    levels = np.random.default_rng(0).integers(0, 17, size=(24, 8, 8)) * (
+        np.random.default_rng(1).random((24, 8, 8)) < 0.4
+    )
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    images = render_digits(levels)
+    for index, image in enumerate(images):
+        image.save(image_dir / f"{index:02d}.png")
+    source = os.path.join(bundled_pipeline_path("digits"), "vqvae")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(root, "pipelines", "train_tokenizer.py"), "--finetune_decoder", source]
+    command += ["--image_dir", str(image_dir), "--output_dir", str(tmp_path / "out"), "--resolution", "32"]
+    command += [
+        "--train_batch_size",
+        "24",
+        "--max_train_steps",
+        "25",
+        "--learning_rate",
+        "3e-3",
+        "--lr_warmup_steps",
+        "1",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    before = ARPGVQModel.from_pretrained(source, torch_dtype=torch.float32).eval()
+    after = ARPGVQModel.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    pixels = images_to_tensor(images)
+    with torch.no_grad():
+        tokens = before.encode(pixels).indices
+        assert torch.equal(after.encode(pixels).indices, tokens)
+        errors = [F.mse_loss(vq.decode(tokens, shape=(8, 8)).sample, pixels).item() for vq in (before, after)]
+    assert errors[1] < 0.8 * errors[0], errors
+    old, new = before.state_dict(), after.state_dict()
+    for name in old:
+        moved = not torch.equal(old[name], new[name])
+        assert moved == name.startswith(("decoder.", "post_quant_conv.")) or "num_batches" in name, name
