@@ -388,11 +388,12 @@ def package_control(args) -> None:
 
     source = os.path.join(args.work_dir, "control")
     print(f"packaging {source}")
-    pipeline = ARPGControlPipeline.from_pretrained(source, dtype=torch.float32, cpu_gemm="default")
+    components = {}
     decoder = os.path.join(args.work_dir, "control_vq")
     if os.path.isfile(os.path.join(decoder, "config.json")):  # the control_decoder stage ran
-        pipeline.vqvae = ARPGVQModel.from_pretrained(decoder, torch_dtype=torch.float32)
+        components["vqvae"] = ARPGVQModel.from_pretrained(decoder, torch_dtype=torch.float32)
         print(f"with the tokenizer of {decoder}")
+    pipeline = ARPGControlPipeline.from_pretrained(source, dtype=torch.float32, cpu_gemm="default", **components)
     pipeline.scheduler = ARPGScheduler.from_config(pipeline.scheduler.config, **CONTROL_RECOMMENDED)
     pipeline.to(torch.float16)
     staging = CONTROL_PACKAGE_DIR + ".tmp"

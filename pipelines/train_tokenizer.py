@@ -27,7 +27,6 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from PIL import Image
@@ -38,7 +37,6 @@ from arpg_hf.vq_model import ARPGVQModel, llamagen_vq_config
 from arpg_hf.vq_training import (
     DEFAULT_COMMITMENT_BETA,
     RECONSTRUCTION_LOSSES,
-    VQLossOutput,
     codebook_perplexity,
     codebook_usage,
     init_codebook_from_latents,
@@ -237,29 +235,14 @@ def evaluate(vq: ARPGVQModel, images: torch.Tensor, batch_size: int = 256) -> di
     }
 
 
-def decoder_training_loss(vq: ARPGVQModel, images: torch.Tensor, reconstruction: str) -> VQLossOutput:
-    """The reconstruction loss of the decoder alone, from the frozen encoder's codes (`--finetune_decoder`)."""
-    with torch.no_grad():
-        encoded = vq.encode(images)
-    decoded = vq.decode(encoded.latents).sample
-    loss = (F.mse_loss if reconstruction == "mse" else F.l1_loss)(decoded, images.to(decoded.dtype))
-    zero = loss.new_zeros(())
-    return VQLossOutput(
-        loss=loss,
-        reconstruction_loss=loss,
-        codebook_loss=zero,
-        commitment_loss=zero,
-        reconstruction=decoded,
-        indices=encoded.indices,
-        latents=normalized_latents(vq, encoded.pre_quant_latents),
-    )
-
-
 def train_step(accelerator, vq, optimizer, images, args, usage) -> dict:
-    if args.finetune_decoder:
-        out = decoder_training_loss(accelerator.unwrap_model(vq), images, args.reconstruction_loss)
-    else:
-        out = vq_training_loss(vq, images, beta=args.commitment_beta, reconstruction=args.reconstruction_loss)
+    out = vq_training_loss(
+        vq,
+        images,
+        beta=args.commitment_beta,
+        reconstruction=args.reconstruction_loss,
+        decoder_only=bool(args.finetune_decoder),
+    )
     accelerator.backward(out.loss)
     if args.max_grad_norm:
         accelerator.clip_grad_norm_([p for p in vq.parameters() if p.requires_grad], args.max_grad_norm)

@@ -4,6 +4,7 @@ tests/fixtures/parity/README.md) live in the repository, so that a fresh clone t
 import contextlib
 import json
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,13 @@ TWO_PROCESS_LAUNCH = [
     "--main_process_port",
     "0",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a server a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def read_json(name: str) -> dict:

@@ -2,7 +2,6 @@
 gradio_client API (the app served on a local port, and the examples of space/README.md run against it); no browser."""
 
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ from PIL import Image
 from arpg_hf import load_bundled_pipeline
 from space.demo.rendering import ORDER_MAP_COLOURS, UNKNOWN_GREY, order_map, render_partial_tokens, stream_decoding
 from space.demo.session import DemoModel, preset_mask
+
+from .conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +193,6 @@ EXPECTED_API = {
     },
     "/control": {"drawing": EDITOR, **SAMPLING, **SCHEDULE},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

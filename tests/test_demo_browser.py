@@ -3,7 +3,6 @@ gradio_client API: `python app.py --host 127.0.0.1 --port PORT` on the bundled d
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from .conftest import free_port
 
 pytestmark = pytest.mark.slow  # not in the fast run (-m 'not slow'): a browser drives the demo server
 
@@ -31,12 +32,6 @@ CHROMIUM_FLAGS = (
 )
 IMAGE_SIZE = 32  # the bundled digits model
 WAIT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,18 @@ def test_training_on_a_tiny_batch_reduces_the_loss():
     assert vq_training_loss(vq, images, reconstruction="l1").reconstruction_loss.item() < 0.5
 
 
+def test_decoder_only_loss_trains_the_decoder_side_on_the_tokens_of_inference():
+    vq = get_dummy_vq(seed=0)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = vq_training_loss(vq, images, reconstruction="l1", decoder_only=True)
+    assert torch.equal(out.indices, vq.encode(images).indices)
+    assert out.codebook_loss.item() == out.commitment_loss.item() == 0.0
+    assert torch.allclose(out.loss, F.l1_loss(vq.decode(vq.encode(images).latents).sample, images))
+    out.loss.backward()
+    with_gradient = {name for name, parameter in vq.named_parameters() if parameter.grad is not None}
+    assert with_gradient and all(name.startswith(("decoder.", "post_quant_conv.")) for name in with_gradient)
+
+
 def test_bad_arguments_are_value_errors():
     vq = tiny_vq()
     with pytest.raises(ValueError, match="reconstruction"):

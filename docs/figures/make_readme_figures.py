@@ -11,7 +11,8 @@ Writes, at the model's recommended settings (16 steps, linear guidance 2):
   pipeline's `callback_on_step_end`: grey where no token is decoded yet, orange tint on the tokens of that step; the
   last row is the finished image. Every sample has its own random order, and each step decodes several tokens.
 
-Both pictures use only the public API: `load_bundled_pipeline`, the pipeline call and `pipe.decode_tokens`.
+Both pictures use only the public API: `load_bundled_pipeline`, the pipeline call and `pipe.decode_tokens`, laid out
+by the CLI's `image_grid`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from arpg_hf import load_bundled_pipeline
+from arpg_hf.cli import image_grid  # the grid of `arpg-hf generate --grid`
 
 BACKGROUND = (214, 214, 214)  # the padding between images
 NOT_DECODED = np.array([150, 150, 150], dtype=np.float32)
@@ -56,23 +58,12 @@ def upscale(pixels: np.ndarray, scale: int) -> Image.Image:
     return Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
 
 
-def tile(rows: list[list[Image.Image]], gap: int, left: int = 0, top: int = 0) -> Image.Image:
-    """Images of equal size in rows, `gap` pixels apart and around, leaving `left` / `top` pixels for labels."""
-    width, height = rows[0][0].size
-    columns = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (left + gap + columns * (width + gap), top + gap + len(rows) * (height + gap)), BACKGROUND)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            sheet.paste(image.convert("RGB"), (left + gap + c * (width + gap), top + gap + r * (height + gap)))
-    return sheet
-
-
 def digits_by_class(pipe, args) -> Image.Image:
     labels = [digit for digit in range(10) for _ in range(args.columns)]
     generators = [torch.Generator().manual_seed(args.seed + index) for index in range(len(labels))]
     images = pipe(labels, generator=generators).images  # the recommended steps and guidance
     images = [image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST) for image in images]
-    return tile([images[row * args.columns : (row + 1) * args.columns] for row in range(10)], args.gap)
+    return image_grid(images, args.columns, args.gap, BACKGROUND)  # one row per digit
 
 
 @torch.no_grad()
@@ -116,7 +107,7 @@ def decoding_steps(pipe, args) -> Image.Image:
         captions.append(f"step {step}: +{new}, {done}/{num_tokens}" if step < last else f"step {step}: done")
     font = ImageFont.load_default(size=14)
     left = 8 + max(int(font.getlength(caption)) for caption in captions)
-    sheet = tile(rows, args.gap, left=left)
+    sheet = image_grid([image for row in rows for image in row], len(labels), args.gap, BACKGROUND, left=left)
     draw = ImageDraw.Draw(sheet)
     size = rows[0][0].height
     for r, caption in enumerate(captions):

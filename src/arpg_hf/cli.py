@@ -238,19 +238,21 @@ def write_images(
     return paths
 
 
-def image_grid(images: list, columns: int, gap: int | None = None):
-    """The images in rows of `columns` (the last row padded with blanks), `gap` pixels apart (default: 1/32 of an
-    image's width, at least 4) on white. With `columns` = images per class, each row holds one class."""
+def image_grid(images: list, columns: int, gap: int | None = None, background="white", left: int = 0):
+    """The images in rows of `columns` (the last row padded with blanks), `gap` pixels apart and around (default: 1/32
+    of an image's width, at least 4) on `background`, with `left` more pixels on the left (for captions). With
+    `columns` = images per class, each row holds one class."""
     from PIL import Image
 
     width, height = images[0].size
     gap = max(4, width // 32) if gap is None else gap
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * width + (columns + 1) * gap, rows * height + (rows + 1) * gap), "white")
+    size = (left + columns * width + (columns + 1) * gap, rows * height + (rows + 1) * gap)
+    grid = Image.new("RGB", size, background)
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
-        grid.paste(image.convert("RGB"), (gap + column * (width + gap), gap + row * (height + gap)))
+        grid.paste(image.convert("RGB"), (left + gap + column * (width + gap), gap + row * (height + gap)))
     return grid
 
 

@@ -125,6 +125,7 @@ def vq_training_loss(
     images: torch.Tensor,
     beta: float = DEFAULT_COMMITMENT_BETA,
     reconstruction: str = "mse",
+    decoder_only: bool = False,
 ) -> VQLossOutput:
     """The VQ-VAE objective on a batch.
 
@@ -133,26 +134,37 @@ def vq_training_loss(
         images (`torch.FloatTensor` of shape `(B, C, H, W)`): images in [-1, 1].
         beta (`float`, *optional*, defaults to 0.25): weight of the commitment loss.
         reconstruction (`str`, *optional*, defaults to `"mse"`): `"mse"` or `"l1"`.
+        decoder_only (`bool`, *optional*, defaults to `False`): train the decoder side alone: the codes come from
+            `vq.encode` without gradients (a frozen encoder and codebook give every image its tokens of inference),
+            and the loss is the reconstruction loss alone (codebook and commitment losses are 0).
     """
     if reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_LOSSES}, got {reconstruction!r}.")
     vq._check_images(images)
-    pre_quant = vq.quant_conv(vq.encoder(images.to(vq.dtype)))  # (B, D, h, w)
-    quantizer = quantize_with_losses(vq, pre_quant, beta)
-    decoded = vq.decode(quantizer.quantized).sample  # (B, C, H, W)
+    if decoder_only:
+        with torch.no_grad():
+            encoded = vq.encode(images)
+        pre_quant, quantized, indices = encoded.pre_quant_latents, encoded.latents, encoded.indices
+        codebook_loss = commitment_loss = quantized.new_zeros(())
+    else:
+        pre_quant = vq.quant_conv(vq.encoder(images.to(vq.dtype)))  # (B, D, h, w)
+        quantizer = quantize_with_losses(vq, pre_quant, beta)
+        quantized, indices = quantizer.quantized, quantizer.indices
+        codebook_loss, commitment_loss = quantizer.codebook_loss, quantizer.commitment_loss
+    decoded = vq.decode(quantized).sample  # (B, C, H, W)
     target = images.to(decoded.dtype)
     if reconstruction == "mse":
         reconstruction_loss = F.mse_loss(decoded, target)
     else:
         reconstruction_loss = F.l1_loss(decoded, target)
-    loss = reconstruction_loss + quantizer.codebook_loss + quantizer.commitment_loss
+    loss = reconstruction_loss + codebook_loss + commitment_loss
     return VQLossOutput(
         loss=loss,
         reconstruction_loss=reconstruction_loss,
-        codebook_loss=quantizer.codebook_loss,
-        commitment_loss=quantizer.commitment_loss,
+        codebook_loss=codebook_loss,
+        commitment_loss=commitment_loss,
         reconstruction=decoded,
-        indices=quantizer.indices,
+        indices=indices,
         latents=normalized_latents(vq, pre_quant).detach(),
     )
 
