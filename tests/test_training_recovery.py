@@ -375,7 +375,7 @@ def test_nothing_is_created_before_the_run_is_checked(runs, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow  # about 20 s: 3 launches of train.py killed at random (ARPG_HF_FAULT_INJECTION_RUNS), one finishes
+@pytest.mark.slow  # about 25 s: 3 launches of train.py killed at random (ARPG_HF_FAULT_INJECTION_RUNS), one finishes
 def test_random_kills_leave_nothing_half_written(runs, tmp_path):
     out = tmp_path / "out"
     command = [
@@ -386,7 +386,7 @@ def test_random_kills_leave_nothing_half_written(runs, tmp_path):
             runs.config,
             out,
             "--max_train_steps",
-            60,
+            240,  # runs of about 12 s here, so that every kill (at most 8.5 s in) finds the run still going
             "--checkpointing_steps",
             1,
             "--checkpoints_total_limit",
